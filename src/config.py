@@ -1,0 +1,347 @@
+"""Typed configuration: one dataclass per YAML section, strict loading.
+
+Every key in a YAML file maps to a dataclass field. Loading rejects a key the code does not know (naming the
+file, the key and the closest valid key) and a value of the wrong type, before any model is built.
+
+    model_cfg = load_model_config("configs/ldm.yaml")           # ModelConfig(vae=..., unet=..., scaling_constants=...)
+    train_cfg = load_config("configs/stage1_vae_train.yaml", Stage1TrainConfig)
+
+Configs travel inside checkpoints as JSON (`to_dict` / `from_dict`), so a model can be rebuilt from its file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or dict that does not match its schema."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model configuration (configs/ldm.yaml)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VAEConfig:
+    """The autoencoder (`vae:` section of ldm.yaml). Blocks mirror diffusers' AutoencoderKL / VQModel."""
+
+    img_size: int = 256
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 4
+    residual_layers_per_block: int = 2
+    attention_layers: int = 1  # self-attention layers in the encoder's and decoder's mid block
+    attention_residual_connections: bool = True
+    post_encoder_latent_proj: bool = True  # 1x1 conv after the encoder ("quant_conv")
+    pre_decoder_latent_proj: bool = True  # 1x1 conv before the decoder ("post_quant_conv")
+    vae_channels_per_block: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    vae_up_down_factor: int = 2
+    vae_up_down_kernel_size: int = 3
+    groupnorm_groups: int = 32
+    norm_eps: float = 1e-6
+    # VQ-VAE
+    quantize: bool = False
+    codebook_size: int = 16384
+    vq_embed_dim: int = 4
+    commitment_beta: float = 0.25
+    codebook_reset_steps: int = 1000  # a code unused for this many training steps is re-seeded from encoder outputs
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.vae_up_down_factor ** (len(self.vae_channels_per_block) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.img_size // self.downsample_factor
+
+    @property
+    def latent_dim(self) -> int:
+        """Channels of the latent that stage 2 diffuses."""
+        return self.vq_embed_dim if self.quantize else self.latent_channels
+
+
+@dataclass
+class UNetConfig:
+    """The latent denoiser (`unet:` section of ldm.yaml). Blocks mirror diffusers' UNet2DConditionModel."""
+
+    down_block_types: list[str] = field(default_factory=lambda: ["AttnDown", "AttnDown", "AttnDown", "Down"])
+    mid_block_types: str = "AttnMid"
+    up_block_types: list[str] = field(default_factory=lambda: ["Up", "AttnUp", "AttnUp", "AttnUp"])
+    unet_channels_per_block: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    unet_residual_layers_per_block: int = 2
+    unet_up_down_factor: int = 2
+    unet_up_down_kernel_size: int = 3
+    transformer_blocks_per_layer: int = 1
+    transformer_dim_mult: int = 4
+    attention_bias: bool = False
+    attention_head_dim: int = 64  # width of ONE head; heads = channels // attention_head_dim
+    time_embed_start_dim: int = 320
+    time_embed_proj_dim: int = 1280
+    time_embed_requires_grad: bool = False
+    text_conditioning_hf_model: str = "openai/clip-vit-large-patch14"
+    text_embed_dim: int = 768
+    class_conditioning: bool = False
+    class_embed_dim: int = 1280
+    num_classes: int = 1000
+    pre_encoded_text: bool = False
+    groupnorm_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """configs/ldm.yaml as a whole."""
+
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scaling_constants: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training configuration (configs/stage*_train*.yaml)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Keys shared by both training stages: optimisation, checkpoints, validation and data."""
+
+    # optimisation
+    learning_rate: float = 5e-5
+    lr_scheduler: str = "constant_with_warmup"  # any name transformers.get_scheduler knows
+    lr_warmup_steps: int = 1500
+    total_training_iterations: int = 400000
+    per_gpu_batch_size: int = 12
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.005
+    seed: int = 0
+    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
+    # checkpoints and validation
+    checkpoint_iterations: int = 5000
+    checkpoints_total_limit: int = 3  # newest checkpoint_N folders kept
+    num_val_random_samples: int = 8
+    val_generation_freq: int = 250
+    # data
+    num_workers: int = 4
+    pin_memory: bool = True
+    random_flip_p: float = 0.5
+    interpolation: Literal["bilinear", "bicubic", "lanczos", "nearest"] = "bicubic"
+    shapes_num_images: int = 50000  # size of the built-in `shapes` dataset (ignored by file datasets)
+
+
+@dataclass
+class Stage1TrainConfig(TrainConfig):
+    """Autoencoder training: reconstruction + LPIPS + KL/VQ + PatchGAN."""
+
+    quantize: Optional[bool] = None  # overrides ldm.yaml's vae.quantize when set (the VQ-VAE config sets True)
+    reconstruction_loss_fn: Literal["l1", "l2"] = "l1"
+    kl_weight: float = 1e-6
+    codebook_weight: float = 1.0
+    # perceptual loss
+    use_lpips: bool = True
+    use_lpips_package: bool = False
+    lpips_checkpoint: Optional[str] = None
+    lpips_weight: float = 0.5
+    # PatchGAN discriminator
+    use_patchgan: bool = True
+    disc_start_dim: int = 64
+    disc_depth: int = 3
+    disc_kernel_size: int = 4
+    disc_leaky_relu: float = 0.2
+    disc_learning_rate: float = 5e-5
+    disc_lr_scheduler: str = "constant_with_warmup"
+    disc_lr_warmup_steps: int = 500
+    disc_start: int = 50000
+    disc_weight: float = 0.5
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+
+
+@dataclass
+class Stage2TrainConfig(TrainConfig):
+    """Latent diffusion training."""
+
+    learning_rate: float = 1e-4
+    per_gpu_batch_size: int = 16
+    loss_fn: Literal["mse", "l1", "huber"] = "mse"
+    num_diffusion_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    cfg_dropout_prob: float = 0.1
+    pre_encoded_text: bool = False
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + n) / (10 + n))
+    val_sampler_steps: int = 50
+    val_guidance_scale: float = 4.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    return match[0] if match else "?"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against the annotation `tp`, returning it (ints widen to float; '5e-5' strings become float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: must not be null")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got bool {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: dict, source: str = "<dict>") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types. `source` names the origin."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(
+                f"{source}: unknown key '{key}' (closest valid key: '{_closest(str(key), names)}')"
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{source}: key '{key}'")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    return data or {}
+
+
+def load_config(path: str | Path, cls: type) -> Any:
+    """Load a flat YAML file into dataclass `cls` (training configs)."""
+    return from_dict(cls, read_yaml(path), str(path))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load configs/ldm.yaml: sections `vae`, `unet` and `scaling_constants`."""
+    return from_dict(ModelConfig, read_yaml(path), str(path))
+
+
+def update_yaml_value(path: str | Path, section: str, key: str, value: float) -> None:
+    """Set `section.key: value` in a YAML file, rewriting only that line (comments and order stay as they are).
+
+    The section is appended when missing; the key is appended to the section when missing.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines(keepends=True)
+    rendered = f"{value:.7g}" if isinstance(value, float) else str(value)
+    sec_idx = next((i for i, ln in enumerate(lines) if ln.rstrip() == f"{section}:" ), None)
+    if sec_idx is None:
+        if lines and not lines[-1].endswith("\n"):
+            lines[-1] += "\n"
+        lines += [f"{section}:\n", f"  {key}: {rendered}\n"]
+    else:
+        end = len(lines)
+        indent = "  "
+        for i in range(sec_idx + 1, len(lines)):
+            ln = lines[i]
+            if ln.strip() and not ln.startswith((" ", "\t", "#")):
+                end = i
+                break
+        for i in range(sec_idx + 1, end):
+            stripped = lines[i].lstrip()
+            if stripped.startswith(f"{key}:"):
+                indent = lines[i][: len(lines[i]) - len(stripped)]
+                comment = ""
+                if "#" in stripped:
+                    comment = "  " + stripped[stripped.index("#"):].rstrip("\n")
+                lines[i] = f"{indent}{key}: {rendered}{comment}\n"
+                break
+            if stripped and not stripped.startswith("#"):
+                indent = lines[i][: len(lines[i]) - len(stripped)]
+        else:
+            insert_at = end
+            while insert_at > sec_idx + 1 and not lines[insert_at - 1].strip():
+                insert_at -= 1
+            lines.insert(insert_at, f"{indent}{key}: {rendered}\n")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(path)

@@ -1,0 +1,94 @@
+"""Folder datasets: `celebahq` (any folder of images, searched recursively) and `imagenet` (class subfolders)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+from .transforms import ImageTransform, load_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
+
+
+class DatasetError(ValueError):
+    """A dataset path that cannot be used (missing, empty, wrong layout)."""
+
+
+def find_images(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def _check_root(root) -> Path:
+    if root is None:
+        raise DatasetError("this dataset needs --path_to_dataset")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    return root
+
+
+class SafeImageDataset(Dataset):
+    """Base class: `__getitem__` returns None (after one warning naming the file) for an unreadable image.
+
+    The collate function drops the None entries and counts them, so one bad file never stops training.
+    """
+
+    def __init__(self, paths: list[Path], transform: ImageTransform):
+        self.paths = paths
+        self.transform = transform
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int):
+        try:
+            return self.transform(load_image(self.paths[index]))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on broken files
+            if index not in self._warned:
+                self._warned.add(index)
+                logger.warning("skipping unreadable image %s: %s", self.paths[index], err)
+            return None
+
+
+class ImageFolderDataset(SafeImageDataset):
+    """Every image below `root` (recursively), unconditional: items are {'image'}."""
+
+    def __init__(self, root, img_size: int, interpolation: str = "bicubic"):
+        root = _check_root(root)
+        paths = find_images(root)
+        if not paths:
+            raise DatasetError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        super().__init__(paths, ImageTransform(img_size, interpolation))
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        image = self.load(index)
+        return None if image is None else {"image": image}
+
+
+class ClassFolderDataset(SafeImageDataset):
+    """ImageNet layout `root/<class>/**/image`: classes in sorted order; items are {'image', 'label'}."""
+
+    def __init__(self, root, img_size: int, interpolation: str = "bicubic"):
+        root = _check_root(root)
+        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not self.classes:
+            raise DatasetError(f"no class subfolders in {root} (expected root/<class_name>/<images>)")
+        paths, labels = [], []
+        for label, name in enumerate(self.classes):
+            for p in find_images(root / name):
+                paths.append(p)
+                labels.append(label)
+        if not paths:
+            raise DatasetError(f"no images found in the class folders of {root}")
+        self.labels = labels
+        super().__init__(paths, ImageTransform(img_size, interpolation))
+
+    def __getitem__(self, index: int) -> Optional[dict]:
+        image = self.load(index)
+        return None if image is None else {"image": image, "label": self.labels[index]}

@@ -1,0 +1,78 @@
+"""Image decoding and transforms shared by every dataset.
+
+Any PIL mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB; images are resized on their shorter
+side, centre-cropped to a square and scaled to [-1, 1]. Random flips are applied per batch by the trainer
+(`random_flip`) with a generator whose state is checkpointed, so a resumed run sees the same flips.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode
+
+INTERPOLATIONS = {
+    "nearest": InterpolationMode.NEAREST,
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "lanczos": InterpolationMode.LANCZOS,
+}
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return an 8-bit RGB copy of any PIL image (alpha is composited onto white)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path) -> Image.Image:
+    """Open and fully decode an image file as RGB. Raises OSError/ValueError on unreadable or truncated files."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+class ImageTransform:
+    """PIL image -> (3, size, size) float tensor in [-1, 1]: resize shorter side, centre crop."""
+
+    def __init__(self, img_size: int, interpolation: str = "bicubic"):
+        self.img_size = img_size
+        self.interpolation = INTERPOLATIONS[interpolation]
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = to_rgb(img)
+        img = TF.resize(img, self.img_size, interpolation=self.interpolation, antialias=True)
+        img = TF.center_crop(img, [self.img_size, self.img_size])
+        x = TF.pil_to_tensor(img).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+        return x.clamp(-1.0, 1.0)
+
+
+def random_flip(images: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Flip each image of a (B, C, H, W) batch horizontally with probability p."""
+    if p <= 0:
+        return images
+    flip = torch.rand(images.shape[0], generator=generator, device="cpu") < p  # (B,)
+    flip = flip.to(images.device)[:, None, None, None]
+    return torch.where(flip, images.flip(-1), images)
+
+
+def to_pil_images(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) tensor in [-1, 1] -> list of PIL RGB images."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    return [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]

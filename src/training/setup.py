@@ -1,0 +1,110 @@
+"""What every training script shares: CLI flags, the Accelerator, trackers, optimisers and logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from ..config import TrainConfig, to_dict
+from ..data import DATASET_NAMES
+
+logger = logging.getLogger("ldm")
+
+
+def add_stage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags both stage trainers take (the design document's names)."""
+    parser.add_argument("--experiment_name", default="LDM", help="tracker project name")
+    parser.add_argument("--wandb_run_name", default=None, help="run name shown in W&B")
+    parser.add_argument("--working_directory", required=True, help="checkpoints, logs and model.safetensors")
+    parser.add_argument("--log_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint_N folder, or 'latest'")
+    parser.add_argument("--training_config", required=True, help="training YAML")
+    parser.add_argument("--model_config", default="configs/ldm.yaml", help="model YAML (default configs/ldm.yaml)")
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES)
+    parser.add_argument("--path_to_dataset", default=None, help="dataset folder (not needed for 'shapes')")
+    parser.add_argument("--path_to_save_gens", default=None, help="where PNG grids go (default working_directory/gens)")
+    return parser
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    level = logging.INFO if accelerator.is_main_process else logging.WARNING
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True
+    )
+
+
+def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
+    """An Accelerator with gradient accumulation, mixed precision from `accelerate launch` and trackers."""
+    log_with = None
+    if getattr(args, "log_wandb", False):
+        log_with = "wandb"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=args.working_directory,
+    )
+    setup_logging(accelerator)
+    set_seed(cfg.seed + accelerator.process_index)
+    return accelerator
+
+
+def init_trackers(accelerator: Accelerator, args, configs: dict) -> None:
+    init_kwargs = {}
+    if getattr(args, "log_wandb", False):
+        init_kwargs["wandb"] = {"name": args.wandb_run_name, "dir": args.working_directory}
+    flat = {f"{section}/{k}": v for section, cfg in configs.items() for k, v in to_dict(cfg).items()} if configs else {}
+    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()}
+    accelerator.init_trackers(args.experiment_name, config=flat, init_kwargs=init_kwargs)
+
+
+class MetricsLog:
+    """Appends one JSON line per logged step to working_directory/metrics.jsonl and forwards to trackers."""
+
+    def __init__(self, accelerator: Accelerator, working_dir):
+        self.accelerator = accelerator
+        self.path = Path(working_dir) / "metrics.jsonl"
+
+    def log(self, values: dict, step: int) -> None:
+        values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, lr: Optional[float] = None):
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=cfg.learning_rate if lr is None else lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def build_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        disable=not accelerator.is_main_process,
+        dynamic_ncols=True,
+        mininterval=float(os.environ.get("LDM_PROGRESS_INTERVAL", "1.0")),
+    )

@@ -1,0 +1,104 @@
+import pytest
+
+from src.config import (
+    ConfigError,
+    ModelConfig,
+    Stage1TrainConfig,
+    Stage2TrainConfig,
+    from_dict,
+    load_config,
+    load_model_config,
+    update_yaml_value,
+)
+from tests.conftest import ROOT
+
+
+@pytest.mark.parametrize(
+    "name,cls",
+    [
+        ("stage1_vae_train.yaml", Stage1TrainConfig),
+        ("stage1_vae_train_cc.yaml", Stage1TrainConfig),
+        ("stage1_vqvae_train.yaml", Stage1TrainConfig),
+        ("stage2_diffusion_train.yaml", Stage2TrainConfig),
+    ],
+)
+def test_shipped_training_configs_load(name, cls):
+    cfg = load_config(ROOT / "configs" / name, cls)
+    assert cfg.total_training_iterations >= 400000
+
+
+def test_design_values():
+    m = load_model_config(ROOT / "configs" / "ldm.yaml")
+    assert m.vae.vae_channels_per_block == [128, 256, 512, 512]
+    assert m.vae.latent_size == 32 and m.vae.latent_channels == 4
+    assert m.scaling_constants["celebahq"] == pytest.approx(0.8924759)
+    s1 = load_config(ROOT / "configs" / "stage1_vae_train.yaml", Stage1TrainConfig)
+    assert (s1.learning_rate, s1.kl_weight, s1.disc_start, s1.per_gpu_batch_size) == (5e-5, 1e-6, 50000, 12)
+    cc = load_config(ROOT / "configs" / "stage1_vae_train_cc.yaml", Stage1TrainConfig)
+    assert (cc.total_training_iterations, cc.per_gpu_batch_size) == (500000, 16)
+    vq = load_config(ROOT / "configs" / "stage1_vqvae_train.yaml", Stage1TrainConfig)
+    assert vq.quantize is True
+
+
+def test_misspelt_key_names_file_key_and_closest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learning_rat: 1.0e-4\nkl_weight: 1.0e-6\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, Stage1TrainConfig)
+    msg = str(err.value)
+    assert str(path) in msg and "'learning_rat'" in msg and "'learning_rate'" in msg
+
+
+def test_misspelt_nested_key(tmp_path):
+    path = tmp_path / "ldm.yaml"
+    path.write_text("vae:\n  latent_chanels: 4\n")
+    with pytest.raises(ConfigError, match="latent_channels"):
+        load_model_config(path)
+
+
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("per_gpu_batch_size: 1.5\n", "integer"),
+        ("use_patchgan: 'yes'\n", "true/false"),
+        ("learning_rate: fast\n", "number"),
+        ("disc_loss: wasserstein\n", "not one of"),
+    ],
+)
+def test_wrong_types_rejected(tmp_path, text, fragment):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(path, Stage1TrainConfig)
+
+
+def test_yaml11_exponent_without_dot_is_a_number(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("learning_rate: 5e-5\n")  # PyYAML reads this as a string
+    assert load_config(path, Stage1TrainConfig).learning_rate == 5e-5
+
+
+def test_round_trip_through_dict():
+    m = ModelConfig()
+    from src.config import to_dict
+
+    assert from_dict(ModelConfig, to_dict(m)) == m
+
+
+def test_update_yaml_value_rewrites_one_line(tmp_path):
+    path = tmp_path / "ldm.yaml"
+    original = (ROOT / "configs" / "ldm.yaml").read_text()
+    path.write_text(original)
+    update_yaml_value(path, "scaling_constants", "celebahq", 1.2345678)
+    new = path.read_text().splitlines()
+    old = original.splitlines()
+    changed = [(a, b) for a, b in zip(old, new) if a != b]
+    assert len(new) == len(old) and len(changed) == 1
+    assert changed[0][1].strip() == "celebahq: 1.234568"
+    update_yaml_value(path, "scaling_constants", "shapes", 0.5)
+    assert load_model_config(path).scaling_constants == {
+        "celebahq": pytest.approx(1.234568),
+        "imagenet": pytest.approx(0.9515730),
+        "conceptual_captions": pytest.approx(0.9091397),
+        "shapes": 0.5,
+    }
