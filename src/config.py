@@ -185,7 +185,7 @@ class Stage2TrainConfig(TrainConfig):
     beta_end: float = 0.02
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     cfg_dropout_prob: float = 0.1
-    pre_encoded_text: bool = False
+    pre_encoded_text: Optional[bool] = None  # overrides ldm.yaml's unet.pre_encoded_text when set
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + n) / (10 + n))
     val_sampler_steps: int = 50
