@@ -1,0 +1,125 @@
+"""The stage-1 objective: reconstruction + LPIPS + KL (or VQ) + a delayed PatchGAN (Esser et al. 2021,
+"Taming Transformers", Eq. 4-7; Rombach et al. 2022, Sec. 3 and App. G).
+
+Generator (autoencoder) loss, all terms averaged over elements:
+
+    L_rec = |x - x_hat|  (or squared)  +  lpips_weight * LPIPS(x, x_hat)
+    L     = L_rec  +  kl_weight * KL(q(z|x) || N(0, I))      (KL autoencoder)
+                   +  codebook_weight * L_vq                  (VQ-VAE: codebook + beta * commitment)
+                   +  d * disc_weight * L_gen                 (from disc_start on; L_gen = -mean D(x_hat))
+
+with the adaptive weight (Taming Transformers, Eq. 7) taken at the decoder's last layer:
+
+    d = ||grad L_rec|| / (||grad L_gen|| + 1e-4),   clamped to [0, 1e4] and not differentiated.
+
+Discriminator loss on detached reconstructions, from disc_start on: hinge
+0.5 (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) or vanilla 0.5 (mean softplus(-D(x)) + mean softplus(D(x_hat))).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Stage1TrainConfig
+from ..models.vae import AutoencoderOutput
+
+ADAPTIVE_EPS = 1e-4
+ADAPTIVE_MAX = 1e4
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torch.Tensor:
+    """Mean absolute (l1) or squared (l2) error over all elements."""
+    if kind == "l1":
+        return (x.float() - x_hat.float()).abs().mean()
+    if kind == "l2":
+        return ((x.float() - x_hat.float()) ** 2).mean()
+    raise ValueError(f"reconstruction_loss_fn must be 'l1' or 'l2', got {kind!r}")
+
+
+def adaptive_weight(rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    """d = ||dL_rec/dW|| / (||dL_gen/dW|| + 1e-4) at the last layer W, clamped to [0, 1e4], detached (Eq. 7)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    d = rec_grad.float().norm() / (gen_grad.float().norm() + ADAPTIVE_EPS)
+    return d.clamp(0.0, ADAPTIVE_MAX).detach()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean())
+
+
+D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
+
+
+def set_requires_grad(module: nn.Module, flag: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(flag)
+
+
+class AutoencoderLoss(nn.Module):
+    """Holds the frozen perceptual network and the loss weights; the networks it scores live elsewhere."""
+
+    def __init__(self, cfg: Stage1TrainConfig, perceptual: Optional[nn.Module]):
+        super().__init__()
+        self.cfg = cfg
+        self.perceptual = perceptual
+        self.d_loss_fn = D_LOSSES[cfg.disc_loss]
+
+    def disc_active(self, step: int) -> bool:
+        """The adversarial terms and discriminator training run from generator step `disc_start` on."""
+        return self.cfg.use_patchgan and step >= self.cfg.disc_start
+
+    def perceptual_loss(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        if self.perceptual is None:
+            return x.new_zeros((), dtype=torch.float32)
+        return self.perceptual(x, x_hat).float().mean()
+
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        out: AutoencoderOutput,
+        discriminator: Optional[nn.Module],
+        last_layer: torch.Tensor,
+        step: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total autoencoder loss for images x (B, 3, H, W) and the autoencoder's output on them."""
+        cfg = self.cfg
+        x_hat = out.reconstruction
+        rec = reconstruction_loss(x, x_hat, cfg.reconstruction_loss_fn)
+        lpips = self.perceptual_loss(x, x_hat)
+        nll = rec + cfg.lpips_weight * lpips
+        logs = {"rec_loss": rec.detach(), "lpips_loss": lpips.detach()}
+        if out.posterior is not None:
+            kl = out.posterior.kl().mean()
+            loss = nll + cfg.kl_weight * kl
+            logs["kl_loss"] = kl.detach()
+        else:
+            loss = nll + cfg.codebook_weight * out.quant.loss
+            logs.update(vq_loss=out.quant.loss.detach(), perplexity=out.quant.perplexity, codebook_usage=out.quant.usage)
+        if discriminator is not None and self.disc_active(step):
+            set_requires_grad(discriminator, False)  # the generator step must not train D
+            gen = -discriminator(x_hat).float().mean()
+            set_requires_grad(discriminator, True)
+            d = adaptive_weight(nll, gen, last_layer) if torch.is_grad_enabled() else nll.new_zeros(())
+            loss = loss + d * cfg.disc_weight * gen
+            logs.update(gen_loss=gen.detach(), adaptive_weight=d)
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Real images and detached reconstructions in one batch (one BatchNorm pass, one DDP forward)."""
+        logits = discriminator(torch.cat([x, x_hat.detach()]))  # (2B, 1, h, w)
+        real, fake = logits.chunk(2)
+        loss = self.d_loss_fn(real, fake)
+        logs = {"disc_loss": loss.detach(), "logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
+        return loss, logs
