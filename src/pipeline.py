@@ -1,0 +1,272 @@
+"""A trained latent diffusion model as one object: VAE + UNet (EMA) + diffusion process + conditioning.
+
+    pipe = load_pipeline("work_dir/diffusion_cc/model.safetensors", device="cuda")
+    images = pipe.generate(prompts=["a red circle on a blue background"], num_per_condition=4, seed=0)  # (4,3,H,W)
+
+Stage 2 saves everything the pipeline needs in model.safetensors (`save_stage2_model`): the EMA UNet, the frozen
+VAE, the model / training configs, the dataset, its conditioning, the latent scaling factor and the text model's
+name. Only the text encoder itself is loaded from elsewhere (the local Hugging Face cache or a folder).
+
+Sampling (`generate`): z_T ~ N(0, I) in latent space, DDIM (any number of steps, eta) or ancestral DDPM with
+classifier-free guidance eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022), where eps_u comes from the learned
+null condition or from a negative prompt; then x = Decoder(z_0 / scaling_factor).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .config import ModelConfig, Stage2TrainConfig, from_dict, to_dict
+from .diffusion.samplers import ddim_sample, ddpm_sample
+from .diffusion.schedule import DiffusionProcess
+from .models.serialization import load_models, save_models
+from .models.unet import Condition, UNet, build_unet
+from .models.vae import Autoencoder, build_autoencoder
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "ddpm")
+STAGE = 2
+
+
+class PipelineError(ValueError):
+    """Bad input to sampling (empty prompt, wrong kind of model file, class label out of range)."""
+
+
+@dataclass
+class LatentDiffusion:
+    vae: Autoencoder
+    unet: UNet
+    process: DiffusionProcess
+    conditioning: str  # "none" | "class" | "text"
+    scaling_factor: float
+    text_encoder: Optional[torch.nn.Module] = None  # src.models.text_encoder.TextEncoder, for "text"
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.conv_in.weight.device
+
+    def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
+        cfg = self.vae.config
+        return (batch_size, cfg.latent_dim, cfg.latent_size, cfg.latent_size)
+
+    # --------------------------------------------------------------------------------------------- conditions
+
+    def encode_prompts(self, prompts: list[str]) -> Condition:
+        """Prompts -> Condition(text (B, L, D), text_mask (B, L)) with the frozen text encoder."""
+        check_prompts(prompts)
+        if self.text_encoder is None:
+            raise PipelineError("this pipeline has no text encoder loaded (load_pipeline(..., load_text_encoder=True))")
+        with torch.no_grad():
+            hidden, mask = self.text_encoder.encode(prompts)
+        return Condition(text=hidden, text_mask=mask).to(self.device, self.unet.conv_in.weight.dtype)
+
+    def conditions(
+        self,
+        prompts: Optional[list[str]] = None,
+        labels: Optional[list[int]] = None,
+        num_per_condition: int = 1,
+        negative_prompt: Optional[str] = None,
+    ) -> tuple[int, Optional[Condition], Optional[Condition]]:
+        """(batch size, cond, uncond) for `num_per_condition` images per prompt / label (or of an
+        unconditional model). uncond is the learned null condition, or the negative prompt's embedding."""
+        n = num_per_condition
+        if self.conditioning == "text":
+            if not prompts:
+                raise PipelineError("this model is text-conditional: give at least one prompt (--prompt)")
+            check_prompts(prompts)
+            repeated = [p for p in prompts for _ in range(n)]
+            cond = self.encode_prompts(repeated)
+            if negative_prompt is not None:
+                if not negative_prompt.strip():
+                    raise PipelineError("--negative_prompt is empty: leave it out to use the learned null condition")
+                uncond = self.encode_prompts([negative_prompt] * len(repeated))
+            else:
+                uncond = self.unet.null_condition(len(repeated))
+            return len(repeated), cond, uncond
+        if prompts:
+            raise PipelineError(
+                f"this model was trained on '{self.metadata.get('dataset')}' without text conditioning: "
+                "--prompt cannot be used (drop --prompt / --text_conditional)"
+            )
+        if negative_prompt is not None:
+            raise PipelineError("--negative_prompt needs a text-conditional model")
+        if self.conditioning == "class":
+            if not labels:
+                raise PipelineError("this model is class-conditional: give class labels (--class_label)")
+            num_classes = self.unet.num_classes
+            for label in labels:
+                if not 0 <= label < num_classes:
+                    raise PipelineError(f"class label {label} is out of range: the model knows 0 .. {num_classes - 1}")
+            repeated = torch.tensor([c for c in labels for _ in range(n)], dtype=torch.long, device=self.device)
+            return len(repeated), Condition(labels=repeated), self.unet.null_condition(len(repeated))
+        if labels:
+            raise PipelineError("--class_label needs a class-conditional model")
+        return n, None, None
+
+    # --------------------------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        batch_size: int,
+        cond: Optional[Condition],
+        uncond: Optional[Condition],
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 1.0,
+        eta: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Scaled latents z_0 (B, C, h, w) from pure noise."""
+        if sampler not in SAMPLERS:
+            raise PipelineError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+        if self.conditioning == "none":
+            guidance_scale = 1.0  # nothing to guide towards
+        shape = self.latent_shape(batch_size)
+        if sampler == "ddim":
+            return ddim_sample(
+                self.unet, self.process, shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+                num_steps=num_steps, eta=eta, generator=generator, device=self.device, progress=progress,
+            )
+        return ddpm_sample(
+            self.unet, self.process, shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
+            generator=generator, device=self.device, progress=progress,
+        )
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1]: Decoder(z / scaling_factor)."""
+        z = z / self.scaling_factor
+        return self.vae.decode_latent(z.to(self.vae.decoder.conv_in.weight.dtype)).float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Optional[list[str]] = None,
+        labels: Optional[list[int]] = None,
+        num_per_condition: int = 1,
+        negative_prompt: Optional[str] = None,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 4.0,
+        eta: float = 0.0,
+        seed: Optional[int] = 0,
+        generator: Optional[torch.Generator] = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1], `num_per_condition` per prompt / label, in prompt order.
+
+        The same seed on the same device and dtype gives the same images.
+        """
+        batch, cond, uncond = self.conditions(prompts, labels, num_per_condition, negative_prompt)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        z = self.sample_latents(batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress)
+        return self.decode(z)
+
+
+def check_prompts(prompts: list[str]) -> None:
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise PipelineError(f"prompt {i + 1} is empty: give a description of the image, e.g. --prompt \"a red circle\"")
+
+
+# ----------------------------------------------------------------------------------------------------- files
+
+
+def stage2_metadata(
+    model_cfg: ModelConfig,
+    train_cfg: Stage2TrainConfig,
+    process: DiffusionProcess,
+    dataset: str,
+    conditioning: str,
+    scaling_factor: float,
+    text_model: Optional[str],
+    extra: Optional[dict] = None,
+) -> dict:
+    """What model.safetensors of stage 2 carries besides the weights: enough to sample with nothing else."""
+    meta = {
+        "stage": STAGE,
+        "model_config": to_dict(model_cfg),
+        "training_config": to_dict(train_cfg),
+        "diffusion": process.to_dict(),
+        "dataset": dataset,
+        "conditioning": conditioning,
+        "scaling_factor": float(scaling_factor),
+        "text_model": text_model,
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def save_stage2_model(path, unet: UNet, vae: Autoencoder, metadata: dict) -> Path:
+    """working_directory/model.safetensors: 'unet.*' (the EMA weights, passed in) and 'vae.*', configs in metadata."""
+    return save_models(path, {"unet": unet, "vae": vae}, metadata)
+
+
+def read_stage2_metadata(path) -> tuple[dict, dict]:
+    """(tensors by prefix, metadata) of a stage-2 model file, with a clear error for anything else."""
+    tensors, meta = load_models(path)
+    if meta.get("stage") != STAGE or "unet" not in tensors:
+        what = "a stage-1 autoencoder" if meta.get("stage") == 1 else "not a stage-2 model"
+        raise PipelineError(
+            f"{path} is {what}: pass the model.safetensors written by stage2_diffusion_trainer.py "
+            "(its working_directory/model.safetensors)"
+        )
+    return tensors, meta
+
+
+def load_pipeline(
+    path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    text_encoder: Optional[str] = None,
+    hf_cache_dir: Optional[str] = None,
+    load_text_encoder: bool = True,
+) -> LatentDiffusion:
+    """Rebuild the pipeline from a stage-2 model.safetensors. `text_encoder` overrides the stored text model name
+    (a local folder, say). The VAE runs in fp32 when dtype is float16 (its decoder overflows in fp16)."""
+    tensors, meta = read_stage2_metadata(path)
+    model_cfg = from_dict(ModelConfig, meta["model_config"], f"{path} metadata 'model_config'")
+    conditioning = meta["conditioning"]
+    vae = build_autoencoder(model_cfg.vae)
+    vae.load_state_dict(tensors["vae"])
+    unet = build_unet(model_cfg.unet, model_cfg.vae.latent_dim, conditioning)
+    unet.load_state_dict(tensors["unet"])
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    vae = vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
+    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    encoder = None
+    if conditioning == "text" and load_text_encoder:
+        encoder = load_text_encoder_for(text_encoder or meta["text_model"], model_cfg.unet.text_embed_dim, hf_cache_dir)
+        encoder = encoder.to(device=device, dtype=dtype)
+    return LatentDiffusion(
+        vae=vae,
+        unet=unet,
+        process=DiffusionProcess.from_dict(meta["diffusion"]),
+        conditioning=conditioning,
+        scaling_factor=float(meta["scaling_factor"]),
+        text_encoder=encoder,
+        metadata=meta,
+    )
+
+
+def load_text_encoder_for(name_or_path: str, expected_dim: int, cache_dir: Optional[str] = None):
+    """The frozen text encoder, checked against the UNet's text_embed_dim."""
+    from .models.text_encoder import TextEncoder, resolve_text_model
+
+    encoder = TextEncoder(resolve_text_model(name_or_path), cache_dir=cache_dir)
+    if encoder.hidden_size != expected_dim:
+        raise PipelineError(
+            f"text encoder {name_or_path} gives {encoder.hidden_size}-d embeddings but unet.text_embed_dim is "
+            f"{expected_dim}: set text_embed_dim: {encoder.hidden_size} in the model config, or use another encoder"
+        )
+    return encoder.eval().requires_grad_(False)

@@ -1,0 +1,457 @@
+"""Stage 2 (latent diffusion) training, as named helpers that stage2_diffusion_trainer.py strings together.
+
+One training step (DDPM Algorithm 1 in the VAE's latent space, LDM eq. 2):
+    x (B, 3, H, W) --frozen VAE--> mean, std (B, C, h, w)       [or both straight from the latent cache]
+    z0 = scaling_factor * (mean + std * eps')                    posterior sample, scaled to unit variance
+    t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps
+    cond -> null condition with probability cfg_dropout_prob     (classifier-free guidance training)
+    loss = || unet(z_t, t, cond) - target ||                     target eps or v; mse | l1 | huber
+
+Every random draw of a step (flips, posterior sample, timesteps, noise, condition dropout) comes from two
+generators that checkpoints save, so a resumed run takes exactly the steps the uninterrupted one would, and a run
+from the latent cache draws exactly the numbers a run from images does.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from ..config import ModelConfig, Stage2TrainConfig, UNetConfig, VAEConfig, to_dict
+from ..data import CONDITIONING, build_dataset
+from ..data.image_folder import DatasetError
+from ..diffusion.schedule import DiffusionProcess, diffusion_loss
+from ..models.unet import Condition, UNet
+from ..models.vae import Autoencoder, load_autoencoder
+from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
+from .images import save_image_grid
+from .latent_cache import weights_fingerprint
+
+logger = logging.getLogger("ldm")
+
+DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "sample_text_cond_prompts.txt"
+
+
+class Stage2SetupError(ValueError):
+    """A stage-2 run that cannot start: missing scaling constant, mismatched text encoder, wrong dataset."""
+
+
+# --------------------------------------------------------------------------------------------------- resolving
+
+
+def resolve_conditioning(dataset: str, unet_cfg: UNetConfig) -> str:
+    """The dataset decides: celebahq -> none, shapes / conceptual_captions -> text, imagenet -> class when
+    unet.class_conditioning is True, otherwise unconditional (the labels are then ignored)."""
+    kind = CONDITIONING[dataset]
+    if kind == "class" and not unet_cfg.class_conditioning:
+        logger.info("dataset %s has class labels but unet.class_conditioning is False: training unconditionally", dataset)
+        return "none"
+    if kind != "class" and unet_cfg.class_conditioning:
+        logger.warning("unet.class_conditioning is True but dataset %s has no class labels: ignored", dataset)
+    return kind
+
+
+def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_path) -> float:
+    """scaling_constants[dataset] of the model config, or an error saying how to compute it."""
+    if dataset not in model_cfg.scaling_constants:
+        raise Stage2SetupError(
+            f"{model_config_path} has no scaling constant for dataset '{dataset}' (key scaling_constants.{dataset}). "
+            f"Compute it with: python compute_vae_scaling.py --path_to_pretrained_weights <stage-1 model.safetensors> "
+            f"--model_config {model_config_path} --dataset {dataset} --update_config"
+        )
+    value = model_cfg.scaling_constants[dataset]
+    if not (math.isfinite(value) and value > 0):
+        raise Stage2SetupError(f"{model_config_path}: scaling_constants.{dataset} must be a positive number, got {value}")
+    return value
+
+
+def resolve_pre_encoded(train_cfg: Stage2TrainConfig, model_cfg: ModelConfig) -> bool:
+    return train_cfg.pre_encoded_text if train_cfg.pre_encoded_text is not None else model_cfg.unet.pre_encoded_text
+
+
+def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
+    """The stage-1 autoencoder, frozen, fp32, eval. Its own (stored) config wins over the model config's vae."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"--path_to_vae_backbone {path} not found: pass the model.safetensors written by stage1_vae_trainer.py"
+        )
+    vae = load_autoencoder(path, device).float().requires_grad_(False).eval()
+    if to_dict(vae.config) != to_dict(model_cfg.vae):
+        diffs = [k for k, v in to_dict(vae.config).items() if to_dict(model_cfg.vae).get(k) != v]
+        logger.warning(
+            "the VAE in %s was trained with a different vae config than --model_config (%s); using the VAE's own",
+            path, ", ".join(diffs),
+        )
+    return vae
+
+
+def check_class_count(dataset, conditioning: str, unet_cfg: UNetConfig) -> None:
+    if conditioning != "class":
+        return
+    classes = len(dataset.classes)  # imagenet: ClassFolderDataset
+    if classes > unet_cfg.num_classes:
+        raise Stage2SetupError(
+            f"the dataset has {classes} class folders but unet.num_classes is {unet_cfg.num_classes}: raise num_classes"
+        )
+
+
+def check_text_source(dataset, pre_encoded: bool, unet_cfg: UNetConfig) -> None:
+    """With pre_encoded_text the dataset must yield 'text_embeds' of unet.text_embed_dim; otherwise captions."""
+    item = next((dataset[i] for i in range(min(len(dataset), 16)) if dataset[i] is not None), None)
+    if item is None:
+        raise DatasetError("the first 16 items of the dataset are all unreadable")
+    if pre_encoded:
+        if "text_embeds" not in item:
+            raise Stage2SetupError(
+                "pre_encoded_text is True but the dataset yields no 'text_embeds': prepare it with "
+                "prep_cc.py --pre_encode_text, or set pre_encoded_text: False"
+            )
+        dim = item["text_embeds"].shape[-1]
+        if dim != unet_cfg.text_embed_dim:
+            raise Stage2SetupError(
+                f"the dataset's pre-encoded text is {dim}-d but unet.text_embed_dim is {unet_cfg.text_embed_dim}"
+            )
+    elif "caption" not in item:
+        raise Stage2SetupError("a text-conditional run needs captions, and the dataset yields none")
+
+
+def cache_identity(
+    vae: Autoencoder,
+    dataset_name: str,
+    path_to_dataset: Optional[str],
+    num_items: int,
+    train_cfg: Stage2TrainConfig,
+    conditioning: str,
+    text_source: Optional[str],
+    text_encoder: Optional[torch.nn.Module],
+) -> dict:
+    """What a latent cache depends on; a cache with another identity is refused."""
+    identity = {
+        "vae_weights": weights_fingerprint(vae),
+        "vae_config": to_dict(vae.config),
+        "dataset": dataset_name,
+        "path_to_dataset": str(Path(path_to_dataset).resolve()) if path_to_dataset else None,
+        "num_items": num_items,
+        "img_size": vae.config.img_size,
+        "interpolation": train_cfg.interpolation,
+        "flipped_views": train_cfg.random_flip_p > 0,
+        "conditioning": conditioning,
+        "text_source": text_source,
+    }
+    if dataset_name == "shapes":
+        identity["shapes"] = {"num_images": train_cfg.shapes_num_images, "seed": train_cfg.seed}
+    if text_encoder is not None:
+        identity["text_encoder_weights"] = weights_fingerprint(text_encoder)
+    return identity
+
+
+# --------------------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class StepRandomness:
+    """The generators of the training step: flips on the CPU, everything else on the training device."""
+
+    flip: torch.Generator
+    noise: torch.Generator
+
+    @classmethod
+    def create(cls, seed: int, rank: int, device) -> "StepRandomness":
+        base = seed * 1_000_003 + rank * 7919
+        return cls(
+            flip=torch.Generator().manual_seed(base + 1),
+            noise=torch.Generator(device=device).manual_seed(base + 2),
+        )
+
+    def as_dict(self) -> dict[str, torch.Generator]:
+        return {"flip": self.flip, "noise": self.noise}
+
+
+def flip_mask(batch_size: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """(B,) bool: which images of the batch are mirrored (as src.data.transforms.random_flip draws them)."""
+    if p <= 0:
+        return torch.zeros(batch_size, dtype=torch.bool)
+    return torch.rand(batch_size, generator=generator, device="cpu") < p
+
+
+def latent_moments(batch: dict, vae: Autoencoder, flip_p: float, generator: torch.Generator, device):
+    """(mean, std), each (B, C, h, w), of the batch's (randomly mirrored) images, encoded now or read from the
+    cache's 'moments' (B, V, 2, C, h, w), V = 2 holding the mirrored image's moments at index 1."""
+    if "moments" in batch:
+        moments = batch["moments"].to(device)  # (B, V, 2, C, h, w)
+        flip = flip_mask(moments.shape[0], flip_p, generator).to(device)
+        view = flip.long() if moments.shape[1] == 2 else torch.zeros_like(flip, dtype=torch.long)
+        chosen = moments[torch.arange(moments.shape[0], device=device), view]  # (B, 2, C, h, w)
+        return chosen[:, 0], chosen[:, 1]
+    images = batch["image"].to(device)  # (B, 3, H, W)
+    flip = flip_mask(images.shape[0], flip_p, generator).to(device)[:, None, None, None]
+    images = torch.where(flip, images.flip(-1), images)
+    with torch.no_grad():
+        mean, std = vae.latent_moments(images)
+    return mean.float(), std.float()
+
+
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """z = mean + std * eps (the VAE's reparameterised posterior sample), (B, C, h, w)."""
+    eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean.device)
+    return mean + std * eps
+
+
+def batch_condition(batch: dict, conditioning: str, text_encoder, device) -> Optional[Condition]:
+    """The batch's condition: captions encoded by the frozen text encoder, pre-encoded / cached text embeddings
+    (padded, with 'text_embeds_mask'), class labels, or None."""
+    if conditioning == "none":
+        return None
+    if conditioning == "class":
+        return Condition(labels=batch["label"].to(device))
+    if "text_embeds" in batch:
+        text = batch["text_embeds"].to(device).float()  # (B, L, D)
+        mask = batch.get("text_embeds_mask")
+        mask = torch.ones(text.shape[:2], dtype=torch.long) if mask is None else mask
+        return Condition(text=text, text_mask=mask.to(device))
+    with torch.no_grad():
+        hidden, mask = text_encoder.encode(list(batch["caption"]))  # (B, L, D), (B, L)
+    return Condition(text=hidden.to(device).float(), text_mask=mask.to(device))
+
+
+def diffusion_step_loss(
+    unet, unet_module: UNet, process: DiffusionProcess, z0: torch.Tensor, cond: Optional[Condition],
+    cfg: Stage2TrainConfig, generator: torch.Generator,
+) -> torch.Tensor:
+    """DDPM's training loss on scaled latents z0 (B, C, h, w). `unet` may be wrapped (DDP); `unet_module` not."""
+    t = process.sample_timesteps(z0.shape[0], z0.device, generator)  # (B,)
+    noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)  # (B, C, h, w)
+    z_t = process.add_noise(z0, noise, t)
+    cond = unet_module.drop_condition(cond, cfg.cfg_dropout_prob, generator)
+    pred = unet(z_t, t, cond)
+    return diffusion_loss(pred, process.training_target(z0, noise, t), cfg.loss_fn)
+
+
+def batch_loss(batch: dict, ctx: "Stage2Context", unet, randomness: StepRandomness) -> torch.Tensor:
+    """The loss of one batch, from images or from the latent cache: the same draws in the same order."""
+    device = ctx.device
+    mean, std = latent_moments(batch, ctx.vae, ctx.train_cfg.random_flip_p, randomness.flip, device)
+    z0 = sample_latents(mean, std, randomness.noise) * ctx.scaling_factor  # (B, C, h, w), ~unit variance
+    cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, device)
+    return diffusion_step_loss(unet, ctx.unet_module, ctx.process, z0, cond, ctx.train_cfg, randomness.noise)
+
+
+# --------------------------------------------------------------------------------------------------- context
+
+
+@dataclass
+class Stage2Context:
+    """The frozen parts and settings every step and every validation grid uses."""
+
+    train_cfg: Stage2TrainConfig
+    model_cfg: ModelConfig  # its vae section is the loaded VAE's own config
+    dataset_name: str
+    conditioning: str
+    scaling_factor: float
+    vae: Autoencoder
+    process: DiffusionProcess
+    unet_module: UNet  # unwrapped
+    text_encoder: Optional[torch.nn.Module]
+    text_model: Optional[str]  # name stored for inference
+    device: torch.device
+    extra_metadata: dict = field(default_factory=dict)
+
+    def metadata(self) -> dict:
+        return stage2_metadata(
+            self.model_cfg, self.train_cfg, self.process, self.dataset_name, self.conditioning,
+            self.scaling_factor, self.text_model, self.extra_metadata,
+        )
+
+
+def build_text_encoder(conditioning: str, pre_encoded: bool, unet_cfg: UNetConfig, device):
+    """The frozen text encoder (unet.text_conditioning_hf_model), unless there is no text or it is pre-encoded."""
+    if conditioning != "text" or pre_encoded:
+        return None
+    return load_text_encoder_for(unet_cfg.text_conditioning_hf_model, unet_cfg.text_embed_dim).to(device)
+
+
+def build_training_dataset(args, train_cfg: Stage2TrainConfig, vae_cfg: VAEConfig, conditioning: str, pre_encoded: bool,
+                           unet_cfg: UNetConfig):
+    dataset = build_dataset(args.dataset, args.path_to_dataset, vae_cfg.img_size, train_cfg)
+    check_class_count(dataset, conditioning, unet_cfg)
+    if conditioning == "text":
+        check_text_source(dataset, pre_encoded, unet_cfg)
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def read_prompts(path=DEFAULT_PROMPTS_FILE) -> list[str]:
+    """Non-blank lines of the prompts file (sample_text_cond_prompts.txt at the repository root)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"validation prompts file not found: {path} (one prompt per line)")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts (one prompt per line; blank lines are ignored)")
+    return prompts
+
+
+def validation_labels(num_samples: int, num_classes: int) -> list[int]:
+    """Fixed class labels spread evenly over the classes, the same at every validation."""
+    return [int(i * num_classes / num_samples) % num_classes for i in range(num_samples)]
+
+
+@torch.no_grad()
+def validation_grid(ctx: Stage2Context, ema_unet: UNet, prompts: list[str], step: int, out_dir) -> Path:
+    """Sample with the EMA weights (DDIM val_sampler_steps, guidance val_guidance_scale, fixed seed), save a grid."""
+    cfg = ctx.train_cfg
+    pipe = LatentDiffusion(ctx.vae, ema_unet, ctx.process, ctx.conditioning, ctx.scaling_factor, ctx.text_encoder)
+    labels = validation_labels(cfg.num_val_random_samples, ctx.unet_module.num_classes) if ctx.conditioning == "class" else None
+    images = pipe.generate(
+        prompts=prompts if ctx.conditioning == "text" else None,
+        labels=labels,
+        num_per_condition=1 if ctx.conditioning != "none" else cfg.num_val_random_samples,
+        sampler="ddim",
+        num_steps=min(cfg.val_sampler_steps, ctx.process.num_timesteps),
+        guidance_scale=cfg.val_guidance_scale,
+        seed=cfg.seed,
+    )  # (N, 3, H, W)
+    path = Path(out_dir) / f"step_{step:07d}.png"
+    save_image_grid(images, path, nrow=min(8, images.shape[0]))
+    if ctx.conditioning == "text":
+        path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- saving
+
+
+def save_final_model(ctx: Stage2Context, ema_unet: UNet, working_dir) -> Path:
+    """working_directory/model.safetensors: EMA UNet + VAE, every config in the metadata."""
+    path = save_stage2_model(Path(working_dir) / "model.safetensors", ema_unet, ctx.vae, ctx.metadata())
+    logger.info("saved %s", path)
+    return path
+
+
+
+# --------------------------------------------------------------------------------------------------- set-up
+
+
+def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: ModelConfig) -> tuple[Stage2Context, object]:
+    """Everything frozen, plus the UNet (not yet prepared), and the dataset (images or the latent cache).
+
+    Cheap checks (scaling constant, conditioning) come first, so a misconfigured run stops before any model loads.
+    """
+    from ..models.unet import build_unet
+    from .latent_cache import open_or_build_latent_cache
+
+    conditioning = resolve_conditioning(args.dataset, model_cfg.unet)
+    scaling_factor = resolve_scaling_factor(model_cfg, args.dataset, args.model_config)
+    pre_encoded = resolve_pre_encoded(train_cfg, model_cfg)
+    if not 0.0 <= train_cfg.cfg_dropout_prob <= 1.0:
+        raise Stage2SetupError(f"cfg_dropout_prob must be in [0, 1], got {train_cfg.cfg_dropout_prob}")
+    device = accelerator.device
+    vae = load_frozen_vae(args.path_to_vae_backbone, model_cfg, device)
+    model_cfg = ModelConfig(vae=vae.config, unet=model_cfg.unet, scaling_constants=dict(model_cfg.scaling_constants))
+    dataset = build_training_dataset(args, train_cfg, vae.config, conditioning, pre_encoded, model_cfg.unet)
+    text_encoder = build_text_encoder(conditioning, pre_encoded, model_cfg.unet, device)
+    unet = build_unet(model_cfg.unet, vae.config.latent_dim, conditioning)
+    extra = {"vae_source": str(args.path_to_vae_backbone), "pre_encoded_text": pre_encoded}
+    if conditioning == "class":
+        extra["class_names"] = list(dataset.classes)
+    ctx = Stage2Context(
+        train_cfg=train_cfg,
+        model_cfg=model_cfg,
+        dataset_name=args.dataset,
+        conditioning=conditioning,
+        scaling_factor=scaling_factor,
+        vae=vae,
+        process=DiffusionProcess.from_config(train_cfg),
+        unet_module=unet,
+        text_encoder=text_encoder,
+        text_model=model_cfg.unet.text_conditioning_hf_model if conditioning == "text" else None,
+        device=device,
+        extra_metadata=extra,
+    )
+    if args.cache_latents:
+        text_source = None
+        if conditioning == "text":
+            text_source = "pre_encoded" if pre_encoded else model_cfg.unet.text_conditioning_hf_model
+        identity = cache_identity(
+            vae, args.dataset, args.path_to_dataset, len(dataset), train_cfg, conditioning, text_source, text_encoder
+        )
+        dataset = open_or_build_latent_cache(
+            accelerator, args.cache_latents, dataset, vae, identity, train_cfg.random_flip_p > 0, conditioning,
+            text_encoder.encode if text_encoder is not None else None,
+            batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers,
+        )
+    return ctx, dataset
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+
+def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler, ema, loader,
+               randomness: StepRandomness, start_step: int, prompts: list[str]) -> int:
+    """Train from `start_step` to total_training_iterations exactly; checkpoints and validation grids on the way.
+
+    One step = gradient_accumulation_steps batches and one optimizer update (skipped, and counted by the guard,
+    when the loss averaged over the processes is not finite). Returns the final step.
+    """
+    from .checkpoint import save_checkpoint
+    from .guard import NonFiniteGuard
+    from .setup import MetricsLog, progress_bar
+
+    cfg = ctx.train_cfg
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+    metrics = MetricsLog(accelerator, args.working_directory)
+    gens_dir = Path(args.path_to_save_gens or Path(args.working_directory) / "gens")
+    bar = progress_bar(accelerator, cfg.total_training_iterations, start_step, "stage 2 (latent diffusion)")
+    batches = iter(loader)
+    step = start_step
+    unet.train()
+    while step < cfg.total_training_iterations:
+        losses, grad_norm, updated = [], None, False
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(unet):
+                loss = batch_loss(batch, ctx, unet, randomness)
+                accelerator.backward(loss)
+                losses.append(loss.detach())
+                if accelerator.sync_gradients:
+                    step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean()  # over micro-batches, ranks
+                    if guard.check(step_loss, step + 1):
+                        if cfg.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        updated = True
+                    optimizer.zero_grad(set_to_none=True)
+        if updated:
+            ema.update(ctx.unet_module)
+        step += 1
+        loss_value = step_loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        values = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "ema_decay": ema.current_decay()}
+        if grad_norm is not None:
+            values["grad_norm"] = float(grad_norm)
+        metrics.log(values, step)
+        if step % cfg.checkpoint_iterations == 0 or step == cfg.total_training_iterations:
+            save_checkpoint(
+                accelerator, args.working_directory, step,
+                modules={"unet": ctx.unet_module, "ema": ema},
+                states={"optimizer": optimizer, "scheduler": scheduler},
+                generators=randomness.as_dict(),
+                extra={"total_training_iterations": cfg.total_training_iterations},
+                limit=cfg.checkpoints_total_limit,
+            )
+        if cfg.val_generation_freq > 0 and step % cfg.val_generation_freq == 0:
+            if accelerator.is_main_process:
+                path = validation_grid(ctx, ema.shadow, prompts, step, gens_dir)
+                logger.info("validation grid: %s", path)
+            accelerator.wait_for_everyone()
+    bar.close()
+    return step

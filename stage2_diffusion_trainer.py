@@ -1,0 +1,94 @@
+"""Stage 2: train a diffusion UNet in the latent space of a frozen stage-1 VAE.
+
+    accelerate launch stage2_diffusion_trainer.py \
+        --experiment_name "DiffusionTrainer" --wandb_run_name "diffusion_celebahq" \
+        --working_directory "work_dir/diffusion_celebahq" \
+        --training_config "configs/stage2_diffusion_train.yaml" --model_config "configs/ldm.yaml" \
+        --path_to_vae_backbone "<PATH_TO_VAE.safetensors>" \
+        --dataset celebahq --path_to_dataset "<PATH_TO_DATA>" --path_to_save_gens "src/diffusion_celebahq"
+
+The dataset decides the conditioning (celebahq: none; imagenet: class labels when unet.class_conditioning;
+shapes / conceptual_captions: text). Latents are multiplied by scaling_constants[dataset] of the model config
+(compute_vae_scaling.py --update_config writes it). --cache_latents DIR encodes the dataset once and trains from the
+cache. working_directory/model.safetensors ends up holding the EMA UNet, the VAE and every config; inference_ldm.py
+needs nothing else but the text encoder.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from src.config import Stage2TrainConfig, load_config, load_model_config
+from src.data.loader import InfiniteLoader
+from src.training.checkpoint import load_checkpoint, resolve_resume_path
+from src.training.ema import EMA
+from src.training.setup import add_stage_args, build_optimizer, build_scheduler, init_trackers, make_accelerator
+from src.training.stage2 import (
+    DEFAULT_PROMPTS_FILE,
+    StepRandomness,
+    read_prompts,
+    save_final_model,
+    setup_context,
+    train_loop,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_stage_args(parser)
+    parser.add_argument("--path_to_vae_backbone", required=True, help="stage-1 model.safetensors (the frozen VAE)")
+    parser.add_argument(
+        "--cache_latents", default=None, metavar="DIR",
+        help="encode the dataset once into DIR (posterior mean/std, text embeddings) and train from it; "
+        "a cache made with another VAE or config is refused",
+    )
+    parser.add_argument("--val_prompts", default=None, help="prompts file for validation grids "
+                        "(default: sample_text_cond_prompts.txt at the repository root)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    train_cfg = load_config(args.training_config, Stage2TrainConfig)
+    model_cfg = load_model_config(args.model_config)
+    accelerator = make_accelerator(args, train_cfg)
+    Path(args.working_directory).mkdir(parents=True, exist_ok=True)
+    ctx, dataset = setup_context(args, accelerator, train_cfg, model_cfg)
+    prompts = read_prompts(args.val_prompts or DEFAULT_PROMPTS_FILE) if ctx.conditioning == "text" else []
+
+    unet = ctx.unet_module
+    optimizer = build_optimizer(unet.parameters(), train_cfg)
+    world = accelerator.num_processes  # accelerate steps the scheduler once per process
+    scheduler = build_scheduler(
+        train_cfg.lr_scheduler, optimizer, train_cfg.lr_warmup_steps * world, train_cfg.total_training_iterations * world
+    )
+    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+    ctx.unet_module = accelerator.unwrap_model(unet)
+    ema = EMA(ctx.unet_module, train_cfg.ema_decay, train_cfg.ema_warmup).to(accelerator.device)
+    randomness = StepRandomness.create(train_cfg.seed, accelerator.process_index, accelerator.device)
+
+    start_step = 0
+    resume = resolve_resume_path(args.working_directory, args.resume_from_checkpoint)
+    if resume is not None:
+        state = load_checkpoint(
+            accelerator, resume, {"unet": ctx.unet_module, "ema": ema},
+            {"optimizer": optimizer, "scheduler": scheduler}, randomness.as_dict(),
+        )
+        start_step = state["step"]
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+    loader = InfiniteLoader(
+        dataset, train_cfg.per_gpu_batch_size, seed=train_cfg.seed, rank=accelerator.process_index,
+        world_size=world, num_workers=train_cfg.num_workers, pin_memory=train_cfg.pin_memory,
+        start_batch=start_step * train_cfg.gradient_accumulation_steps,
+    )
+    init_trackers(accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet})
+    train_loop(args, accelerator, ctx, unet, optimizer, scheduler, ema, loader, randomness, start_step, prompts)
+    if accelerator.is_main_process:
+        save_final_model(ctx, ema.shadow, args.working_directory)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
