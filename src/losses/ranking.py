@@ -3,7 +3,7 @@ that a person prefers p1, trained with binary cross-entropy against the judges' 
 Sec. 3.3, "G" in Fig. 3).
 
     head = RankingHead(middle_channels=32)
-    loss = ranking_loss(head, d0, d1, judge)     # d0 = d(ref, p0), d1 = d(ref, p1), judge in [0, 1]
+    loss = ranking_loss(head(d0, d1), judge)     # d0 = d(ref, p0), d1 = d(ref, p1), judge in [0, 1]
 
 judge = fraction of observers who preferred p1 (0: everyone preferred p0). A larger d0 should raise the
 predicted probability of p1.
@@ -38,11 +38,13 @@ class RankingHead(nn.Module):
         )
 
     def forward(self, d0: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
-        return self.net(ranking_features(d0, d1)).flatten()  # (B,)
+        with torch.autocast(device_type=d0.device.type, enabled=False):  # small net: keep it in fp32
+            return self.net(ranking_features(d0.float(), d1.float())).flatten()  # (B,)
 
 
-def ranking_loss(head: RankingHead, d0: torch.Tensor, d1: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy between sigmoid(head(d0, d1)) and the judge fraction (computed in fp32)."""
-    with torch.autocast(device_type=d0.device.type, enabled=False):
-        logits = head(d0.float(), d1.float())
-        return F.binary_cross_entropy_with_logits(logits, judge.float())
+def ranking_loss(logits: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy between sigmoid(logits) (B,) and the judge fraction (B,), in fp32.
+
+    BCE(p, h) = -[h log p + (1 - h) log(1 - p)], p = sigmoid(logit); the logits form is the stable one.
+    """
+    return F.binary_cross_entropy_with_logits(logits.float(), judge.float())

@@ -106,13 +106,19 @@ class LPIPS(nn.Module):
         self.trunk.requires_grad_(trainable)
 
     def load_trunk_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Load a VGG16 trunk from torchvision keys ('features.N.weight', classifier ignored) or bare 'N.weight'."""
-        trunk = {}
-        for key, value in state.items():
-            name = key.removeprefix("features.")
-            if name.split(".")[0].isdigit() and int(name.split(".")[0]) < len(self.trunk):
-                trunk[name] = value
-        self.trunk.load_state_dict(trunk, strict=True)
+        """Load a VGG16 trunk from torchvision keys ('features.N.weight'; classifier ignored) or bare 'N.weight'."""
+        self.trunk.load_state_dict(trunk_tensors(state, len(self.trunk)), strict=True)
+
+
+def trunk_tensors(state: dict[str, torch.Tensor], num_layers: int = 30) -> dict[str, torch.Tensor]:
+    """The conv tensors of a torchvision VGG16 state dict, keyed 'N.weight' / 'N.bias' for N < num_layers."""
+    out = {}
+    for key, value in state.items():
+        name = key.removeprefix("features.")
+        index = name.split(".")[0]
+        if index.isdigit() and int(index) < num_layers:
+            out[name] = value
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

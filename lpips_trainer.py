@@ -1,0 +1,155 @@
+"""Train (or evaluate) an LPIPS perceptual metric on BAPPS, then score it per category against people.
+
+    accelerate launch lpips_trainer.py --path_to_root <PATH_TO_DATA_ROOT> --work_dir <PATH_TO_WORK_DIR> \
+      --checkpoint_name "lpips_64x64_vgg.pt" --img_size 64 --batch_size 25 --num_workers 32 --num_epochs 10 \
+      --decay_epochs 5 --logging_steps 250 --pretrained_backbone --use_dropout \
+      --img_range minus_one_to_one --middle_channels 32 --eval_lpips_pkg --mixed_precision
+
+Writes work_dir/checkpoint_name (stage 1's `lpips_checkpoint`) and work_dir/eval.json. No BAPPS at hand?
+`python -m src.data.bapps_synth --out data/bapps_synth` writes a synthetic one in the same layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES, TwoAFCDataset
+from src.data.loader import InfiniteLoader
+from src.losses.ranking import RankingHead
+from src.models.lpips import load_lpips_checkpoint, read_lpips_checkpoint
+from src.training.lpips_eval import evaluate_bapps, format_results, lpips_package_metric, write_eval_json
+from src.training.lpips_train import (
+    LPIPSTrainSettings,
+    TwoAFCModel,
+    build_adam,
+    build_lpips,
+    build_scheduler,
+    train_lpips,
+)
+from src.training.setup import MetricsLog, setup_logging
+
+logger = logging.getLogger("ldm")
+OURS = "LPIPS Reproduction"
+ORIGINAL = "Original LPIPS"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path_to_root", required=True, help="BAPPS root (holding 2afc/ and jnd/) or its 2afc/ folder")
+    p.add_argument("--work_dir", required=True, help="where the checkpoint and eval.json go")
+    p.add_argument("--checkpoint_name", default="lpips_64x64_vgg.pt", help="file name; .pt or .safetensors")
+    p.add_argument("--img_size", type=int, default=64, help="patches are resized to this")
+    p.add_argument("--batch_size", type=int, default=50, help="training triplets per step and process")
+    p.add_argument("--eval_batch_size", type=int, default=None, help="default: --batch_size")
+    p.add_argument("--num_workers", type=int, default=4, help="data workers (capped at the CPUs available)")
+    p.add_argument("--num_epochs", type=int, default=10, help="total epochs, decay included")
+    p.add_argument("--decay_epochs", type=int, default=5, help="last epochs over which the rate falls to 0")
+    p.add_argument("--initial_lr", type=float, default=1e-4)
+    p.add_argument("--logging_steps", type=int, default=250, help="a log line every this many steps")
+    p.add_argument("--pretrained_backbone", action="store_true", help="ImageNet VGG16 trunk from the torch cache")
+    p.add_argument("--train_backbone", action="store_true", help="fine-tune the trunk too (frozen otherwise)")
+    p.add_argument("--use_dropout", action="store_true", help="dropout before the linear layers while training")
+    p.add_argument("--img_range", choices=IMG_RANGES, default="minus_one_to_one", help="range patches load in")
+    p.add_argument("--middle_channels", type=int, default=32, help="width of the ranking head")
+    p.add_argument("--eval_lpips_pkg", action="store_true", help="also score the `lpips` package, same batches")
+    p.add_argument(
+        "--mixed_precision", nargs="?", const=None, default=None, choices=["no", "fp16", "bf16"],
+        help="no value: accelerate's setting (accelerate launch/config); a value is used as given",
+    )
+    p.add_argument("--train_sets", nargs="+", choices=TRAIN_CATEGORIES, default=list(TRAIN_CATEGORIES))
+    p.add_argument("--val_sets", nargs="+", choices=VAL_CATEGORIES, default=list(VAL_CATEGORIES))
+    p.add_argument("--jnd_sets", nargs="*", choices=JND_CATEGORIES, default=list(JND_CATEGORIES))
+    p.add_argument("--evaluation_only", action="store_true", help="evaluate work_dir/checkpoint_name, no training")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not 0 <= args.decay_epochs <= args.num_epochs:
+        p.error(f"--decay_epochs ({args.decay_epochs}) must be between 0 and --num_epochs ({args.num_epochs})")
+    args.eval_batch_size = args.eval_batch_size or args.batch_size
+    return args
+
+
+def available_workers(requested: int) -> int:
+    cpus = len(os.sched_getaffinity(0))
+    if requested > cpus:
+        logger.info("--num_workers %d capped at the %d CPUs available", requested, cpus)
+    return min(requested, cpus)
+
+
+def make_train_loader(args, accelerator) -> InfiniteLoader:
+    dataset = TwoAFCDataset(args.path_to_root, "train", args.train_sets, args.img_size, args.img_range)
+    logger.info("training on %d triplets from %s", len(dataset), ", ".join(args.train_sets))
+    return InfiniteLoader(
+        dataset, args.batch_size, seed=args.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, num_workers=available_workers(args.num_workers),
+    )
+
+
+def train(args, accelerator, checkpoint: Path):
+    """Train from scratch; returns the trained LPIPS (eval mode) and the run info stored in the checkpoint."""
+    loader = make_train_loader(args, accelerator)
+    lpips = build_lpips(args.use_dropout, args.pretrained_backbone, args.train_backbone)
+    model = TwoAFCModel(lpips, RankingHead(args.middle_channels))
+    optimizer = build_adam(model, args.initial_lr)
+    total = args.num_epochs * loader.batches_per_epoch
+    scheduler = build_scheduler(optimizer, total, args.decay_epochs * loader.batches_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    settings = LPIPSTrainSettings(
+        args.num_epochs, args.decay_epochs, args.initial_lr, args.logging_steps, args.img_range
+    )
+    info = {k: getattr(args, k) for k in ("img_size", "img_range", "middle_channels", "pretrained_backbone",
+                                          "train_backbone", "train_sets", "initial_lr", "batch_size", "seed")}
+    losses = train_lpips(accelerator, model, optimizer, scheduler, loader, settings, checkpoint, info)
+    MetricsLog(accelerator, args.work_dir).log({f"epoch_loss_{i + 1}": v for i, v in enumerate(losses)}, total)
+    return accelerator.unwrap_model(model).lpips.eval(), losses
+
+
+def build_metrics(args, accelerator, lpips) -> tuple[dict, str]:
+    """{'LPIPS Reproduction': ours, 'Original LPIPS': package (when asked and possible)} and a note."""
+    metrics = {OURS: lpips.to(accelerator.device)}
+    note = "not requested"
+    if args.eval_lpips_pkg:
+        try:
+            metrics[ORIGINAL] = lpips_package_metric(accelerator.device)
+            note = "evaluated"
+        except FileNotFoundError as err:
+            note = f"skipped: the lpips package needs ImageNet VGG16 weights. {err}"
+            accelerator.print(f"{ORIGINAL}: {note}")
+    return metrics, note
+
+
+def main(args) -> dict:
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    setup_logging(accelerator)
+    set_seed(args.seed)
+    work_dir = Path(args.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = work_dir / args.checkpoint_name
+    losses = None
+    if args.evaluation_only:
+        lpips = load_lpips_checkpoint(checkpoint)
+        logger.info("evaluating %s (%s)", checkpoint, read_lpips_checkpoint(checkpoint)[1])
+    else:
+        lpips, losses = train(args, accelerator, checkpoint)
+        logger.info("saved %s", checkpoint)
+    metrics, note = build_metrics(args, accelerator, lpips)
+    results = evaluate_bapps(
+        metrics, args.path_to_root, args.val_sets, args.jnd_sets, args.img_size, args.img_range,
+        args.eval_batch_size, available_workers(args.num_workers), accelerator,
+    )
+    accelerator.print(format_results(results))
+    if accelerator.is_main_process:
+        info = {"checkpoint": str(checkpoint), "lpips_package": note, "train_epoch_losses": losses,
+                "mixed_precision": accelerator.mixed_precision}
+        write_eval_json(work_dir / "eval.json", results, info)
+    accelerator.end_training()
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
