@@ -1,0 +1,365 @@
+"""Conceptual Captions, end to end: TSV -> real img2dataset (loopback HTTP) -> prep_cc.py -> dataset -> trainers.
+
+The HTTP server listens on 127.0.0.1 only, serves files the test generates (JPEGs, PNGs, a non-image body and a
+truncated JPEG; some URLs are dead) and is shut down when the module's tests end.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from src.config import Stage1TrainConfig, Stage2TrainConfig
+from src.data import build_dataset
+from src.data.cc_prep import clean_caption
+from src.data.loader import collate
+from src.models.text_encoder import TextEncoder
+from tests.helpers import make_tiny_clip
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+IMG2DATASET = str(Path(sys.executable).with_name("img2dataset"))
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 230), "yellow": (245, 225, 40)}
+SHAPES = ["circle", "square"]
+
+# rows of the TSV whose download must fail or whose caption must be dropped (name -> why)
+DEAD = ["gone1.jpg", "gone2.png", "gone3.jpg"]
+NOT_AN_IMAGE = "page.jpg"  # an HTML body served as image/jpeg
+TRUNCATED = "truncated.jpg"  # the first half of a JPEG
+INVALID_UTF8 = b"a green square \xff\xfe on a red background"
+INVALID_UTF8_CLEAN = "a green square on a red background"
+STAGE_TIMEOUT = 300
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures: generated images, loopback server, TSV, img2dataset, prep_cc.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _draw(colour: str, shape: str, background: str, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    img = Image.new("RGB", size, COLOURS[background])
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLOURS[colour])
+    return img.convert(mode)
+
+
+def _write_site(www: Path) -> list[tuple[str, bytes]]:
+    """Write the served files; return the TSV rows (file name, caption bytes) in order."""
+    rows: list[tuple[str, bytes]] = []
+    i = 0
+    for colour in COLOURS:
+        for shape in SHAPES:
+            background = [c for c in COLOURS if c != colour][i % 3]
+            size = (40 + 4 * i, 36 + 2 * (i % 3))
+            if i % 2 == 0:
+                name = f"img{i:02d}.jpg"
+                _draw(colour, shape, background, size).save(www / name, "JPEG", quality=90)
+            else:
+                name = f"img{i:02d}.png"
+                mode = "RGBA" if i % 4 == 1 else "L" if i == 3 else "RGB"
+                _draw(colour, shape, background, size, mode).save(www / name, "PNG")
+            caption = f"a {colour} {shape} on a {background} background"
+            if i % 3 == 1:  # captions of different token lengths
+                caption = f"a picture of a {colour} {shape} over a {background} background"
+            elif i % 3 == 2:
+                caption = f"{colour} {shape}, {background} background"
+            rows.append((name, caption.encode()))
+            i += 1
+    # captions that need cleaning but are kept
+    rows.append(("img00.jpg", INVALID_UTF8))
+    rows.append(("img01.png", b"  a  blue   circle on a yellow background  "))
+    # captions that are dropped: empty and whitespace-only
+    rows.append(("img02.jpg", b""))
+    rows.append(("img03.png", b"   "))
+    # downloads that fail
+    for name in DEAD:
+        rows.append((name, b"a dead link"))
+    (www / NOT_AN_IMAGE).write_bytes(b"<html><body>not an image</body></html>")
+    rows.append((NOT_AN_IMAGE, b"a red circle on a web page"))
+    noisy = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB").save(noisy, "JPEG", quality=95)
+    (www / TRUNCATED).write_bytes(noisy.getvalue()[: len(noisy.getvalue()) // 2])
+    rows.append((TRUNCATED, b"a truncated picture"))
+    return rows
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory) -> Path:
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="module")
+def raw_shards(tmp_path_factory):
+    """img2dataset's parquet output for the test TSV, plus an empty, an unreadable and a corrupt-bytes shard.
+
+    Returns (folder, {img2dataset key: (file name, caption bytes)}); keys number the TSV rows from 000000000.
+    """
+    base = tmp_path_factory.mktemp("cc_raw")
+    www = base / "www"
+    www.mkdir()
+    rows = _write_site(www)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(www)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        prefix = f"http://127.0.0.1:{server.server_address[1]}/"
+        tsv = base / "cc_train.tsv"
+        with open(tsv, "wb") as f:
+            f.write(b"url\tcaption\n")
+            for name, caption in rows:
+                f.write(prefix.encode() + name.encode() + b"\t" + caption + b"\n")
+        out = base / "raw"
+        # the design's command, with a small image size and few processes/threads
+        cmd = [
+            IMG2DATASET, "--url_list", str(tsv),
+            "--input_format", "tsv",
+            "--url_col", "url",
+            "--caption_col", "caption",
+            "--output_format", "parquet",
+            "--output_folder", str(out),
+            "--processes_count", "1",
+            "--thread_count", "2",
+            "--image_size", "32",
+            "--resize_mode", "keep_ratio",
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=base)
+        assert result.returncode == 0, result.stderr[-3000:]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    shards = sorted(out.glob("*.parquet"))
+    assert len(shards) == 1
+    table = pq.read_table(shards[0])
+    # an empty shard (img2dataset's schema, 0 rows), a truncated file, and a shard whose one "success" row
+    # carries bytes that do not decode (img2dataset itself re-encodes, so only a damaged file can hold those)
+    pq.write_table(table.slice(0, 0), out / "00001.parquet")
+    (out / "00002.parquet").write_bytes(shards[0].read_bytes()[:100])
+    good = table.filter(pa.compute.equal(table["status"], "success")).slice(0, 1).to_pylist()[0]
+    good.update(key="999999999", url=prefix + "damaged.jpg", caption=b"a damaged picture", jpg=good["jpg"][:60])
+    pq.write_table(pa.Table.from_pylist([good], schema=table.schema), out / "00003.parquet")
+    return out, {f"{i:09d}": row for i, row in enumerate(rows)}
+
+
+def run_prep(data_root, save, clip, *extra) -> subprocess.CompletedProcess:
+    # the design's prep_cc.py command, with small batches and two workers
+    cmd = [
+        PY, "prep_cc.py",
+        "--path_to_data_root", str(data_root),
+        "--path_to_save", str(save),
+        "--hf_clip_model_name", str(clip),
+        "--hf_cache_dir", str(Path(save).parent / "hf_cache"),
+        "--cpu_batch_size", "8",
+        "--gpu_batch_size", "4",
+        "--num_cpu_workers", "2",
+        "--dtype", "float32",
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def prepared(raw_shards, clip_folder, tmp_path_factory):
+    out, *_ = raw_shards
+    save = tmp_path_factory.mktemp("cc_prepared") / "cc"
+    result = run_prep(out, save, clip_folder, "--pre_encode_text", "--val_fraction", "0.2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return save, result.stdout
+
+
+def _report_count(stdout: str, label: str) -> int:
+    for line in stdout.splitlines():
+        if line.strip().endswith(label) and line.strip().split()[0].isdigit():
+            return int(line.split()[0])
+        if line.strip().startswith(label):
+            return int(line.split(":")[1].split()[0])
+    raise AssertionError(f"'{label}' not in prep report:\n{stdout}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prep_cc.py
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _expected(rows: dict[str, tuple[str, bytes]]) -> dict[str, str]:
+    """key -> cleaned caption for every TSV row that must survive."""
+    broken = set(DEAD) | {NOT_AN_IMAGE, TRUNCATED}
+    keep = {}
+    for key, (name, caption) in rows.items():
+        text = " ".join(caption.decode("utf-8", errors="replace").replace("\ufffd", " ").split())
+        if name not in broken and text:
+            keep[key] = text
+    return keep
+
+
+def test_prep_keeps_good_rows_with_their_captions(prepared, raw_shards):
+    save, stdout = prepared
+    _, tsv_rows = raw_shards
+    dd = datasets.load_from_disk(str(save))
+    assert set(dd) == {"train", "validation"}
+    kept = {}
+    for split in dd.values():
+        for key, url, caption in zip(split["key"], split["url"], split["caption"]):
+            assert key not in kept, f"row {key} appears twice"
+            assert url.endswith("/" + tsv_rows[key][0])
+            kept[key] = caption
+    expected = _expected(tsv_rows)
+    assert kept == expected
+    assert INVALID_UTF8_CLEAN in kept.values()
+    assert len(dd["validation"]) == round(0.2 * len(expected))
+    # the report: rows in (all rows of the readable shards), kept, and why the rest were dropped
+    assert _report_count(stdout, "rows in") == len(tsv_rows) + 1  # + the damaged row of the hand-made shard
+    assert _report_count(stdout, "rows kept") == len(expected)
+    assert _report_count(stdout, "status:failed_to_download") == len(DEAD)
+    assert _report_count(stdout, "status:failed_to_resize") == 2  # the HTML body and the truncated JPEG
+    assert _report_count(stdout, "empty caption") == 2
+    assert _report_count(stdout, "image bytes do not decode") == 1
+    assert "kept with repair: 1 x caption not valid UTF-8" in stdout
+    assert "empty shards skipped: 1" in stdout and "00001.parquet" in stdout
+    assert "unreadable shards skipped" in stdout and "00002.parquet" in stdout
+    # nothing is left behind next to the result
+    assert sorted(p.name for p in save.parent.iterdir()) == ["cc"]
+
+
+def test_prep_stores_decodable_images_and_tokens(prepared, clip_folder):
+    save, _ = prepared
+    train = datasets.load_from_disk(str(save))["train"]
+    tokenizer = TextEncoder(str(clip_folder)).tokenizer
+    for row in train:
+        img = row["image"]  # decoded by datasets.Image
+        assert min(img.size) == 32  # img2dataset's keep_ratio: shorter side = --image_size
+        img.load()
+        ids = tokenizer(row["caption"], truncation=True, max_length=77)["input_ids"]
+        assert row["input_ids"] == ids
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+
+
+def test_pre_encoded_embeddings_equal_on_the_fly_encoding(prepared, clip_folder):
+    save, _ = prepared
+    train = datasets.load_from_disk(str(save))["train"].with_format("numpy", columns=["text_embeds"])
+    captions = datasets.load_from_disk(str(save))["train"]["caption"]
+    encoder = TextEncoder(str(clip_folder))
+    hidden, mask = encoder.encode(list(captions))  # (B, 77, D), (B, 77): what stage 2 computes on the fly
+    for i, caption in enumerate(captions):
+        stored = torch.from_numpy(train[i]["text_embeds"])  # (L_i, D)
+        length = int(mask[i].sum())
+        assert stored.shape == (length, encoder.hidden_size)
+        torch.testing.assert_close(stored, hidden[i, :length], rtol=0, atol=1e-6)
+
+
+def test_prep_refuses_to_overwrite_unless_asked(prepared, raw_shards, clip_folder, tmp_path):
+    out, *_ = raw_shards
+    save = tmp_path / "cc"
+    shutil.copytree(prepared[0], save)
+    before = {p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()}
+
+    refused = run_prep(out, save, clip_folder)
+    assert refused.returncode != 0
+    assert "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    after = {p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()}
+    assert after == before
+
+    replaced = run_prep(out, save, clip_folder, "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    dd = datasets.load_from_disk(str(save))
+    assert set(dd) == {"train"}  # the new run asked for no validation split and no embeddings
+    assert "text_embeds" not in dd["train"].column_names
+    assert len(dd["train"]) == _report_count(prepared[1], "rows kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cc"]
+
+
+def test_prep_with_only_empty_shards_fails_clearly_and_writes_nothing(raw_shards, clip_folder, tmp_path):
+    out, *_ = raw_shards
+    only_empty = tmp_path / "raw"
+    only_empty.mkdir()
+    shutil.copy(out / "00001.parquet", only_empty / "00000.parquet")
+    result = run_prep(only_empty, tmp_path / "cc", clip_folder)
+    assert result.returncode != 0
+    assert "none of the shards has rows" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_clean_caption():
+    assert clean_caption(INVALID_UTF8) == (INVALID_UTF8_CLEAN, True)
+    assert clean_caption("caf\u0065\u0301  au\tlait\n".encode()) == ("caf\u00e9 au lait", False)
+    assert clean_caption(b"a\x00b\x1fc") == ("a b c", False)
+    assert clean_caption(None) == ("", False)
+    assert clean_caption(b" \t ") == ("", False)
+    assert clean_caption("already text") == ("already text", False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The conceptual_captions dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_dataset_items_for_both_stages(prepared):
+    save, _ = prepared
+    train_len = len(datasets.load_from_disk(str(save))["train"])
+
+    images = build_dataset("conceptual_captions", str(save), 32, Stage1TrainConfig())
+    assert len(images) == train_len
+    item = images[0]
+    assert item["image"].shape == (3, 32, 32)
+    assert -1.0 <= float(item["image"].min()) and float(item["image"].max()) <= 1.0
+    assert isinstance(item["caption"], str) and item["caption"]
+
+    on_the_fly = build_dataset("conceptual_captions", str(save), 32, Stage2TrainConfig(pre_encoded_text=False))
+    assert set(on_the_fly[0]) == {"image", "caption"}
+
+    embedded = build_dataset("conceptual_captions", str(save), 32, Stage2TrainConfig(pre_encoded_text=True))
+    items = [embedded[i] for i in range(len(embedded))]
+    assert all(set(it) == {"image", "text_embeds"} for it in items)
+    lengths = [it["text_embeds"].shape[0] for it in items]
+    assert len(set(lengths)) > 1  # captions of different lengths, so the loader must pad
+    batch = collate(items)
+    assert batch["text_embeds"].shape == (len(items), max(lengths), items[0]["text_embeds"].shape[1])
+    assert batch["text_embeds_mask"].sum(dim=1).tolist() == lengths
+    torch.testing.assert_close(batch["text_embeds"][0, : lengths[0]], items[0]["text_embeds"])
+
+
+def test_dataset_skips_an_undecodable_stored_image(prepared, tmp_path):
+    save, _ = prepared
+    train = datasets.load_from_disk(str(save))["train"].cast_column("image", datasets.Image(decode=False))
+    rows = train.select(range(3)).to_list()
+    rows[1]["image"] = {"bytes": rows[1]["image"]["bytes"][:40], "path": None}
+    damaged = datasets.Dataset.from_list(rows, features=train.features)
+    datasets.DatasetDict({"train": damaged}).save_to_disk(str(tmp_path / "damaged"))
+    ds = build_dataset("conceptual_captions", str(tmp_path / "damaged"), 32, Stage1TrainConfig())
+    items = [ds[i] for i in range(3)]
+    assert items[1] is None and items[0] is not None and items[2] is not None
+    batch = collate(items)
+    assert batch["num_skipped"] == 1 and batch["image"].shape[0] == 2
+
+
+def test_dataset_without_embeddings_explains_how_to_make_them(prepared, raw_shards, tmp_path):
+    save, _ = prepared
+    dd = datasets.load_from_disk(str(save))
+    datasets.DatasetDict({"train": dd["train"].remove_columns(["text_embeds"])}).save_to_disk(str(tmp_path / "cc"))
+    with pytest.raises(ValueError, match="--pre_encode_text"):
+        build_dataset("conceptual_captions", str(tmp_path / "cc"), 32, Stage2TrainConfig(pre_encoded_text=True))
+    with pytest.raises(ValueError, match="prep_cc.py"):
+        build_dataset("conceptual_captions", str(tmp_path / "missing"), 32, Stage1TrainConfig())
