@@ -68,3 +68,41 @@ def make_image_folders(root, num_classes: int = 3, per_class: int = 4, size: int
             arr = (base + 30 * torch.rand(size, size, 3, generator=g)).clamp(0, 255).byte().numpy()
             Image.fromarray(arr).save(d / f"img_{i}.png")
     return Path(root)
+
+
+def run_trainer(argv: list[str]) -> None:
+    """Run stage2_diffusion_trainer.main in this process, with accelerate's process-wide state reset first."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import stage2_diffusion_trainer
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    stage2_diffusion_trainer.main(argv)
+
+
+def trainer_argv(work, train_cfg, model_cfg, vae_file, dataset: str, *extra: str) -> list[str]:
+    """The design's stage-2 command shape."""
+    return [
+        "--experiment_name", "DiffusionTrainer", "--wandb_run_name", f"diffusion_{dataset}",
+        "--working_directory", str(work), "--training_config", str(train_cfg), "--model_config", str(model_cfg),
+        "--path_to_vae_backbone", str(vae_file), "--dataset", dataset, *extra,
+    ]
+
+
+def read_losses(work) -> dict[int, float]:
+    import json
+
+    lines = (Path(work) / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def make_flat_folder(root, count: int = 8, size: int = 20) -> Path:
+    """A flat folder of images (celebahq layout)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(count):
+        arr = (255 * torch.rand(size, size, 3, generator=g)).byte().numpy()
+        Image.fromarray(arr).save(root / f"face_{i:02d}.png")
+    return root

@@ -1,0 +1,159 @@
+"""stage2_diffusion_trainer.py: text / class / unconditional runs, resume, and clear set-up errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from src.models.serialization import load_models
+from src.training.stage2 import Stage2SetupError, read_prompts
+from tests.helpers import make_tiny_clip
+from tests.stage2_helpers import (
+    make_flat_folder,
+    make_image_folders,
+    make_vae_file,
+    read_losses,
+    run_trainer,
+    tiny_unet,
+    trainer_argv,
+    write_model_config,
+    write_train_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage2_assets")
+    clip = make_tiny_clip(d / "clip")
+    return {
+        "dir": d,
+        "clip": clip,
+        "vae": make_vae_file(d / "vae.safetensors"),
+        "text_cfg": write_model_config(d / "ldm_text.yaml", tiny_unet(str(clip)), {"shapes": 0.9}),
+        "class_cfg": write_model_config(
+            d / "ldm_class.yaml", tiny_unet(class_conditioning=True), {"imagenet": 1.1, "celebahq": 0.8}
+        ),
+        "imagenet": make_image_folders(d / "imagenet"),
+        "faces": make_flat_folder(d / "faces"),
+    }
+
+
+def test_text_run_on_shapes_lowers_loss_and_inference_writes_images(assets, tmp_path):
+    import inference_ldm
+
+    steps = 12
+    train = write_train_config(
+        tmp_path / "train.yaml", total_training_iterations=steps, checkpoint_iterations=steps,
+        val_generation_freq=steps, per_gpu_batch_size=8, learning_rate=2e-3, shapes_num_images=64,
+    )
+    work = tmp_path / "work"
+    run_trainer(trainer_argv(work, train, assets["text_cfg"], assets["vae"], "shapes",
+                             "--path_to_save_gens", str(tmp_path / "gens")))
+
+    losses = read_losses(work)
+    assert sorted(losses) == list(range(1, steps + 1))  # stopped exactly at total_training_iterations
+    first = sum(losses[s] for s in range(1, 5)) / 4
+    last = sum(losses[s] for s in range(steps - 3, steps + 1)) / 4
+    assert last < 0.9 * first, (first, last)
+
+    # the final file holds the EMA UNet, the VAE and what inference needs
+    tensors, meta = load_models(work / "model.safetensors")
+    assert {"unet", "vae"} <= set(tensors)
+    assert meta["stage"] == 2 and meta["conditioning"] == "text" and meta["dataset"] == "shapes"
+    assert meta["scaling_factor"] == pytest.approx(0.9) and meta["text_model"] == str(assets["clip"])
+    ema = load_file(str(work / f"checkpoint_{steps}" / "ema.safetensors"))
+    assert torch.equal(tensors["unet"]["conv_out.weight"], ema["shadow.conv_out.weight"])
+
+    # validation grid: one tile per prompt of sample_text_cond_prompts.txt, 8 per row, 16 px tiles, 2 px padding
+    n = len(read_prompts())
+    grid = Image.open(tmp_path / "gens" / f"step_{steps:07d}.png")
+    rows = -(-n // 8)
+    assert grid.size == (2 + 8 * 18, 2 + rows * 18)
+
+    out = tmp_path / "samples"
+    inference_ldm.main([
+        "--model_config", str(assets["text_cfg"]), "--path_to_weights", str(work / "model.safetensors"),
+        "--text_conditional", "--training_dataset", "shapes", "--prompt", "a red circle on a blue background",
+        "--num_images", "3", "--num_steps", "4", "--output", str(out),
+    ])
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["000.png", "001.png", "002.png", "grid.png"]
+    for name in files[:3]:
+        img = Image.open(out / name)
+        assert img.size == (16, 16) and img.mode == "RGB"
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(assets, tmp_path):
+    """Class-conditional (ImageNet layout), flips, condition dropout and gradient accumulation all resume exactly."""
+    common = dict(checkpoint_iterations=2, per_gpu_batch_size=2, gradient_accumulation_steps=2, random_flip_p=0.5,
+                  cfg_dropout_prob=0.3)
+    full_cfg = write_train_config(tmp_path / "full.yaml", total_training_iterations=4, **common)
+    half_cfg = write_train_config(tmp_path / "half.yaml", total_training_iterations=2, **common)
+    data = ["--path_to_dataset", str(assets["imagenet"])]
+
+    run_trainer(trainer_argv(tmp_path / "a", full_cfg, assets["class_cfg"], assets["vae"], "imagenet", *data))
+    run_trainer(trainer_argv(tmp_path / "b", half_cfg, assets["class_cfg"], assets["vae"], "imagenet", *data))
+    assert not (tmp_path / "b" / "checkpoint_4").exists()
+    run_trainer(trainer_argv(tmp_path / "b", full_cfg, assets["class_cfg"], assets["vae"], "imagenet", *data,
+                             "--resume_from_checkpoint", "latest"))
+
+    for name in ("unet", "ema"):
+        a = load_file(str(tmp_path / "a" / "checkpoint_4" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoint_4" / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}.{key} differs after resume"
+    start = load_file(str(tmp_path / "b" / "checkpoint_2" / "unet.safetensors"))
+    end = load_file(str(tmp_path / "b" / "checkpoint_4" / "unet.safetensors"))
+    assert not torch.equal(start["conv_out.weight"], end["conv_out.weight"])  # the resumed run did train
+    la, lb = read_losses(tmp_path / "a"), read_losses(tmp_path / "b")
+    assert la[3] == pytest.approx(lb[3], rel=1e-6) and la[4] == pytest.approx(lb[4], rel=1e-6)
+    _, meta = load_models(tmp_path / "b" / "model.safetensors")
+    assert meta["conditioning"] == "class" and meta["class_names"] == ["class_0", "class_1", "class_2"]
+
+
+def test_unconditional_flat_folder_with_the_design_commands(assets, tmp_path):
+    """`accelerate launch stage2_diffusion_trainer.py ...` then inference_ldm's flags, as in the design."""
+    import inference_ldm
+
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=2, checkpoint_iterations=2,
+                               val_generation_freq=2)
+    work, gens = tmp_path / "diffusion_celebahq", tmp_path / "gens"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+              "stage2_diffusion_trainer.py",
+              *trainer_argv(work, train, assets["class_cfg"], assets["vae"], "celebahq",
+                            "--path_to_dataset", str(assets["faces"]), "--path_to_save_gens", str(gens))]
+    done = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, meta = load_models(work / "model.safetensors")
+    assert meta["conditioning"] == "none" and meta["scaling_factor"] == pytest.approx(0.8)
+    assert Image.open(gens / "step_0000002.png").size == (2 + 2 * 18, 2 + 18)  # num_val_random_samples = 2
+
+    out = tmp_path / "samples"
+    inference_ldm.main(["--model_config", str(assets["class_cfg"]), "--path_to_weights", str(work / "model.safetensors"),
+                        "--training_dataset", "celebahq", "--num_images", "2", "--num_steps", "3", "--output", str(out)])
+    assert [Image.open(out / f"{i:03d}.png").size for i in range(2)] == [(16, 16), (16, 16)]
+
+
+def test_missing_scaling_constant_names_the_key_and_the_script(assets, tmp_path):
+    train = write_train_config(tmp_path / "train.yaml")
+    cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(str(assets["clip"])), {"celebahq": 1.0})
+    with pytest.raises(Stage2SetupError, match=r"scaling_constants\.shapes.*compute_vae_scaling\.py"):
+        run_trainer(trainer_argv(tmp_path / "w", train, cfg, assets["vae"], "shapes"))
+    assert not (tmp_path / "w" / "checkpoint_1").exists()
+
+
+def test_missing_vae_file_is_a_clear_error(assets, tmp_path):
+    train = write_train_config(tmp_path / "train.yaml")
+    with pytest.raises(FileNotFoundError, match="path_to_vae_backbone"):
+        run_trainer(trainer_argv(tmp_path / "w", train, assets["text_cfg"], tmp_path / "nope.safetensors", "shapes"))
