@@ -1,0 +1,99 @@
+"""--cache_latents: same losses as training from images, exact stored moments, refusal of foreign caches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from src.data.shapes import ShapesDataset
+from src.models.vae import load_autoencoder
+from src.training.latent_cache import LatentCacheDataset, LatentCacheError
+from tests.helpers import make_tiny_clip
+from tests.stage2_helpers import (
+    make_vae_file,
+    read_losses,
+    run_trainer,
+    tiny_unet,
+    trainer_argv,
+    write_model_config,
+    write_train_config,
+)
+
+
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    """Two steps of text-conditional training on shapes, once from images and once through a fresh cache."""
+    d = tmp_path_factory.mktemp("latent_cache")
+    clip = make_tiny_clip(d / "clip")
+    vae = make_vae_file(d / "vae.safetensors")
+    model_cfg = write_model_config(d / "ldm.yaml", tiny_unet(str(clip)), {"shapes": 0.8})
+    train = write_train_config(d / "train.yaml", total_training_iterations=2, checkpoint_iterations=2,
+                               shapes_num_images=12, random_flip_p=0.5, cfg_dropout_prob=0.25)
+    run_trainer(trainer_argv(d / "images", train, model_cfg, vae, "shapes"))
+    run_trainer(trainer_argv(d / "cached", train, model_cfg, vae, "shapes", "--cache_latents", str(d / "cache")))
+    return {"dir": d, "clip": clip, "vae": vae, "model_cfg": model_cfg, "train": train}
+
+
+def test_training_from_the_cache_gives_the_same_losses(cached_run):
+    d = cached_run["dir"]
+    from_images, from_cache = read_losses(d / "images"), read_losses(d / "cached")
+    assert sorted(from_images) == sorted(from_cache) == [1, 2]
+    for step in (1, 2):  # step 2 also checks the update made from step 1's cached batch
+        assert from_cache[step] == pytest.approx(from_images[step], rel=1e-5, abs=1e-6)
+    assert from_images[1] != from_images[2]
+
+
+def test_cache_stores_both_views_text_and_dataset_order(cached_run):
+    d = cached_run["dir"]
+    meta = json.loads((d / "cache" / "cache.json").read_text())
+    assert meta["complete"] and meta["identity"]["flipped_views"]
+    cache = LatentCacheDataset(d / "cache", "text")
+    dataset = ShapesDataset(12, 16, seed=0)
+    assert len(cache) == len(dataset) and cache.dataset_indices == list(range(12))
+    vae = load_autoencoder(cached_run["vae"])
+    for i in (0, 7):
+        image = dataset[i]["image"][None]
+        item = cache[i]
+        assert item["moments"].shape == (2, 2, 4, 8, 8)  # (views, mean/std, C, h, w)
+        with torch.no_grad():
+            mean, std = vae.latent_moments(image)
+            mean_f, std_f = vae.latent_moments(image.flip(-1))
+        torch.testing.assert_close(item["moments"][0, 0], mean[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(item["moments"][0, 1], std[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(item["moments"][1, 0], mean_f[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(item["moments"][1, 1], std_f[0], rtol=1e-5, atol=1e-6)
+        assert item["text_embeds"].ndim == 2 and item["text_embeds"].shape[1] == 32  # real tokens only, 32-d
+
+
+def test_a_cache_from_another_vae_is_refused_and_left_intact(cached_run, tmp_path):
+    d = cached_run["dir"]
+    before = {p.relative_to(d / "cache"): p.read_bytes() for p in (d / "cache").rglob("*") if p.is_file()}
+    other_vae = make_vae_file(tmp_path / "other_vae.safetensors", seed=1)
+    with pytest.raises(LatentCacheError, match="another VAE.*vae_weights differs"):
+        run_trainer(trainer_argv(tmp_path / "w", cached_run["train"], cached_run["model_cfg"], other_vae, "shapes",
+                                 "--cache_latents", str(d / "cache")))
+    after = {p.relative_to(d / "cache"): p.read_bytes() for p in (d / "cache").rglob("*") if p.is_file()}
+    assert after == before
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_a_cache_made_with_another_data_config_is_refused(cached_run, tmp_path):
+    d = cached_run["dir"]
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=2, shapes_num_images=12,
+                               random_flip_p=0.0)  # no mirrored views in this run: the cache does not fit
+    with pytest.raises(LatentCacheError, match="flipped_views: cache has true, this run has false"):
+        run_trainer(trainer_argv(tmp_path / "w", train, cached_run["model_cfg"], cached_run["vae"], "shapes",
+                                 "--cache_latents", str(d / "cache")))
+
+
+def test_a_folder_that_is_not_a_cache_is_not_touched(cached_run, tmp_path):
+    folder = tmp_path / "precious"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(LatentCacheError, match="not empty and holds no cache.json"):
+        run_trainer(trainer_argv(tmp_path / "w", cached_run["train"], cached_run["model_cfg"], cached_run["vae"],
+                                 "shapes", "--cache_latents", str(folder)))
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
