@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         save_path = cc_prep.check_save_path(args.path_to_save, args.overwrite)
-        survey = cc_prep.inspect_shards(cc_prep.find_shards(args.path_to_data_root))
+        survey = cc_prep.require_rows(cc_prep.inspect_shards(cc_prep.find_shards(args.path_to_data_root)))
         text = cc_prep.load_text_spec(args.hf_clip_model_name, args.hf_cache_dir)
         with cc_prep.staging(save_path) as stage:
             raw = cc_prep.load_shards(survey, stage / "cache", args.num_cpu_workers)

@@ -183,7 +183,7 @@ def run_prep(data_root, save, clip, *extra) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def prepared(raw_shards, clip_folder, tmp_path_factory):
-    out, *_ = raw_shards
+    out, _ = raw_shards
     save = tmp_path_factory.mktemp("cc_prepared") / "cc"
     result = run_prep(out, save, clip_folder, "--pre_encode_text", "--val_fraction", "0.2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -270,35 +270,44 @@ def test_pre_encoded_embeddings_equal_on_the_fly_encoding(prepared, clip_folder)
         torch.testing.assert_close(stored, hidden[i, :length], rtol=0, atol=1e-6)
 
 
-def test_prep_refuses_to_overwrite_unless_asked(prepared, raw_shards, clip_folder, tmp_path):
-    out, *_ = raw_shards
+def _prep_argv(data_root, save, clip, *extra) -> list[str]:
+    return [
+        "--path_to_data_root", str(data_root), "--path_to_save", str(save), "--hf_clip_model_name", str(clip),
+        "--cpu_batch_size", "8", "--num_cpu_workers", "2", *extra,
+    ]  # fmt: skip
+
+
+def test_prep_refuses_to_overwrite_unless_asked(prepared, raw_shards, clip_folder, tmp_path, capsys):
+    import prep_cc  # in this process: the script's own main(), without another interpreter start-up
+
+    out, _ = raw_shards
     save = tmp_path / "cc"
     shutil.copytree(prepared[0], save)
     before = {p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()}
 
-    refused = run_prep(out, save, clip_folder)
-    assert refused.returncode != 0
-    assert "already exists" in refused.stderr and "--overwrite" in refused.stderr
+    assert prep_cc.main(_prep_argv(out, save, clip_folder)) != 0
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     after = {p.relative_to(save): p.read_bytes() for p in save.rglob("*") if p.is_file()}
     assert after == before
 
-    replaced = run_prep(out, save, clip_folder, "--overwrite")
-    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert prep_cc.main(_prep_argv(out, save, clip_folder, "--overwrite")) == 0
     dd = datasets.load_from_disk(str(save))
     assert set(dd) == {"train"}  # the new run asked for no validation split and no embeddings
     assert "text_embeds" not in dd["train"].column_names
     assert len(dd["train"]) == _report_count(prepared[1], "rows kept")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cc"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cc"]  # no staging folder or old copy left
 
 
-def test_prep_with_only_empty_shards_fails_clearly_and_writes_nothing(raw_shards, clip_folder, tmp_path):
-    out, *_ = raw_shards
+def test_prep_with_only_empty_shards_fails_clearly_and_writes_nothing(raw_shards, clip_folder, tmp_path, capsys):
+    import prep_cc
+
+    out, _ = raw_shards
     only_empty = tmp_path / "raw"
     only_empty.mkdir()
     shutil.copy(out / "00001.parquet", only_empty / "00000.parquet")
-    result = run_prep(only_empty, tmp_path / "cc", clip_folder)
-    assert result.returncode != 0
-    assert "none of the shards has rows" in result.stderr
+    assert prep_cc.main(_prep_argv(only_empty, tmp_path / "cc", clip_folder)) != 0
+    assert "none of the shards has rows" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
@@ -363,3 +372,101 @@ def test_dataset_without_embeddings_explains_how_to_make_them(prepared, raw_shar
         build_dataset("conceptual_captions", str(tmp_path / "cc"), 32, Stage2TrainConfig(pre_encoded_text=True))
     with pytest.raises(ValueError, match="prep_cc.py"):
         build_dataset("conceptual_captions", str(tmp_path / "missing"), 32, Stage1TrainConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Both training stages with --dataset conceptual_captions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _run_in_process(module_name: str, argv: list[str]) -> None:
+    """Run a trainer's main(argv) in this process, with accelerate's process-wide state reset first."""
+    import importlib
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    importlib.import_module(module_name).main(argv)
+
+
+def _metrics(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stage1_on_cc(prepared, tmp_path_factory):
+    """A few steps of stage1_vae_trainer.py --dataset conceptual_captions (16 px, channels [8, 16])."""
+    import yaml
+
+    save, _ = prepared
+    root = tmp_path_factory.mktemp("cc_stage1")
+    train = yaml.safe_load((ROOT / "configs/quickstart/stage1_vae_train.yaml").read_text())
+    train.update(per_gpu_batch_size=4, lr_warmup_steps=0, learning_rate=2e-3, total_training_iterations=20,
+                 checkpoint_iterations=20, val_generation_freq=20, num_val_random_samples=2, disc_start=1000,
+                 disc_start_dim=8)
+    model = yaml.safe_load((ROOT / "configs/quickstart/ldm.yaml").read_text())
+    model["vae"].update(img_size=16, vae_channels_per_block=[8, 16], groupnorm_groups=4)
+    (root / "train.yaml").write_text(yaml.safe_dump(train))
+    (root / "ldm.yaml").write_text(yaml.safe_dump(model))
+    work = root / "work"
+    _run_in_process("stage1_vae_trainer", [
+        "--experiment_name", "VAETrainer", "--wandb_run_name", "vae_cc",
+        "--working_directory", str(work), "--training_config", str(root / "train.yaml"),
+        "--model_config", str(root / "ldm.yaml"),
+        "--dataset", "conceptual_captions", "--path_to_dataset", str(save),
+        "--path_to_save_gens", str(root / "gens"),
+    ])  # fmt: skip
+    return work, root / "ldm.yaml"
+
+
+def test_stage1_trains_on_conceptual_captions(stage1_on_cc):
+    work, _ = stage1_on_cc
+    logged = _metrics(work)
+    assert logged[-1]["step"] == 20
+    assert logged[-1]["rec_loss"] < logged[0]["rec_loss"]
+    assert (work / "model.safetensors").is_file()
+
+
+def _stage2_run(stage1_on_cc, prepared, clip_folder, root: Path, pre_encoded: bool, steps: int) -> Path:
+    from src.config import load_model_config
+    from tests.stage2_helpers import tiny_unet, write_model_config, write_train_config
+
+    vae_work, stage1_model = stage1_on_cc
+    root.mkdir(parents=True, exist_ok=True)
+    model = write_model_config(
+        root / "ldm.yaml", tiny_unet(str(clip_folder)), {"conceptual_captions": 1.0},
+        vae_cfg=load_model_config(stage1_model).vae,
+    )
+    train = write_train_config(
+        root / "train.yaml", total_training_iterations=steps, checkpoint_iterations=steps,
+        per_gpu_batch_size=4, learning_rate=2e-3, pre_encoded_text=pre_encoded,
+        # no validation grids: with pre_encoded_text the trainer loads no text encoder to encode the prompts
+        val_generation_freq=0,
+    )
+    work = root / "work"
+    _run_in_process("stage2_diffusion_trainer", [
+        "--experiment_name", "DiffusionTrainer", "--wandb_run_name", "diffusion_cc",
+        "--working_directory", str(work), "--training_config", str(train), "--model_config", str(model),
+        "--path_to_vae_backbone", str(vae_work / "model.safetensors"),
+        "--dataset", "conceptual_captions", "--path_to_dataset", str(prepared[0]),
+        "--path_to_save_gens", str(root / "gens"),
+    ])  # fmt: skip
+    return work
+
+
+def test_stage2_trains_on_pre_encoded_and_on_the_fly_text_alike(stage1_on_cc, prepared, clip_folder, tmp_path):
+    steps = 6
+    stored = _stage2_run(stage1_on_cc, prepared, clip_folder, tmp_path / "pre", pre_encoded=True, steps=steps)
+    fly = _stage2_run(stage1_on_cc, prepared, clip_folder, tmp_path / "fly", pre_encoded=False, steps=steps)
+    a = {m["step"]: m["loss"] for m in _metrics(stored)}
+    b = {m["step"]: m["loss"] for m in _metrics(fly)}
+    assert sorted(a) == list(range(1, steps + 1))
+    # same seed, same batches: stored embeddings and captions encoded on the fly give the same training run
+    assert sorted(b) == sorted(a)
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-6), step
+    first = sum(a[s] for s in range(1, 4)) / 3
+    last = sum(a[s] for s in range(steps - 2, steps + 1)) / 3
+    assert last < first, (first, last)
+    assert (stored / "model.safetensors").is_file() and (fly / "model.safetensors").is_file()

@@ -174,10 +174,18 @@ def inspect_shards(shards: list[Path]) -> ShardSurvey:
     return survey
 
 
+def require_rows(survey: ShardSurvey) -> ShardSurvey:
+    if not survey.usable:
+        raise PrepError(
+            f"none of the shards has rows: nothing to prepare ({len(survey.empty)} empty, "
+            f"{len(survey.unreadable)} unreadable: " + "; ".join(f"{p}: {why}" for p, why in survey.unreadable) + ")"
+        )
+    return survey
+
+
 def load_shards(survey: ShardSurvey, cache_dir: Path, num_proc: Optional[int]) -> datasets.Dataset:
     """The usable shards as one `datasets.Dataset` (only the columns prep needs; caption as raw bytes)."""
-    if not survey.usable:
-        raise PrepError("none of the shards has rows: nothing to prepare")
+    require_rows(survey)
     features = datasets.Features(
         {
             "caption": datasets.Value("binary"),  # decoded by clean_caption, so bad UTF-8 is repaired, not fatal
