@@ -126,31 +126,23 @@ def raw_shards(tmp_path_factory):
     thread.start()
     try:
         prefix = f"http://127.0.0.1:{server.server_address[1]}/"
-        tsv = base / "cc_train.tsv"
+        # Google's file layout: no header, caption first. download_cc.sh adds the header img2dataset needs and
+        # runs the design's command (img2dataset --input_format tsv --url_col url --caption_col caption
+        # --output_format parquet --resize_mode keep_ratio ...), here with a 32 px image size, 1 process, 2 threads
+        tsv = base / "Train_GCC-training.tsv"
         with open(tsv, "wb") as f:
-            f.write(b"url\tcaption\n")
             for name, caption in rows:
-                f.write(prefix.encode() + name.encode() + b"\t" + caption + b"\n")
+                f.write(caption + b"\t" + prefix.encode() + name.encode() + b"\n")
         out = base / "raw"
-        # the design's command, with a small image size and few processes/threads
-        cmd = [
-            IMG2DATASET, "--url_list", str(tsv),
-            "--input_format", "tsv",
-            "--url_col", "url",
-            "--caption_col", "caption",
-            "--output_format", "parquet",
-            "--output_folder", str(out),
-            "--processes_count", "1",
-            "--thread_count", "2",
-            "--image_size", "32",
-            "--resize_mode", "keep_ratio",
-        ]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=base)
-        assert result.returncode == 0, result.stderr[-3000:]
+        cmd = ["bash", str(ROOT / "download_cc.sh"), str(tsv), str(out)]
+        env = {**os.environ, "IMG2DATASET": IMG2DATASET, "PROCESSES": "1", "THREADS": "2", "IMAGE_SIZE": "32"}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=base, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+    assert (base / "raw.with_header.tsv").read_bytes().startswith(b"caption\turl\n")
     shards = sorted(out.glob("*.parquet"))
     assert len(shards) == 1
     table = pq.read_table(shards[0])
