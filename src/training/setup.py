@@ -42,6 +42,12 @@ def setup_logging(accelerator: Accelerator) -> None:
     )
 
 
+def launched_without_gpu() -> bool:
+    """True under a multi-process launcher (torchrun) on a machine without CUDA: accelerate only reads the
+    launcher's environment as a multi-CPU (gloo) run when asked for the CPU explicitly."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     """An Accelerator with gradient accumulation, mixed precision from `accelerate launch` and trackers."""
     log_with = None
@@ -51,6 +57,7 @@ def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=args.working_directory,
+        cpu=launched_without_gpu(),
     )
     setup_logging(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
