@@ -435,8 +435,10 @@ class UNet(nn.Module):
                        generator: Optional[torch.Generator] = None) -> Optional[Condition]:
         """Swap each sample's condition for the null one with probability `prob` (classifier-free guidance
         training, Ho & Salimans 2022). A dropped text becomes [null token, masked zeros ...] of the same length."""
-        if cond is None or self.conditioning == "none" or prob <= 0:
+        if cond is None or self.conditioning == "none":
             return cond
+        # no early exit at prob 0: the null token then still takes part in the graph (with zero gradient), which
+        # DistributedDataParallel needs to see every parameter used
         batch = cond.batch_size
         device = cond.text.device if cond.text is not None else cond.labels.device
         gen_device = generator.device if generator is not None else device
