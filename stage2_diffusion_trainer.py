@@ -25,9 +25,7 @@ from src.training.checkpoint import load_checkpoint, resolve_resume_path
 from src.training.ema import EMA
 from src.training.setup import add_stage_args, build_optimizer, build_scheduler, init_trackers, make_accelerator
 from src.training.stage2 import (
-    DEFAULT_PROMPTS_FILE,
     StepRandomness,
-    read_prompts,
     save_final_model,
     setup_context,
     train_loop,
@@ -55,7 +53,6 @@ def main(argv=None) -> None:
     accelerator = make_accelerator(args, train_cfg)
     Path(args.working_directory).mkdir(parents=True, exist_ok=True)
     ctx, dataset = setup_context(args, accelerator, train_cfg, model_cfg)
-    prompts = read_prompts(args.val_prompts or DEFAULT_PROMPTS_FILE) if ctx.conditioning == "text" else []
 
     unet = ctx.unet_module
     optimizer = build_optimizer(unet.parameters(), train_cfg)
@@ -83,7 +80,7 @@ def main(argv=None) -> None:
         start_batch=start_step * train_cfg.gradient_accumulation_steps,
     )
     init_trackers(accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet})
-    train_loop(args, accelerator, ctx, unet, optimizer, scheduler, ema, loader, randomness, start_step, prompts)
+    train_loop(args, accelerator, ctx, unet, optimizer, scheduler, ema, loader, randomness, start_step)
     if accelerator.is_main_process:
         save_final_model(ctx, ema.shadow, args.working_directory)
     accelerator.wait_for_everyone()

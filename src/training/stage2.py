@@ -80,7 +80,7 @@ def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
         raise FileNotFoundError(
             f"--path_to_vae_backbone {path} not found: pass the model.safetensors written by stage1_vae_trainer.py"
         )
-    vae = load_autoencoder(path, device).float().requires_grad_(False).eval()
+    vae = load_autoencoder(path, "cpu").to(device).float().requires_grad_(False).eval()  # safetensors rejects "cpu:0"
     if to_dict(vae.config) != to_dict(model_cfg.vae):
         diffs = [k for k, v in to_dict(vae.config).items() if to_dict(model_cfg.vae).get(k) != v]
         logger.warning(
@@ -260,6 +260,8 @@ class Stage2Context:
     text_model: Optional[str]  # name stored for inference
     device: torch.device
     extra_metadata: dict = field(default_factory=dict)
+    val_prompts: list[str] = field(default_factory=list)
+    val_text: Optional[Condition] = None  # the validation prompts, encoded once
 
     def metadata(self) -> dict:
         return stage2_metadata(
@@ -303,25 +305,49 @@ def validation_labels(num_samples: int, num_classes: int) -> list[int]:
     return [int(i * num_classes / num_samples) % num_classes for i in range(num_samples)]
 
 
+def encode_validation_prompts(prompts: list[str], text_encoder, unet_cfg: UNetConfig, device) -> Optional[Condition]:
+    """The validation prompts' Condition, encoded once. Pre-encoded runs have no text encoder at hand: it is
+    loaded for this and released; when it is not available offline the text grids are skipped with a warning."""
+    encoder = text_encoder
+    if encoder is None:
+        try:
+            encoder = load_text_encoder_for(unet_cfg.text_conditioning_hf_model, unet_cfg.text_embed_dim).to(device)
+        except FileNotFoundError as err:
+            logger.warning("validation grids are skipped: the text encoder for the prompts is unavailable (%s)", err)
+            return None
+    with torch.no_grad():
+        hidden, mask = encoder.encode(prompts)  # (N, L, D), (N, L)
+    return Condition(text=hidden.float().to(device), text_mask=mask.to(device))
+
+
 @torch.no_grad()
-def validation_grid(ctx: Stage2Context, ema_unet: UNet, prompts: list[str], step: int, out_dir) -> Path:
-    """Sample with the EMA weights (DDIM val_sampler_steps, guidance val_guidance_scale, fixed seed), save a grid."""
+def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> Optional[Path]:
+    """Sample with the EMA weights (DDIM val_sampler_steps, guidance val_guidance_scale, fixed seed), save a grid:
+    one image per validation prompt, num_val_random_samples fixed class labels, or as many unconditional samples."""
     cfg = ctx.train_cfg
     pipe = LatentDiffusion(ctx.vae, ema_unet, ctx.process, ctx.conditioning, ctx.scaling_factor, ctx.text_encoder)
-    labels = validation_labels(cfg.num_val_random_samples, ctx.unet_module.num_classes) if ctx.conditioning == "class" else None
-    images = pipe.generate(
-        prompts=prompts if ctx.conditioning == "text" else None,
-        labels=labels,
-        num_per_condition=1 if ctx.conditioning != "none" else cfg.num_val_random_samples,
-        sampler="ddim",
-        num_steps=min(cfg.val_sampler_steps, ctx.process.num_timesteps),
-        guidance_scale=cfg.val_guidance_scale,
-        seed=cfg.seed,
-    )  # (N, 3, H, W)
-    path = Path(out_dir) / f"step_{step:07d}.png"
-    save_image_grid(images, path, nrow=min(8, images.shape[0]))
     if ctx.conditioning == "text":
-        path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+        if ctx.val_text is None:
+            return None
+        cond = ctx.val_text
+        uncond = ema_unet.null_condition(cond.batch_size)
+    elif ctx.conditioning == "class":
+        labels = validation_labels(cfg.num_val_random_samples, ema_unet.num_classes)
+        cond = Condition(labels=torch.tensor(labels, dtype=torch.long, device=ctx.device))
+        uncond = ema_unet.null_condition(len(labels))
+    else:
+        cond = uncond = None
+    n = cond.batch_size if cond is not None else cfg.num_val_random_samples
+    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    z = pipe.sample_latents(
+        n, cond, uncond, "ddim", min(cfg.val_sampler_steps, ctx.process.num_timesteps), cfg.val_guidance_scale,
+        generator=generator,
+    )
+    images = pipe.decode(z)  # (N, 3, H, W)
+    path = Path(out_dir) / f"step_{step:07d}.png"
+    save_image_grid(images, path, nrow=min(8, n))
+    if ctx.conditioning == "text":
+        path.with_suffix(".txt").write_text("\n".join(ctx.val_prompts) + "\n")
     return path
 
 
@@ -375,6 +401,9 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
         device=device,
         extra_metadata=extra,
     )
+    if conditioning == "text":
+        ctx.val_prompts = read_prompts(args.val_prompts or DEFAULT_PROMPTS_FILE)
+        ctx.val_text = encode_validation_prompts(ctx.val_prompts, text_encoder, model_cfg.unet, device)
     if args.cache_latents:
         text_source = None
         if conditioning == "text":
@@ -393,8 +422,17 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
 # --------------------------------------------------------------------------------------------------- the loop
 
 
+def log_grid_to_trackers(accelerator, path: Path, step: int) -> None:
+    """Send a validation grid to the image-capable trackers (W&B); metrics.jsonl keeps only scalars."""
+    from PIL import Image
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_images({"validation": [Image.open(path)]}, step=step)
+
+
 def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler, ema, loader,
-               randomness: StepRandomness, start_step: int, prompts: list[str]) -> int:
+               randomness: StepRandomness, start_step: int) -> int:
     """Train from `start_step` to total_training_iterations exactly; checkpoints and validation grids on the way.
 
     One step = gradient_accumulation_steps batches and one optimizer update (skipped, and counted by the guard,
@@ -450,8 +488,10 @@ def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler
             )
         if cfg.val_generation_freq > 0 and step % cfg.val_generation_freq == 0:
             if accelerator.is_main_process:
-                path = validation_grid(ctx, ema.shadow, prompts, step, gens_dir)
-                logger.info("validation grid: %s", path)
+                path = validation_grid(ctx, ema.shadow, step, gens_dir)
+                if path is not None:
+                    logger.info("validation grid: %s", path)
+                    log_grid_to_trackers(accelerator, path, step)
             accelerator.wait_for_everyone()
     bar.close()
     return step
