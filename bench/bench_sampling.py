@@ -67,7 +67,7 @@ def main() -> None:
     uncond = unet.null_condition(args.batch)
 
     runs = {
-        f"ddpm-1000": lambda gen: ddpm_sample(unet, process, shape, cond=cond, generator=gen, device=device),
+        "ddpm-1000": lambda gen: ddpm_sample(unet, process, shape, cond=cond, generator=gen, device=device),
         f"ddim-{args.ddim_steps} cfg {args.guidance_scale:g}": lambda gen: ddim_sample(
             unet, process, shape, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale,
             num_steps=args.ddim_steps, generator=gen, device=device),
