@@ -128,9 +128,8 @@ def test_unconditional_flat_folder_with_the_design_commands(assets, tmp_path):
     train = write_train_config(tmp_path / "train.yaml", total_training_iterations=2, checkpoint_iterations=2,
                                val_generation_freq=2)
     work, gens = tmp_path / "diffusion_celebahq", tmp_path / "gens"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
-              "stage2_diffusion_trainer.py",
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "stage2_diffusion_trainer.py",
               *trainer_argv(work, train, assets["class_cfg"], assets["vae"], "celebahq",
                             "--path_to_dataset", str(assets["faces"]), "--path_to_save_gens", str(gens))]
     done = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
