@@ -1,0 +1,199 @@
+"""Data: transforms, the built-in shapes dataset, folder datasets with awkward/broken files, loader determinism."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from src.config import TrainConfig
+from src.data import DatasetError, build_dataset
+from src.data.image_folder import ClassFolderDataset, ImageFolderDataset
+from src.data.loader import InfiniteLoader, collate
+from src.data.shapes import COLORS, SHAPES, ShapesDataset, caption
+from src.data.transforms import ImageTransform, random_flip, to_pil_images, to_rgb
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# transforms
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_transform_resizes_shorter_side_centre_crops_and_scales():
+    # a 40 x 20 (W x H) image: left half black, right half white, a red column in the middle
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, 20:] = 255
+    x = ImageTransform(10, "nearest")(Image.fromarray(arr))
+    assert x.shape == (3, 10, 10)
+    assert x.min() == -1.0 and x.max() == 1.0
+    # shorter side 20 -> 10 makes it 20 x 10; the centre crop keeps columns 5..14: half black, half white
+    assert (x[:, :, :5] == -1).all() and (x[:, :, 5:] == 1).all()
+
+
+def test_random_flip_is_reproducible_and_respects_p():
+    x = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)
+    assert torch.equal(random_flip(x, 0.0), x)
+    assert torch.equal(random_flip(x, 1.0), x.flip(-1))
+    a = torch.randn(64, 1, 1, 2)
+    f1 = random_flip(a, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(f1, random_flip(a, 0.5, torch.Generator().manual_seed(3)))
+    flipped = (random_flip(x.repeat(32, 1, 1, 1), 0.5, torch.Generator().manual_seed(0)) != x.repeat(32, 1, 1, 1))
+    frac = flipped.flatten(1).any(1).float().mean().item()
+    assert 0.2 < frac < 0.8
+
+
+def test_to_rgb_handles_every_mode():
+    rgb = Image.new("RGB", (4, 4), (10, 200, 30))
+    cases = {
+        "L": rgb.convert("L"),
+        "P": rgb.convert("P"),
+        "CMYK": rgb.convert("CMYK"),
+        "RGBA": Image.new("RGBA", (4, 4), (0, 0, 0, 0)),  # fully transparent -> white
+        "I;16": Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)),
+    }
+    out = {mode: to_rgb(img) for mode, img in cases.items()}
+    assert all(o.mode == "RGB" and o.size == (4, 4) for o in out.values())
+    assert np.asarray(out["RGBA"]).min() == 255
+    assert np.asarray(out["I;16"]).min() == 255  # 16-bit full scale -> 8-bit full scale
+    assert np.abs(np.asarray(out["CMYK"]).astype(int) - np.asarray(rgb).astype(int)).max() <= 2
+
+
+def test_to_pil_round_trip():
+    x = torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1)
+    assert to_pil_images(x)[0].getpixel((0, 0)) == (0, 128, 255)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_shapes_is_deterministic_and_captions_match_the_drawing():
+    a, b, c = ShapesDataset(20, 24, seed=1), ShapesDataset(20, 24, seed=1), ShapesDataset(20, 24, seed=2)
+    for i in range(5):
+        assert torch.equal(a[i]["image"], b[i]["image"]) and a[i]["caption"] == b[i]["caption"]
+    assert any(not torch.equal(a[i]["image"], c[i]["image"]) for i in range(5))
+    for i in range(10):
+        color, shape, background, text = a.attributes(i)
+        item = a[i]
+        assert item["image"].shape == (3, 24, 24) and item["label"] == SHAPES.index(shape)
+        assert color in text and shape in text and background in text and color != background
+        # the corner pixel has the background colour, and some pixels have the shape's colour
+        pixels = ((item["image"] + 1) * 127.5).round()  # (3, H, W) in 0..255
+        assert torch.allclose(pixels[:, 0, 0], torch.tensor(COLORS[background], dtype=torch.float32), atol=3)
+        shape_rgb = torch.tensor(COLORS[color], dtype=torch.float32)[:, None, None]
+        assert ((pixels - shape_rgb).abs().amax(0) <= 3).sum() > 20
+
+
+def test_caption_grammar():
+    assert caption("orange", "circle", "blue") == "an orange circle on a blue background"
+    assert caption("red", "square", "white") == "a red square on a white background"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# folders with awkward and broken files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_mixed_folder(folder):
+    """Readable: RGB, grayscale, CMYK JPEG, 16-bit PNG, RGBA, palette (one in a subfolder). Unreadable: 2."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8), mode="L").save(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "sub").mkdir()
+    Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16)).save(folder / "sub" / "deep.png")
+    Image.new("RGBA", (20, 20), (255, 0, 0, 128)).save(folder / "rgba.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).convert("P").save(folder / "palette.gif")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    full = (folder / "rgb.png").read_bytes()
+    (folder / "truncated.png").write_bytes(full[: len(full) // 2])
+    (folder / "notes.txt").write_text("ignored: not an image extension")
+    return {"good": 6, "bad": 2}
+
+
+def test_folder_dataset_converts_modes_and_skips_broken_files(tmp_path, caplog):
+    counts = make_mixed_folder(tmp_path / "data")
+    ds = ImageFolderDataset(tmp_path / "data", 16)
+    assert len(ds) == counts["good"] + counts["bad"]
+    with caplog.at_level(logging.WARNING):
+        items = [ds[i] for i in range(len(ds))]
+        items += [ds[i] for i in range(len(ds))]  # a second epoch warns no more
+    names = {p.name: item for p, item in zip(ds.paths, items)}
+    assert names["corrupt.jpg"] is None and names["truncated.png"] is None
+    good = [it for it in items[: len(ds)] if it is not None]
+    assert len(good) == counts["good"]
+    assert all(it["image"].shape == (3, 16, 16) and -1 <= it["image"].min() <= it["image"].max() <= 1 for it in good)
+    warnings = [r for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(warnings) == counts["bad"]
+    assert any("corrupt.jpg" in r.getMessage() for r in warnings)
+
+
+def test_loader_drops_and_counts_unreadable_files(tmp_path):
+    counts = make_mixed_folder(tmp_path / "data")
+    ds = ImageFolderDataset(tmp_path / "data", 16)
+    loader = InfiniteLoader(ds, batch_size=4, seed=0)
+    batches = iter(loader)
+    seen = sum(next(batches)["image"].shape[0] for _ in range(loader.batches_per_epoch))
+    assert seen == counts["good"] and loader.num_skipped == counts["bad"]
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        ImageFolderDataset(tmp_path / "empty", 16)
+    with pytest.raises(DatasetError, match="not found"):
+        ImageFolderDataset(tmp_path / "missing", 16)
+    with pytest.raises(DatasetError, match="--path_to_dataset"):
+        build_dataset("celebahq", None, 16, TrainConfig())
+
+
+def test_imagenet_layout_sorts_classes(tmp_path):
+    for name in ["zebra", "ant", "moose"]:
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    ds = ClassFolderDataset(tmp_path, 8)
+    assert ds.classes == ["ant", "moose", "zebra"]
+    assert [ds[i]["label"] for i in range(3)] == [0, 1, 2]
+    assert ds.paths[2].parent.name == "zebra"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loader
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Indexed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 23
+
+    def __getitem__(self, i):
+        return {"image": torch.full((1,), float(i)), "label": i}
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it)["label"].tolist() for _ in range(n)]
+
+
+def test_loader_is_a_pure_function_of_seed_and_resumes_exactly():
+    full = take(InfiniteLoader(Indexed(), 4, seed=5), 12)  # crosses two epoch boundaries (5 batches / epoch)
+    assert full == take(InfiniteLoader(Indexed(), 4, seed=5), 12)
+    assert full != take(InfiniteLoader(Indexed(), 4, seed=6), 12)
+    assert take(InfiniteLoader(Indexed(), 4, seed=5, start_batch=7), 5) == full[7:]
+    epoch0 = sum(full[:5], [])
+    assert len(set(epoch0)) == 20  # no repeats within an epoch
+
+
+def test_loader_shards_are_disjoint_across_processes():
+    r0 = sum(take(InfiniteLoader(Indexed(), 2, seed=1, rank=0, world_size=2), 5), [])
+    r1 = sum(take(InfiniteLoader(Indexed(), 2, seed=1, rank=1, world_size=2), 5), [])
+    assert not set(r0) & set(r1) and len(r0) == len(r1) == 10
+
+
+def test_collate_pads_variable_length_and_keeps_captions():
+    batch = collate([{"emb": torch.ones(2, 3), "caption": "a"}, None, {"emb": torch.ones(4, 3), "caption": "b"}])
+    assert batch["num_skipped"] == 1 and batch["caption"] == ["a", "b"]
+    assert batch["emb"].shape == (2, 4, 3) and batch["emb_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
