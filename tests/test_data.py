@@ -83,7 +83,7 @@ def test_shapes_is_deterministic_and_captions_match_the_drawing():
         pixels = ((item["image"] + 1) * 127.5).round()  # (3, H, W) in 0..255
         assert torch.allclose(pixels[:, 0, 0], torch.tensor(COLORS[background], dtype=torch.float32), atol=3)
         shape_rgb = torch.tensor(COLORS[color], dtype=torch.float32)[:, None, None]
-        assert ((pixels - shape_rgb).abs().amax(0) <= 3).sum() > 20
+        assert ((pixels - shape_rgb).abs().amax(0) <= 3).sum() >= 10
 
 
 def test_caption_grammar():
