@@ -4,11 +4,13 @@
     python -m src.data.bapps_synth --out data/bapps_synth --num_train 500 --num_val 100 --patch_size 64 --seed 0
 
 Each triplet: a reference patch (procedural texture or one of the built-in shapes), two distortions of random
-type and strength s in [0.05, 1], and a judge value = the fraction of simulated observers who preferred p1.
-An observer prefers p1 with probability sigmoid((q0 - q1) / TEMPERATURE), q = s * visibility of the distortion
-type, and presses at random with probability LAPSE; so people mostly, not always, prefer the weaker
-distortion. JND pairs: a reference and a distorted copy, `same` = fraction of observers who saw no
-difference, with P(same) = sigmoid((JND_THRESHOLD - q) / JND_TEMPERATURE).
+type and strength, and a judge value = the fraction of simulated observers who preferred p1. The observers
+see the images, not the distortion's name: each perceives q = `perceived_difference(ref, p)`, a multi-scale
+structural dissimilarity of luminance (1 - SSIM) plus a smaller chroma term, so, like people, they shrug off
+smooth global changes that move every pixel and notice blur, blocking, ringing and ghosting. One prefers p1
+with probability sigmoid(ln(q0 / q1) / TEMPERATURE), or presses at random after a lapse (LAPSE). JND pairs:
+a reference and a distorted copy, `same` = fraction of observers who saw no difference,
+P(same) = sigmoid(ln(JND_THRESHOLD / q) / JND_TEMPERATURE).
 
 Categories use different distortion families, as BAPPS's do (train: traditional, cnn, mix; val adds
 superres, deblur, color, frameinterp), so validation measures transfer to unseen distortions.
@@ -31,10 +33,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from .bapps import JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES
 from .shapes import COLORS, SHAPES, render
 
-TEMPERATURE = 0.12
+TEMPERATURE = 0.3
 LAPSE = 0.1
-JND_THRESHOLD = 0.15
-JND_TEMPERATURE = 0.05
+JND_THRESHOLD = 0.05
+JND_TEMPERATURE = 0.4
+Q_FLOOR = 0.003  # perceived differences below this are all the same to the observers
+CHROMA_WEIGHT = 0.5
 OBSERVERS = {"train": 2, "val": 5, "jnd": 3}  # judgments per sample, as in BAPPS
 
 Array = np.ndarray  # (H, W, 3) float32 in [0, 1]
@@ -242,12 +246,6 @@ DISTORTIONS: dict[str, Callable[[Array, float, np.random.Generator], Array]] = {
     "checkerboard": checkerboard, "warp": warp, "ghost": ghost, "hue": hue, "saturation": saturation,
     "channel_gain": channel_gain,
 }
-# how visible a distortion at strength 1 is to the simulated observers (q = s * visibility)
-VISIBILITY: dict[str, float] = {
-    "blur": 1.0, "noise": 1.0, "jpeg": 0.8, "contrast": 0.8, "brightness": 0.7, "quantize": 0.8,
-    "upsample": 1.0, "sharpen": 0.9, "deblur": 1.0, "checkerboard": 0.9, "warp": 0.7, "ghost": 0.9,
-    "hue": 1.0, "saturation": 0.8, "channel_gain": 0.8,
-}
 _TRADITIONAL = ["blur", "noise", "jpeg", "contrast", "brightness", "quantize"]
 _CNN = ["upsample", "sharpen", "checkerboard", "warp", "deblur", "noise"]
 FAMILIES: dict[str, list[str]] = {
@@ -261,18 +259,66 @@ FAMILIES: dict[str, list[str]] = {
 }
 
 
-def distort(img: Array, family: list[str], rng: np.random.Generator, low: float, high: float) -> tuple[Array, float]:
-    """Apply one random distortion of `family` at strength U(low, high) -> (image, perceived strength q)."""
+def distort(img: Array, family: list[str], rng: np.random.Generator, low: float, high: float) -> Array:
+    """Apply one random distortion of `family` at strength U(low, high)."""
     name = family[rng.integers(len(family))]
     s = float(rng.uniform(low, high))
-    out = np.clip(DISTORTIONS[name](img, s, rng), 0.0, 1.0).astype(np.float32)
-    return out, s * VISIBILITY[name]
+    return np.clip(DISTORTIONS[name](img, s, rng), 0.0, 1.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Simulated observers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    x = torch.arange(size, dtype=torch.float32) - size // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]  # (1, 1, k, k)
+
+
+WINDOW = _gaussian_window()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean SSIM of two (1, 1, H, W) images in [0, 1] (Wang et al. 2004, Eq. 13; C1 = .01^2, C2 = .03^2)."""
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=0)  # (5, 1, H, W): all local means in one conv
+    mu_a, mu_b, m_aa, m_bb, m_ab = F.conv2d(F.pad(stack, (3, 3, 3, 3), mode="reflect"), WINDOW)
+    var_a, var_b, cov = m_aa - mu_a**2, m_bb - mu_b**2, m_ab - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return float((num / den).mean())
+
+
+def perceived_difference(ref: Array, img: Array) -> float:
+    """What the simulated observers see: mean over scales of (1 - SSIM) on luminance + chroma change."""
+    a, b = (torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None] for x in (ref, img))  # (1, 3, H, W)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    ya, yb = (a * luma).sum(1, keepdim=True), (b * luma).sum(1, keepdim=True)  # (1, 1, H, W)
+    dissim = []
+    while ya.shape[-1] >= 8 and len(dissim) < 3:
+        dissim.append(1.0 - ssim(ya, yb))
+        ya, yb = F.avg_pool2d(ya, 2), F.avg_pool2d(yb, 2)
+    opponent = lambda t: torch.cat([t[:, :1] - t[:, 1:2], 0.5 * (t[:, :1] + t[:, 1:2]) - t[:, 2:]], 1)
+    chroma = (F.avg_pool2d(opponent(a) - opponent(b), 4)).abs().mean().item()
+    return sum(dissim) / len(dissim) + CHROMA_WEIGHT * chroma
 
 
 def observe(p: float, n: int, rng: np.random.Generator) -> float:
     """Fraction of n observers who answer yes, each with probability p, or at random after a lapse."""
     p = LAPSE * 0.5 + (1 - LAPSE) * p
     return float((rng.random(n) < p).mean())
+
+
+def prefer_p1(q0: float, q1: float) -> float:
+    """Probability that an observer finds p1 closer to the reference."""
+    return sigmoid(math.log((q0 + Q_FLOOR) / (q1 + Q_FLOOR)) / TEMPERATURE)
+
+
+def see_same(q: float) -> float:
+    return sigmoid(math.log(JND_THRESHOLD / (q + Q_FLOOR)) / JND_TEMPERATURE)
 
 
 def sigmoid(z: float) -> float:
@@ -295,9 +341,10 @@ def write_2afc_category(out: Path, split: str, category: str, count: int, size: 
     for i in range(count):
         rng = np.random.default_rng([seed, i, *map(ord, split + "/" + category)])
         ref = reference_patch(rng, size)
-        p0, q0 = distort(ref, FAMILIES[category], rng, 0.05, 1.0)
-        p1, q1 = distort(ref, FAMILIES[category], rng, 0.05, 1.0)
-        judge = observe(sigmoid((q0 - q1) / TEMPERATURE), OBSERVERS[split], rng)  # fraction preferring p1
+        p0 = distort(ref, FAMILIES[category], rng, 0.05, 1.0)
+        p1 = distort(ref, FAMILIES[category], rng, 0.05, 1.0)
+        q0, q1 = perceived_difference(ref, p0), perceived_difference(ref, p1)
+        judge = observe(prefer_p1(q0, q1), OBSERVERS[split], rng)  # fraction preferring p1
         name = f"{i:06d}"
         _save(ref, folder / "ref" / f"{name}.png")
         _save(p0, folder / "p0" / f"{name}.png")
@@ -312,8 +359,8 @@ def write_jnd_category(out: Path, category: str, count: int, size: int, seed: in
     for i in range(count):
         rng = np.random.default_rng([seed, i, *map(ord, "jnd/" + category)])
         ref = reference_patch(rng, size)
-        distorted, q = distort(ref, FAMILIES[category], rng, 0.0, 0.5)
-        same = observe(sigmoid((JND_THRESHOLD - q) / JND_TEMPERATURE), OBSERVERS["jnd"], rng)
+        distorted = distort(ref, FAMILIES[category], rng, 0.0, 0.5)
+        same = observe(see_same(perceived_difference(ref, distorted)), OBSERVERS["jnd"], rng)
         pair = (ref, distorted) if rng.random() < 0.5 else (distorted, ref)
         name = f"{i:06d}"
         _save(pair[0], folder / "p0" / f"{name}.png")
@@ -326,12 +373,17 @@ def generate_bapps(
 ) -> Path:
     """Write a BAPPS-format tree under `out` (num_train per train category, num_val per val category)."""
     out = Path(out)
-    for category in TRAIN_CATEGORIES:
-        write_2afc_category(out, "train", category, num_train, patch_size, seed)
-    for category in VAL_CATEGORIES:
-        write_2afc_category(out, "val", category, num_val, patch_size, seed)
-    for category in JND_CATEGORIES:
-        write_jnd_category(out, category, num_val if num_jnd is None else num_jnd, patch_size, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # patch-sized tensor ops: thread start-up costs more than it saves
+    try:
+        for category in TRAIN_CATEGORIES:
+            write_2afc_category(out, "train", category, num_train, patch_size, seed)
+        for category in VAL_CATEGORIES:
+            write_2afc_category(out, "val", category, num_val, patch_size, seed)
+        for category in JND_CATEGORIES:
+            write_jnd_category(out, category, num_val if num_jnd is None else num_jnd, patch_size, seed)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
