@@ -156,3 +156,27 @@ def test_missing_vae_file_is_a_clear_error(assets, tmp_path):
     train = write_train_config(tmp_path / "train.yaml")
     with pytest.raises(FileNotFoundError, match="path_to_vae_backbone"):
         run_trainer(trainer_argv(tmp_path / "w", train, assets["text_cfg"], tmp_path / "nope.safetensors", "shapes"))
+
+
+def test_non_finite_losses_skip_updates_then_stop_the_run(assets, tmp_path):
+    """A VAE whose latents are NaN: every update is skipped (the weights stay the initial ones), then the run stops."""
+    from src.models.serialization import save_models
+    from src.models.vae import load_autoencoder
+    from src.training.guard import NonFiniteLossError
+
+    _, meta = load_models(assets["vae"])
+    vae = load_autoencoder(assets["vae"])
+    with torch.no_grad():
+        vae.quant_conv.bias[0] = float("nan")  # NaN posterior mean in one channel
+    bad_vae = save_models(tmp_path / "nan_vae.safetensors", {"vae": vae}, meta)
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=6, checkpoint_iterations=2,
+                               max_nonfinite_steps=3)
+    work = tmp_path / "w"
+    with pytest.raises(NonFiniteLossError, match="3 non-finite losses in a row"):
+        run_trainer(trainer_argv(work, train, assets["class_cfg"], bad_vae, "celebahq",
+                                 "--path_to_dataset", str(assets["faces"])))
+    unet = load_file(str(work / "checkpoint_2" / "unet.safetensors"))
+    ema = load_file(str(work / "checkpoint_2" / "ema.safetensors"))
+    assert int(ema["num_updates"]) == 0
+    assert all(torch.equal(unet[k], ema[f"shadow.{k}"]) for k in unet)
+    assert not (work / "checkpoint_4").exists() and not (work / "model.safetensors").exists()
