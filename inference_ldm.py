@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from src.config import ConfigError, load_model_config, to_dict
+from src.config import load_model_config, to_dict
 from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
 from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline
@@ -78,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_images < 1:
         parser.error("--num_images must be at least 1")
+    if args.num_steps is not None and args.num_steps < 1:
+        parser.error("--num_steps must be at least 1")
     if args.sampler == "ddpm" and args.num_steps is not None:
         parser.error("--num_steps applies to --sampler ddim; DDPM runs every training step")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):
@@ -148,7 +150,7 @@ def main(argv=None) -> list[Path]:
 def cli() -> None:
     try:
         main()
-    except (PipelineError, ConfigError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # PipelineError, ConfigError, --num_steps beyond the schedule
         sys.stderr.write(f"error: {err}\n")
         raise SystemExit(2)
 
