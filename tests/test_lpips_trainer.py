@@ -1,0 +1,108 @@
+"""lpips_trainer.py end to end on a generated BAPPS-format folder: the design's flags (sizes shrunk to 16 px),
+launched with `accelerate launch`; then --evaluation_only on the checkpoint it wrote.
+
+--pretrained_backbone and --eval_lpips_pkg need torchvision's ImageNet VGG16 file, which is not on this machine;
+the test puts a random VGG16 trunk under that file name in a private $TORCH_HOME, so both code paths (our trunk
+loader, the `lpips` package side by side) run for real on the same trunk.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.data.bapps_synth import generate_bapps
+from src.models.lpips import VGG16_IMAGENET_FILE, load_lpips_checkpoint, vgg16_trunk
+
+ROOT = Path(__file__).resolve().parents[1]
+CKPT = "lpips_16x16_vgg.pt"
+
+
+def fake_imagenet_vgg16(torch_home: Path) -> dict:
+    """A random VGG16 trunk saved where torchvision keeps its ImageNet file (keys 'features.N.weight')."""
+    torch.manual_seed(3)
+    state = {f"features.{k}": v.half() for k, v in vgg16_trunk().state_dict().items()}
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / VGG16_IMAGENET_FILE)
+    return state
+
+
+def run(cmd: list[str], env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def table(output: str, title: str) -> dict[str, float]:
+    block = output.split(f"Evaluating: {title}")[1].split("Evaluating:")[0]
+    return {m[0]: float(m[1]) for m in re.findall(r"(?:Dataset|JND): (\S+) -> (?:Accuracy|mAP): ([0-9.]+)", block)}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lpips_run")
+    data = generate_bapps(tmp / "bapps", num_train=24, num_val=16, patch_size=16, seed=0, num_jnd=16)
+    trunk = fake_imagenet_vgg16(tmp / "torch_home")
+    env = {**os.environ, "TORCH_HOME": str(tmp / "torch_home"), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    work = tmp / "work"
+    flags = [
+        "--path_to_root", str(data), "--work_dir", str(work), "--checkpoint_name", CKPT, "--img_size", "16",
+        "--batch_size", "12", "--num_workers", "32", "--num_epochs", "3", "--decay_epochs", "1",
+        "--logging_steps", "2", "--pretrained_backbone", "--use_dropout", "--img_range", "minus_one_to_one",
+        "--middle_channels", "32", "--eval_lpips_pkg", "--mixed_precision", "--initial_lr", "1e-3",
+        "--eval_batch_size", "32",
+    ]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1"]
+    out = run(launch + ["lpips_trainer.py", *flags], env)
+    return {"tmp": tmp, "data": data, "work": work, "env": env, "out": out, "trunk": trunk, "flags": flags}
+
+
+def test_design_flags_train_and_print_both_tables(trained):
+    out = trained["out"]
+    ours, original = table(out, "LPIPS Reproduction"), table(out, "Original LPIPS")
+    expected = {"CNN", "TRADITIONAL", "COLOR", "DEBLUR", "FRAMEINTERP", "SUPERRES"}
+    assert expected <= set(ours) and expected <= set(original)
+    assert re.search(r"step 2/18 .* loss [0-9.]+", out)  # a log line every --logging_steps
+    assert "capped" in out  # --num_workers 32 on a small machine
+    result = json.loads((trained["work"] / "eval.json").read_text())
+    assert result["lpips_package"] == "evaluated"
+    assert result["num_samples"]["2afc/cnn"] == 16 and result["num_samples"]["jnd/cnn"] == 16
+    for name in ("LPIPS Reproduction", "Original LPIPS"):
+        assert set(result["jnd"][name]) == {"traditional", "cnn", "mean"}
+        assert all(0.0 <= v <= 1.0 for v in result["jnd"][name].values())
+
+
+def test_short_training_beats_chance_on_held_out_triplets(trained):
+    result = json.loads((trained["work"] / "eval.json").read_text())
+    ours = result["2afc"]["LPIPS Reproduction"]
+    assert ours["mean"] > 0.65, ours  # chance is 0.5
+    losses = result["train_epoch_losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+
+
+def test_checkpoint_holds_the_trunk_it_was_given_and_clamped_weights(trained):
+    path = trained["work"] / CKPT
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"]["pretrained_backbone"] is True and raw["config"]["epochs_done"] == 3
+    model = load_lpips_checkpoint(path)  # stage 1's reader: no ImageNet file involved
+    for key, value in trained["trunk"].items():
+        assert torch.equal(model.trunk.state_dict()[key.removeprefix("features.")], value.float())  # frozen trunk
+    assert all(float(lin.weight.min()) >= 0 for lin in model.lins)
+
+
+def test_evaluation_only_reloads_the_checkpoint_and_prints_the_same_numbers(trained):
+    flags = [f for f in trained["flags"] if f != "--eval_lpips_pkg"]
+    before = json.loads((trained["work"] / "eval.json").read_text())
+    out = run([sys.executable, "lpips_trainer.py", *flags, "--evaluation_only"], trained["env"])
+    assert "step 2/18" not in out  # no training
+    assert table(out, "LPIPS Reproduction") == table(trained["out"], "LPIPS Reproduction")
+    after = json.loads((trained["work"] / "eval.json").read_text())
+    assert after["2afc"]["LPIPS Reproduction"] == pytest.approx(before["2afc"]["LPIPS Reproduction"], abs=1e-9)
+    assert after["jnd"]["LPIPS Reproduction"] == pytest.approx(before["jnd"]["LPIPS Reproduction"], abs=1e-9)
+    assert "not requested" in after["lpips_package"]
