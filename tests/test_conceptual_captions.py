@@ -307,6 +307,7 @@ def test_clean_caption():
     assert clean_caption(INVALID_UTF8) == (INVALID_UTF8_CLEAN, True)
     assert clean_caption("caf\u0065\u0301  au\tlait\n".encode()) == ("caf\u00e9 au lait", False)
     assert clean_caption(b"a\x00b\x1fc") == ("a b c", False)
+    assert clean_caption("zero\u200bwidth soft\u00adhyphen\u2028line".encode()) == ("zerowidth softhyphen line", False)
     assert clean_caption(None) == ("", False)
     assert clean_caption(b" \t ") == ("", False)
     assert clean_caption("already text") == ("already text", False)

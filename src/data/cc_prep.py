@@ -210,11 +210,15 @@ def load_shards(survey: ShardSurvey, cache_dir: Path, num_proc: Optional[int]) -
 # ------------------------------------------------------------------------------------------------------------
 
 
+_CAPTION_CHAR = {"Cc": " ", "Zl": " ", "Zp": " ", "Cf": ""}  # Unicode category -> replacement
+
+
 def clean_caption(raw) -> tuple[str, bool]:
     """Caption bytes (or str, or None) -> (clean text, whether undecodable bytes were removed).
 
     Invalid UTF-8 bytes are dropped (the valid characters around them are kept); text is NFC-normalised,
-    control characters become spaces, runs of whitespace collapse to one space, and the ends are stripped.
+    control characters and line/paragraph separators become spaces, invisible format characters (zero-width
+    space, soft hyphen, BOM) are removed, runs of whitespace collapse to one space, and the ends are stripped.
     """
     repaired = False
     if raw is None:
@@ -228,7 +232,7 @@ def clean_caption(raw) -> tuple[str, bool]:
     else:
         text = str(raw)
     text = unicodedata.normalize("NFC", text)
-    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+    text = "".join(_CAPTION_CHAR.get(unicodedata.category(ch), ch) for ch in text)
     return " ".join(text.split()), repaired
 
 
