@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from src.models.vae import load_autoencoder
 from src.training.latent_cache import LatentCacheDataset, LatentCacheError
 from tests.helpers import make_tiny_clip
 from tests.stage2_helpers import (
+    make_flat_folder,
     make_vae_file,
     read_losses,
     run_trainer,
@@ -97,3 +102,23 @@ def test_a_folder_that_is_not_a_cache_is_not_touched(cached_run, tmp_path):
                                  "shapes", "--cache_latents", str(folder)))
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
+
+
+def test_two_processes_build_one_cache_in_dataset_order(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo on CPU): each process encodes its share; the cache reads back in order."""
+    root = Path(__file__).resolve().parents[1]
+    faces = make_flat_folder(tmp_path / "faces", count=9)
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 0.8})
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=2, checkpoint_iterations=2,
+                               per_gpu_batch_size=2, random_flip_p=0.0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "stage2_diffusion_trainer.py",
+           *trainer_argv(tmp_path / "w", train, model_cfg, vae, "celebahq", "--path_to_dataset", str(faces),
+                         "--cache_latents", str(tmp_path / "cache"))]
+    env = {**os.environ, "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "cache").glob("shard_*")) == ["shard_0", "shard_1"]
+    cache = LatentCacheDataset(tmp_path / "cache", "none")
+    assert cache.dataset_indices == list(range(9)) and cache[4]["moments"].shape == (1, 2, 4, 8, 8)
+    assert sorted(read_losses(tmp_path / "w")) == [1, 2] and (tmp_path / "w" / "model.safetensors").is_file()
