@@ -433,9 +433,7 @@ def _stage2_run(stage1_on_cc, prepared, clip_folder, root: Path, pre_encoded: bo
     )
     train = write_train_config(
         root / "train.yaml", total_training_iterations=steps, checkpoint_iterations=steps,
-        per_gpu_batch_size=4, learning_rate=2e-3, pre_encoded_text=pre_encoded,
-        # no validation grids: with pre_encoded_text the trainer loads no text encoder to encode the prompts
-        val_generation_freq=0,
+        per_gpu_batch_size=4, learning_rate=2e-3, pre_encoded_text=pre_encoded, val_generation_freq=steps,
     )
     work = root / "work"
     _run_in_process("stage2_diffusion_trainer", [
@@ -462,4 +460,6 @@ def test_stage2_trains_on_pre_encoded_and_on_the_fly_text_alike(stage1_on_cc, pr
     first = sum(a[s] for s in range(1, 4)) / 3
     last = sum(a[s] for s in range(steps - 2, steps + 1)) / 3
     assert last < first, (first, last)
-    assert (stored / "model.safetensors").is_file() and (fly / "model.safetensors").is_file()
+    for work in (stored, fly):
+        assert (work / "model.safetensors").is_file()
+        assert (work.parent / "gens" / f"step_{steps:07d}.png").is_file()  # the validation grid of the last step
