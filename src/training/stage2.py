@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -376,6 +376,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
     conditioning = resolve_conditioning(args.dataset, model_cfg.unet)
     scaling_factor = resolve_scaling_factor(model_cfg, args.dataset, args.model_config)
     pre_encoded = resolve_pre_encoded(train_cfg, model_cfg)
+    train_cfg = replace(train_cfg, pre_encoded_text=pre_encoded)  # resolved once: the dataset reads it too
     if not 0.0 <= train_cfg.cfg_dropout_prob <= 1.0:
         raise Stage2SetupError(f"cfg_dropout_prob must be in [0, 1], got {train_cfg.cfg_dropout_prob}")
     device = accelerator.device
