@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES, TwoAFCDataset
 from src.data.loader import InfiniteLoader
 from src.losses.ranking import RankingHead
-from src.models.lpips import load_lpips_checkpoint, read_lpips_checkpoint
+from src.models.lpips import load_lpips_checkpoint
 from src.training.lpips_eval import evaluate_bapps, format_results, lpips_package_metric, write_eval_json
 from src.training.lpips_train import (
     LPIPSTrainSettings,
@@ -133,7 +133,7 @@ def main(args) -> dict:
     losses = None
     if args.evaluation_only:
         lpips = load_lpips_checkpoint(checkpoint)
-        logger.info("evaluating %s (%s)", checkpoint, read_lpips_checkpoint(checkpoint)[1])
+        logger.info("evaluating %s", checkpoint)
     else:
         lpips, losses = train(args, accelerator, checkpoint)
         logger.info("saved %s", checkpoint)

@@ -6,11 +6,11 @@
 Each triplet: a reference patch (procedural texture or one of the built-in shapes), two distortions of random
 type and strength, and a judge value = the fraction of simulated observers who preferred p1. The observers
 see the images, not the distortion's name: each perceives q = `perceived_difference(ref, p)`, a multi-scale
-structural dissimilarity of luminance (1 - SSIM) plus a smaller chroma term, so, like people, they shrug off
-smooth global changes that move every pixel and notice blur, blocking, ringing and ghosting. One prefers p1
-with probability sigmoid(ln(q0 / q1) / TEMPERATURE), or presses at random after a lapse (LAPSE). JND pairs:
-a reference and a distorted copy, `same` = fraction of observers who saw no difference,
-P(same) = sigmoid(ln(JND_THRESHOLD / q) / JND_TEMPERATURE).
+structural dissimilarity of luminance (1 - SSIM) plus a smaller chroma term, so their judgments depend on the
+content (blurring a flat patch changes nothing they can see) and are not a function of pixel error alone. An
+SSIM observer is only a stand-in for people: it is more sensitive to noise and blocking than to mild blur.
+It prefers p1 with probability sigmoid(ln(q0 / q1) / TEMPERATURE), or presses at random after a lapse (LAPSE).
+JND pairs: a reference and a distorted copy, `same` = fraction of observers who saw no difference, P(same) = sigmoid(ln(JND_THRESHOLD / q) / JND_TEMPERATURE).
 
 Categories use different distortion families, as BAPPS's do (train: traditional, cnn, mix; val adds
 superres, deblur, color, frameinterp), so validation measures transfer to unseen distortions.
