@@ -306,7 +306,8 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
         state.skipped_files = skipped_before + loader.num_skipped
         bar.update(1)
         if logs is not None:
-            bar.set_postfix({k: f"{float(logs[k]):.4f}" for k in ("rec_loss", "lpips_loss", "disc_loss") if k in logs})
+            shown = ("rec_loss", "lpips_loss", "disc_loss") if loss_fn.perceptual is not None else ("rec_loss", "disc_loss")
+            bar.set_postfix({k: f"{float(logs[k]):.4f}" for k in shown if k in logs})
         end = state.step == total
         if state.step % LOG_EVERY == 0 or end:
             metrics.log({**window.pop(), "skipped_files": state.skipped_files}, state.step)
