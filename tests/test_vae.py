@@ -198,3 +198,14 @@ def test_load_autoencoder_rejects_file_without_vae(tmp_path):
 def test_img_size_must_divide_by_downsampling():
     with pytest.raises(ValueError, match="not divisible"):
         build_autoencoder(tiny_cfg(img_size=15))
+
+
+def test_decode_latent_runs_in_fp32_under_fp16_autocast():
+    vae = build_autoencoder(tiny_cfg()).eval()
+    z = torch.randn(1, 4, 8, 8) * 50  # large latents: fp16 activations would lose range
+    with torch.no_grad():
+        reference = vae.decode_latent(z)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = vae.decode_latent(z)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, reference)

@@ -27,6 +27,12 @@ from .quantizer import QuantizerOutput, VectorQuantizer
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
+def _fp16_autocast(device: str) -> bool:
+    if device not in ("cuda", "cpu", "xpu", "mps"):  # e.g. "meta": no autocast
+        return False
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+
+
 class DiagonalGaussian:
     """q(z|x) = N(mean, diag(exp(logvar))) from the encoder's (B, 2C, h, w) moments; logvar clamped to [-30, 20]."""
 
@@ -224,9 +230,15 @@ class Autoencoder(nn.Module):
         return self.decoder(z)
 
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """Stage 2's decoder: (B, latent_dim, h, w) -> (B, 3, H, W); a VQ-VAE snaps z to its codebook first."""
+        """Stage 2's decoder: (B, latent_dim, h, w) -> (B, 3, H, W); a VQ-VAE snaps z to its codebook first.
+
+        Under fp16 autocast the decoder runs in fp32: its large activations overflow fp16's range."""
         if self.quantize is not None:
             z = self.quantize.lookup(z)
+        device = z.device.type
+        if _fp16_autocast(device):
+            with torch.autocast(device, enabled=False):
+                return self.decode(z.float().to(self.decoder.conv_in.weight.dtype))
         return self.decode(z.to(self.decoder.conv_in.weight.dtype))
 
     def last_layer(self) -> torch.Tensor:
