@@ -86,13 +86,14 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t
 
 
-def bench(channels: list[int], img_size: int, batch_size: int, steps: int, device: torch.device) -> float:
+def bench(channels: list[int], img_size: int, batch_size: int, steps: int, device: torch.device, lpips: bool) -> float:
     torch.manual_seed(0)
     cfg = VAEConfig(img_size=img_size, vae_channels_per_block=channels)
     ours = build_autoencoder(cfg).to(device)
     twin = DiffusersAdapter(diffusers_twin(ours, cfg)).to(device)
     train_cfg = Stage1TrainConfig(disc_start=0, disc_start_dim=64)
-    loss_fn = AutoencoderLoss(train_cfg, lpips_with_official_weights(pretrained_trunk=False).to(device))
+    perceptual = lpips_with_official_weights(pretrained_trunk=False).to(device) if lpips else None  # same cost either trunk
+    loss_fn = AutoencoderLoss(train_cfg, perceptual)
     disc = build_discriminator(train_cfg).to(device)
     x = (torch.rand(batch_size, 3, img_size, img_size, device=device) * 2 - 1)
     with torch.no_grad():  # same weights -> same function
@@ -120,6 +121,7 @@ def main() -> None:
     p.add_argument("--img_size", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--without_lpips", action="store_true", help="leave LPIPS out of the loss (isolates the autoencoder)")
     args = p.parse_args()
     device = torch.device(args.device)
     if args.channels:
@@ -127,8 +129,8 @@ def main() -> None:
     else:  # the quickstart VAE, then the design's channels at a CPU-friendly size
         sizes = [([32, 64, 64], 32, 16), ([128, 256, 512, 512], 64, 2)]
     for channels, img_size, batch in sizes:
-        print(f"channels {channels}, {img_size}px, batch {batch}, device {device}:")
-        bench(channels, img_size, batch, args.steps, device)
+        print(f"channels {channels}, {img_size}px, batch {batch}, device {device}, LPIPS {not args.without_lpips}:")
+        bench(channels, img_size, batch, args.steps, device, lpips=not args.without_lpips)
 
 
 if __name__ == "__main__":
