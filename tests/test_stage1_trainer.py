@@ -138,7 +138,9 @@ def test_design_command_under_accelerate_launch_with_bad_files_and_wandb_offline
     cfgs = write_configs(tmp_path / "cfg", per_gpu_batch_size=4, total_training_iterations=6, checkpoint_iterations=3,
                          val_generation_freq=3, disc_start=100)
     work = tmp_path / "work"
-    proc = run([str(BIN / "accelerate"), "launch", SCRIPT, *stage1_args(work, cfgs, "celebahq", data), "--log_wandb"])
+    # the design document's command line (relative script path, its flags), pointed at tiny configs
+    proc = run([str(BIN / "accelerate"), "launch", "stage1_vae_trainer.py", *stage1_args(work, cfgs, "celebahq", data),
+                "--log_wandb"])
     out = proc.stdout + proc.stderr
     assert "skipping unreadable image" in out and "corrupt.jpg" in out
     assert "skipped" in out and "unreadable image(s) during training" in out
@@ -197,3 +199,15 @@ def test_nonfinite_loss_skips_step_then_stops(tmp_path):
     assert micro_step(accelerator, state, loss_fn, guard, bad, cfg) is None
     with pytest.raises(NonFiniteLossError, match="in a row"):
         micro_step(accelerator, state, loss_fn, guard, bad, cfg)
+
+
+def test_model_config_defaults_to_design_ldm_yaml():
+    """The design's Conceptual Captions command passes no --model_config."""
+    import stage1_vae_trainer
+
+    args = stage1_vae_trainer.parse_args([
+        "--experiment_name", "VAETrainer", "--wandb_run_name", "vae_cc", "--working_directory", "work_dir/vae_cc",
+        "--training_config", "configs/stage1_vae_train_cc.yaml", "--dataset", "conceptual_captions",
+        "--path_to_dataset", "<PATH_TO_CONCEPTUAL_CAPTIONS>", "--path_to_save_gens", "src/cc_gen",
+    ])
+    assert args.model_config == "configs/ldm.yaml" and args.resume_from_checkpoint is None and not args.log_wandb
