@@ -15,6 +15,7 @@ A metric is any callable (x, y) -> (B,) distances on (B, 3, H, W) images in [-1,
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -144,7 +145,9 @@ def lpips_package_metric(device) -> Metric:
     path = imagenet_vgg16_path()
     import lpips
 
-    net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # builds without touching the network
+    with warnings.catch_warnings():  # lpips calls torchvision's deprecated `pretrained=` argument
+        warnings.simplefilter("ignore", UserWarning)
+        net = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)  # builds without touching the network
     state = trunk_tensors(torch.load(path, map_location="cpu", weights_only=True))
     sliced = {key: state[key.split(".", 1)[1]] for key in net.net.state_dict()}  # 'slice1.0.weight' -> '0.weight'
     net.net.load_state_dict(sliced, strict=True)
