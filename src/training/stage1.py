@@ -80,14 +80,14 @@ def build_stage1(
     accelerator: Accelerator, model_cfg: ModelConfig, cfg: Stage1TrainConfig
 ) -> tuple[Stage1State, AutoencoderLoss]:
     """Models, optimisers and LR schedules (prepared), plus the loss with its frozen perceptual network."""
+    perceptual = build_perceptual_loss(cfg)  # first: a missing weights file stops the run before the big models
+    if perceptual is not None:
+        perceptual = perceptual.to(accelerator.device)
+    loss_fn = AutoencoderLoss(cfg, perceptual)
     vae = build_autoencoder(model_cfg.vae)
     disc = None
     if cfg.use_patchgan:
         disc = sync_batchnorm_if_distributed(build_discriminator(cfg), accelerator.num_processes, accelerator.device)
-    perceptual = build_perceptual_loss(cfg)
-    if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
-    loss_fn = AutoencoderLoss(cfg, perceptual)
     total = cfg.total_training_iterations
     opt_g = build_optimizer(vae.parameters(), cfg)
     sched_g = build_scheduler(cfg.lr_scheduler, opt_g, cfg.lr_warmup_steps, total)
