@@ -8,7 +8,7 @@
 #
 # Knobs (environment) for a smaller run, as the test does: QUICKSTART_OUT, QUICKSTART_CONFIGS (a folder with
 # ldm.yaml, stage1_vae_train.yaml, stage2_diffusion_train.yaml, prompts.txt), BAPPS_NUM_TRAIN, BAPPS_NUM_VAL,
-# LPIPS_EPOCHS, EVAL_PROMPTS.
+# LPIPS_EPOCHS, SAMPLE_STEPS (DDIM steps of inference and evaluation), EVAL_PROMPTS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,7 @@ BAPPS_NUM_TRAIN=${BAPPS_NUM_TRAIN:-300}
 BAPPS_NUM_VAL=${BAPPS_NUM_VAL:-50}
 LPIPS_EPOCHS=${LPIPS_EPOCHS:-2}
 EVAL_PROMPTS=${EVAL_PROMPTS:-64}
+SAMPLE_STEPS=${SAMPLE_STEPS:-50}
 WORK="$OUT/work"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 
@@ -70,10 +71,10 @@ stage "6. inference" $PY inference_ldm.py --model_config "$WORK/ldm.yaml" \
   --path_to_weights "$WORK/diffusion/model.safetensors" --text_conditional --training_dataset shapes \
   --prompt "a red circle on a blue background" --prompt "a yellow triangle on a black background" \
   --prompt "a white square on a green background" --prompt "an orange circle on a purple background" \
-  --num_images 4 --seed 0 --output "$OUT/generations"
+  --num_images 4 --seed 0 --num_steps "$SAMPLE_STEPS" --output "$OUT/generations"
 
 stage "7. prompt adherence" $PY evaluate_shapes.py --path_to_weights "$WORK/diffusion/model.safetensors" \
-  --num_prompts "$EVAL_PROMPTS" --exclude_prompts "$CONFIGS/prompts.txt" --output "$OUT/evaluation"
+  --num_prompts "$EVAL_PROMPTS" --num_steps "$SAMPLE_STEPS" --exclude_prompts "$CONFIGS/prompts.txt" --output "$OUT/evaluation"
 
 TOTAL=$(( $(date +%s) - TOTAL_START ))
 printf '%-28s %5d s\n' "total" "$TOTAL" | tee -a "$TIMES"

@@ -1,0 +1,102 @@
+"""`make demo`'s pipeline (scripts/quickstart.sh) end to end with a tiny budget: every hand-off between stages."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from PIL import Image
+
+from src.config import load_model_config
+from tests.conftest import ROOT
+
+TINY_STAGE1 = {
+    "total_training_iterations": 16, "per_gpu_batch_size": 8, "val_generation_freq": 8, "checkpoint_iterations": 8,
+    "disc_start": 8, "lr_warmup_steps": 2, "disc_lr_warmup_steps": 2, "shapes_num_images": 64,
+}
+TINY_STAGE2 = {
+    "total_training_iterations": 12, "per_gpu_batch_size": 8, "val_generation_freq": 6, "checkpoint_iterations": 6,
+    "val_sampler_steps": 4, "lr_warmup_steps": 2, "shapes_num_images": 64,
+}
+
+
+def _tiny_configs(folder):
+    folder.mkdir()
+    src = ROOT / "configs" / "quickstart"
+    for name, overrides in (("stage1_vae_train.yaml", TINY_STAGE1), ("stage2_diffusion_train.yaml", TINY_STAGE2)):
+        cfg = yaml.safe_load((src / name).read_text())
+        assert set(overrides) <= set(cfg), "the quickstart config lost a key the test shrinks"
+        cfg.update(overrides)
+        (folder / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for name in ("ldm.yaml", "prompts.txt"):
+        (folder / name).write_text((src / name).read_text())
+    return folder
+
+
+def test_quickstart_pipeline_hands_off_between_stages(tmp_path):
+    out = tmp_path / "quickstart"
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        QUICKSTART_OUT=str(out),
+        QUICKSTART_CONFIGS=str(_tiny_configs(tmp_path / "configs")),
+        BAPPS_NUM_TRAIN="12",
+        BAPPS_NUM_VAL="6",
+        LPIPS_EPOCHS="1",
+        EVAL_PROMPTS="6",
+        SAMPLE_STEPS="4",
+    )
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    work = out / "work"
+
+    # every stage reported its time
+    times = (out / "stage_times.txt").read_text()
+    for stage in ("1. BAPPS-format data", "2. LPIPS", "3. stage 1", "4. scaling factor", "5. stage 2",
+                  "6. inference", "7. prompt adherence", "total"):
+        assert stage in times
+
+    # LPIPS checkpoint -> loads as a frozen metric that separates different images
+    import torch
+
+    from src.models.lpips import load_lpips_checkpoint
+
+    lpips = load_lpips_checkpoint(work / "lpips" / "lpips_quickstart.pt")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    d_same, d_diff = lpips(x, x), lpips(x, x.flip(0))
+    assert torch.allclose(d_same, torch.zeros(2), atol=1e-6) and (d_diff > 0).all()
+    stage1_cfg = yaml.safe_load((work / "stage1_vae_train.yaml").read_text())
+    assert stage1_cfg["use_lpips"] is True and stage1_cfg["lpips_checkpoint"].endswith("lpips_quickstart.pt")
+
+    # stage 1 -> an autoencoder that reconstructs at the config's size, plus reconstruction grids
+    from src.models.vae import load_autoencoder
+
+    vae = load_autoencoder(work / "vae" / "model.safetensors")
+    mean, std = vae.latent_moments(x)
+    assert mean.shape == (2, 4, 8, 8) and vae.decode_latent(mean).shape == (2, 3, 32, 32)
+    assert list((out / "vae_reconstructions").glob("*.png"))
+
+    # scaling factor written into the demo's copy of ldm.yaml only
+    scale = load_model_config(work / "ldm.yaml").scaling_constants["shapes"]
+    assert scale != 1.0 and 0.01 < scale < 100
+    assert load_model_config(ROOT / "configs" / "quickstart" / "ldm.yaml").scaling_constants["shapes"] == 1.0
+
+    # stage 2 -> a pipeline that carries that factor; samples during training; inference images
+    from src.pipeline import load_pipeline
+
+    pipe = load_pipeline(work / "diffusion" / "model.safetensors")
+    assert pipe.conditioning == "text" and pipe.scaling_factor == pytest.approx(scale, rel=1e-6)
+    assert list((out / "diffusion_samples").glob("*.png"))
+    singles = sorted((out / "generations").glob("[0-9][0-9][0-9].png"))
+    assert len(singles) == 16 and Image.open(singles[0]).size == (32, 32)
+    assert (out / "generations" / "grid.png").is_file()
+
+    # prompt adherence table
+    result = json.loads((out / "evaluation" / "results.json").read_text())
+    assert result["num_prompts"] == 6
+    for key in ("shape_color", "background_color", "shape"):
+        assert 0.0 <= result[key] <= 1.0
+    assert "a " in result["prompts"][0] and "background" in result["prompts"][0]
