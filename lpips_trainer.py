@@ -32,7 +32,7 @@ from src.training.lpips_train import (
     build_scheduler,
     train_lpips,
 )
-from src.training.setup import MetricsLog, setup_logging
+from src.training.setup import MetricsLog, launched_without_gpu, setup_logging
 
 logger = logging.getLogger("ldm")
 OURS = "LPIPS Reproduction"
@@ -124,7 +124,7 @@ def build_metrics(args, accelerator, lpips) -> tuple[dict, str]:
 
 
 def main(args) -> dict:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=launched_without_gpu())  # torchrun on CPU: gloo
     setup_logging(accelerator)
     set_seed(args.seed)
     work_dir = Path(args.work_dir)

@@ -122,6 +122,22 @@ def test_clamping_keeps_linear_weights_non_negative(bapps_root):
     assert not any(p.requires_grad for p in lpips_net.trunk.parameters())
 
 
+def test_train_backbone_updates_the_trunk_and_frozen_does_not(bapps_root):
+    from accelerate import Accelerator
+
+    ds = TwoAFCDataset(bapps_root, "train", ["cnn"], 16, "minus_one_to_one")
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("ref", "p0", "p1", "judge")}
+    for train_backbone in (True, False):
+        torch.manual_seed(0)
+        net = build_lpips(use_dropout=False, pretrained_backbone=False, train_backbone=train_backbone)
+        before = net.trunk[0].weight.detach().clone()
+        model = TwoAFCModel(net, RankingHead(8))
+        optimizer = build_adam(model, lr=1e-3)
+        train_step(Accelerator(cpu=True), model, batch, optimizer, build_scheduler(optimizer, 1, 0),
+                   LPIPSTrainSettings(img_range="minus_one_to_one"))
+        assert torch.equal(net.trunk[0].weight, before) is not train_backbone
+
+
 @pytest.mark.parametrize("name", ["lpips.pt", "lpips.safetensors"])
 def test_checkpoint_is_self_contained_and_frozen(tmp_path, name):
     torch.manual_seed(0)

@@ -106,3 +106,21 @@ def test_evaluation_only_reloads_the_checkpoint_and_prints_the_same_numbers(trai
     assert after["2afc"]["LPIPS Reproduction"] == pytest.approx(before["2afc"]["LPIPS Reproduction"], abs=1e-9)
     assert after["jnd"]["LPIPS Reproduction"] == pytest.approx(before["jnd"]["LPIPS Reproduction"], abs=1e-9)
     assert "not requested" in after["lpips_package"]
+
+
+def test_two_processes_evaluate_to_the_same_numbers(trained, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each scores half of every category; the gathered table is unchanged."""
+    flags = [f for f in trained["flags"] if f != "--eval_lpips_pkg"]
+    flags[flags.index(str(trained["work"]))] = str(tmp_path)
+    (tmp_path / CKPT).write_bytes((trained["work"] / CKPT).read_bytes())
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    out = run(torchrun + ["lpips_trainer.py", *flags, "--evaluation_only", "--val_sets", "cnn", "color",
+                          "--jnd_sets", "cnn"], trained["env"])
+    single = json.loads((trained["work"] / "eval.json").read_text())  # written by the single-process run(s)
+    result = json.loads((tmp_path / "eval.json").read_text())
+    for category in ("cnn", "color"):
+        assert result["2afc"]["LPIPS Reproduction"][category] == pytest.approx(
+            single["2afc"]["LPIPS Reproduction"][category], abs=1e-6)
+    assert result["jnd"]["LPIPS Reproduction"]["cnn"] == pytest.approx(single["jnd"]["LPIPS Reproduction"]["cnn"], abs=1e-9)
+    assert result["num_samples"] == {"2afc/cnn": 16, "2afc/color": 16, "jnd/cnn": 16}
+    assert "Dataset: CNN -> Accuracy" in out
