@@ -61,7 +61,10 @@ def jnd_map(distances: torch.Tensor, sames: torch.Tensor) -> float:
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int, accelerator) -> DataLoader:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+    """In-order batches, sharded over processes; no more workers than batches (worker start-up is not free)."""
+    batches = -(-len(dataset) // (batch_size * accelerator.num_processes))
+    workers = min(num_workers, batches - 1)  # a single batch loads fastest in the main process
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
     return accelerator.prepare(loader)
 
 
