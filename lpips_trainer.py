@@ -13,30 +13,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES, TwoAFCDataset
-from src.data.loader import InfiniteLoader
+from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES
 from src.losses.ranking import RankingHead
 from src.models.lpips import load_lpips_checkpoint
-from src.training.lpips_eval import evaluate_bapps, format_results, lpips_package_metric, write_eval_json
+from src.training.lpips_eval import comparison_metrics, evaluate_bapps, format_results, write_eval_json
 from src.training.lpips_train import (
     LPIPSTrainSettings,
     TwoAFCModel,
+    available_workers,
     build_adam,
     build_lpips,
     build_scheduler,
+    make_train_loader,
     train_lpips,
 )
 from src.training.setup import MetricsLog, launched_without_gpu, setup_logging
 
 logger = logging.getLogger("ldm")
-OURS = "LPIPS Reproduction"
-ORIGINAL = "Original LPIPS"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,25 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def available_workers(requested: int) -> int:
-    cpus = len(os.sched_getaffinity(0))
-    if requested > cpus:
-        logger.info("--num_workers %d capped at the %d CPUs available", requested, cpus)
-    return min(requested, cpus)
-
-
-def make_train_loader(args, accelerator) -> InfiniteLoader:
-    dataset = TwoAFCDataset(args.path_to_root, "train", args.train_sets, args.img_size, args.img_range)
-    logger.info("training on %d triplets from %s", len(dataset), ", ".join(args.train_sets))
-    return InfiniteLoader(
-        dataset, args.batch_size, seed=args.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, num_workers=available_workers(args.num_workers),
-    )
-
-
 def train(args, accelerator, checkpoint: Path):
     """Train from scratch; returns the trained LPIPS (eval mode) and the run info stored in the checkpoint."""
-    loader = make_train_loader(args, accelerator)
+    loader = make_train_loader(
+        args.path_to_root, args.train_sets, args.img_size, args.img_range, args.batch_size, args.seed,
+        available_workers(args.num_workers), accelerator,
+    )
     lpips = build_lpips(args.use_dropout, args.pretrained_backbone, args.train_backbone)
     model = TwoAFCModel(lpips, RankingHead(args.middle_channels))
     optimizer = build_adam(model, args.initial_lr)
@@ -109,20 +94,6 @@ def train(args, accelerator, checkpoint: Path):
     return accelerator.unwrap_model(model).lpips.eval(), losses
 
 
-def build_metrics(args, accelerator, lpips) -> tuple[dict, str]:
-    """{'LPIPS Reproduction': ours, 'Original LPIPS': package (when asked and possible)} and a note."""
-    metrics = {OURS: lpips.to(accelerator.device)}
-    note = "not requested"
-    if args.eval_lpips_pkg:
-        try:
-            metrics[ORIGINAL] = lpips_package_metric(accelerator.device)
-            note = "evaluated"
-        except FileNotFoundError as err:
-            note = f"skipped: the lpips package needs ImageNet VGG16 weights. {err}"
-            accelerator.print(f"{ORIGINAL}: {note}")
-    return metrics, note
-
-
 def main(args) -> dict:
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=launched_without_gpu())  # torchrun on CPU: gloo
     setup_logging(accelerator)
@@ -137,7 +108,7 @@ def main(args) -> dict:
     else:
         lpips, losses = train(args, accelerator, checkpoint)
         logger.info("saved %s", checkpoint)
-    metrics, note = build_metrics(args, accelerator, lpips)
+    metrics, note = comparison_metrics(lpips, args.eval_lpips_pkg, accelerator)
     results = evaluate_bapps(
         metrics, args.path_to_root, args.val_sets, args.jnd_sets, args.img_size, args.img_range,
         args.eval_batch_size, available_workers(args.num_workers), accelerator,

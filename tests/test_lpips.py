@@ -18,7 +18,7 @@ from src.models.lpips import (
     official_to_ours,
     save_lpips_checkpoint,
 )
-from src.training.lpips_eval import jnd_map, two_afc_scores
+from src.training.lpips_eval import OURS, comparison_metrics, jnd_map, two_afc_scores
 from src.training.lpips_train import (
     LPIPSTrainSettings,
     TwoAFCModel,
@@ -164,3 +164,7 @@ def test_missing_files_give_clear_errors(tmp_path, monkeypatch):
         lpips_with_official_weights(pretrained_trunk=True)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_lpips_checkpoint(tmp_path / "nope.pt")
+    from accelerate import Accelerator
+
+    metrics, note = comparison_metrics(LPIPS(), True, Accelerator(cpu=True))  # --eval_lpips_pkg without the file
+    assert list(metrics) == [OURS] and note.startswith("skipped") and "vgg16-397923af.pth" in note

@@ -28,6 +28,8 @@ from ..models.lpips import imagenet_vgg16_path, trunk_tensors
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 RULE = "-----------"
+OURS = "LPIPS Reproduction"
+ORIGINAL = "Original LPIPS"
 
 
 def two_afc_scores(d0: torch.Tensor, d1: torch.Tensor, judge: torch.Tensor) -> torch.Tensor:
@@ -156,6 +158,20 @@ def lpips_package_metric(device) -> Metric:
     net.net.load_state_dict(sliced, strict=True)
     net = net.to(device).eval().requires_grad_(False)
     return lambda x, y: net(x, y).flatten()
+
+
+def comparison_metrics(lpips: torch.nn.Module, with_package: bool, accelerator) -> tuple[dict[str, Metric], str]:
+    """{OURS: lpips, ORIGINAL: the lpips package (when asked and its trunk file exists)} and a note saying which."""
+    metrics: dict[str, Metric] = {OURS: lpips.to(accelerator.device)}
+    if not with_package:
+        return metrics, "not requested"
+    try:
+        metrics[ORIGINAL] = lpips_package_metric(accelerator.device)
+    except FileNotFoundError as err:
+        note = f"skipped: the lpips package needs ImageNet VGG16 weights. {err}"
+        accelerator.print(f"{ORIGINAL}: {note}")
+        return metrics, note
+    return metrics, "evaluated"
 
 
 # --------------------------------------------------------------------------------------------------------------

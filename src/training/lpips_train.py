@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..data.bapps import to_minus_one_to_one
+from ..data.bapps import TwoAFCDataset, to_minus_one_to_one
+from ..data.loader import InfiniteLoader
 from ..losses.ranking import RankingHead, ranking_loss
 from ..models.lpips import LPIPS, load_imagenet_trunk, save_lpips_checkpoint
 from .lpips_eval import two_afc_scores
@@ -33,6 +35,27 @@ class LPIPSTrainSettings:
     logging_steps: int = 250
     img_range: str = "minus_one_to_one"
     max_grad_norm: float = 1.0
+
+
+def available_workers(requested: int) -> int:
+    """`requested` data workers, capped at the CPUs this process may use (logged when capped)."""
+    cpus = len(os.sched_getaffinity(0))
+    if requested > cpus:
+        logger.info("--num_workers %d capped at the %d CPUs available", requested, cpus)
+    return min(requested, cpus)
+
+
+def make_train_loader(
+    root, train_sets: list[str], img_size: int, img_range: str, batch_size: int, seed: int, num_workers: int,
+    accelerator,
+) -> InfiniteLoader:
+    """2AFC training triplets of `train_sets`, shuffled per epoch from `seed`, sharded over the processes."""
+    dataset = TwoAFCDataset(root, "train", train_sets, img_size, img_range)
+    logger.info("training on %d triplets from %s", len(dataset), ", ".join(train_sets))
+    return InfiniteLoader(
+        dataset, batch_size, seed=seed, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        num_workers=num_workers,
+    )
 
 
 class TwoAFCModel(nn.Module):
