@@ -50,7 +50,7 @@ stage "1. BAPPS-format data" $PY -m src.data.bapps_synth --out "$WORK/bapps" \
 
 stage "2. LPIPS" $PY lpips_trainer.py --path_to_root "$WORK/bapps" --work_dir "$WORK/lpips" \
   --checkpoint_name lpips_quickstart.pt --img_size 32 --batch_size 25 --num_workers 0 \
-  --num_epochs "$LPIPS_EPOCHS" --decay_epochs 1 --logging_steps 50 --train_backbone --use_dropout \
+  --num_epochs "$LPIPS_EPOCHS" --decay_epochs 1 --logging_steps 50 --use_dropout --initial_lr 1e-3 \
   --img_range minus_one_to_one --middle_channels 32
 
 stage "3. stage 1 (VAE)" $PY stage1_vae_trainer.py --experiment_name quickstart --wandb_run_name vae_shapes \
