@@ -15,11 +15,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${QUICKSTART_OUT:-outputs/quickstart}
 CONFIGS=${QUICKSTART_CONFIGS:-configs/quickstart}
-BAPPS_NUM_TRAIN=${BAPPS_NUM_TRAIN:-300}
+BAPPS_NUM_TRAIN=${BAPPS_NUM_TRAIN:-200}
 BAPPS_NUM_VAL=${BAPPS_NUM_VAL:-50}
 LPIPS_EPOCHS=${LPIPS_EPOCHS:-2}
 EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 SAMPLE_STEPS=${SAMPLE_STEPS:-50}
+GUIDANCE=${GUIDANCE:-2.0}  # classifier-free guidance for inference and evaluation (measured best for this model)
 WORK="$OUT/work"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
 
@@ -58,7 +59,7 @@ stage "3. stage 1 (VAE)" $PY stage1_vae_trainer.py --experiment_name quickstart 
   --dataset shapes --path_to_save_gens "$OUT/vae_reconstructions"
 
 stage "4. scaling factor" $PY compute_vae_scaling.py --path_to_pretrained_weights "$WORK/vae/model.safetensors" \
-  --model_config "$WORK/ldm.yaml" --dataset shapes --batch_size 64 --num_batches 8 --update_config
+  --model_config "$WORK/ldm.yaml" --dataset shapes --batch_size 64 --num_batches 8 --num_workers 0 --update_config
 
 stage "5. stage 2 (diffusion)" $PY stage2_diffusion_trainer.py --experiment_name quickstart \
   --wandb_run_name diffusion_shapes --working_directory "$WORK/diffusion" \
@@ -71,10 +72,10 @@ stage "6. inference" $PY inference_ldm.py --model_config "$WORK/ldm.yaml" \
   --path_to_weights "$WORK/diffusion/model.safetensors" --text_conditional --training_dataset shapes \
   --prompt "a red circle on a blue background" --prompt "a yellow triangle on a black background" \
   --prompt "a white square on a green background" --prompt "an orange circle on a purple background" \
-  --num_images 4 --seed 0 --num_steps "$SAMPLE_STEPS" --output "$OUT/generations"
+  --num_images 4 --seed 0 --num_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --output "$OUT/generations"
 
 stage "7. prompt adherence" $PY evaluate_shapes.py --path_to_weights "$WORK/diffusion/model.safetensors" \
-  --num_prompts "$EVAL_PROMPTS" --num_steps "$SAMPLE_STEPS" --exclude_prompts "$CONFIGS/prompts.txt" --output "$OUT/evaluation"
+  --num_prompts "$EVAL_PROMPTS" --num_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --exclude_prompts "$CONFIGS/prompts.txt" --output "$OUT/evaluation"
 
 TOTAL=$(( $(date +%s) - TOTAL_START ))
 printf '%-28s %5d s\n' "total" "$TOTAL" | tee -a "$TIMES"
