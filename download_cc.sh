@@ -22,7 +22,7 @@
 #   EXTRA_ARGS  anything else for img2dataset, e.g. "--retries 2 --timeout 20"
 # Re-running the same command resumes: img2dataset's default --incremental_mode incremental skips finished
 # shards. Then: python prep_cc.py --path_to_data_root <PATH_TO_RAW_SAVE> --path_to_save <PATH_TO_PROCESSED_SAVE> ...
-# (docs/conceptual_captions.md has the whole data path with disk and time figures).
+# (README.md (Conceptual Captions section) has the whole data path with disk and time figures).
 set -euo pipefail
 
 if [ "$#" -ne 2 ]; then

@@ -12,7 +12,7 @@
 Rows whose download failed, whose image bytes do not decode or whose caption is empty are dropped and counted;
 the counts are printed at the end. The result (a DatasetDict with a `train` split, plus `validation` with
 --val_fraction) is written to a staging folder and renamed to --path_to_save only when complete; an existing
---path_to_save is never overwritten unless --overwrite is given. See docs/conceptual_captions.md.
+--path_to_save is never overwritten unless --overwrite is given. See README.md (Conceptual Captions section).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ extrapolations from the difference between the runs (so fixed start-up costs are
 
 Loopback downloads measure img2dataset's CPU cost (decode, resize, encode, write), not the internet: real
 downloads are bounded by bandwidth and remote servers. Figures depend on load; the machine's load average is
-printed with them. docs/conceptual_captions.md quotes a run of this script.
+printed with them. README.md (Conceptual Captions section) quotes a run of this script.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def load_prepared(path, split: str = SPLIT) -> datasets.Dataset:
         raise DatasetError("conceptual_captions needs --path_to_dataset (the --path_to_save of prep_cc.py)")
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(f"dataset folder not found: {path} (make it with prep_cc.py; see docs/conceptual_captions.md)")
+        raise DatasetError(f"dataset folder not found: {path} (make it with prep_cc.py; see README.md (Conceptual Captions section))")
     try:
         data = datasets.load_from_disk(str(path))
     except FileNotFoundError as err:
