@@ -8,9 +8,10 @@
         --prompt "A beautiful sunset at the beach"
 
 The weights file carries its own configs (VAE, UNet, diffusion schedule, scaling factor, text model name), so
---model_config and --training_dataset are only checked against it. Sampling: DDIM with --num_steps (default 50) or
-ancestral DDPM over every training step, classifier-free guidance --guidance_scale (eps_u + s (eps_c - eps_u); 1
-disables it) against the learned null condition or --negative_prompt. Writes --output/grid.png and one PNG per
+--model_config and --training_dataset are only checked against it. Sampling: DDIM with --num_steps (default 50),
+DPM-Solver++(2M) (--sampler dpmpp_2m, default 20 steps) or ancestral DDPM over every training step,
+classifier-free guidance --guidance_scale (eps_u + s (eps_c - eps_u); 1 disables it) against the learned null
+condition or --negative_prompt, optionally with --guidance_rescale (Lin et al. 2024). Writes --output/grid.png and one PNG per
 image. The same --seed on the same device and dtype gives the same images.
 """
 
@@ -57,9 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_images", type=int, default=4, help="images per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    p.add_argument("--num_steps", type=int, default=None, help="DDIM steps (default 50); DDPM always runs every step")
+    p.add_argument("--num_steps", type=int, default=None,
+                   help="sampler steps (default: DDIM 50, DPM-Solver++ 20); DDPM always runs every step")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance_scale", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--guidance_rescale", type=float, default=0.0,
+                   help="0..1: rescale the guided prediction's std towards the conditional one (Lin et al. 2024 eq. 16)")
     p.add_argument("--output", default="outputs/inference", help="folder for grid.png and 000.png, 001.png, ...")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet / text encoder precision")
@@ -81,7 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.num_steps is not None and args.num_steps < 1:
         parser.error("--num_steps must be at least 1")
     if args.sampler == "ddpm" and args.num_steps is not None:
-        parser.error("--num_steps applies to --sampler ddim; DDPM runs every training step")
+        parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        parser.error("--guidance_rescale must be in [0, 1]")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):
         parser.error("--prompt is empty: describe the image, e.g. --prompt \"A beautiful sunset at the beach\"")
     return args
@@ -136,8 +142,9 @@ def main(argv=None) -> list[Path]:
         num_per_condition=args.num_images,
         negative_prompt=args.negative_prompt,
         sampler=args.sampler,
-        num_steps=args.num_steps or 50,
+        num_steps=args.num_steps,
         guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
         eta=args.eta,
         seed=args.seed,
         progress=True,

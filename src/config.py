@@ -184,12 +184,17 @@ class Stage2TrainConfig(TrainConfig):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v_prediction
+    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023); null = uniform
+    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0 = plain N(0, I)
     cfg_dropout_prob: float = 0.1
     pre_encoded_text: Optional[bool] = None  # overrides ldm.yaml's unet.pre_encoded_text when set
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + n) / (10 + n))
+    val_sampler: Literal["ddim", "dpmpp_2m", "ddpm"] = "ddim"
     val_sampler_steps: int = 50
     val_guidance_scale: float = 4.0
+    val_guidance_rescale: float = 0.0  # Lin et al. 2024 eq. 15-16; 0 = plain classifier-free guidance
 
 
 # --------------------------------------------------------------------------------------------------------------

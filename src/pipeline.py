@@ -7,7 +7,8 @@ Stage 2 saves everything the pipeline needs in model.safetensors (`save_stage2_m
 VAE, the model / training configs, the dataset, its conditioning, the latent scaling factor and the text model's
 name. Only the text encoder itself is loaded from elsewhere (the local Hugging Face cache or a folder).
 
-Sampling (`generate`): z_T ~ N(0, I) in latent space, DDIM (any number of steps, eta) or ancestral DDPM with
+Sampling (`generate`): z_T ~ N(0, I) in latent space, DDIM (any number of steps, eta), DPM-Solver++(2M) or
+ancestral DDPM with
 classifier-free guidance eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022), where eps_u comes from the learned
 null condition or from a negative prompt; then x = Decoder(z_0 / scaling_factor).
 """
@@ -22,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from .config import ModelConfig, Stage2TrainConfig, from_dict, to_dict
-from .diffusion.samplers import ddim_sample, ddpm_sample
+from .diffusion.samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .diffusion.schedule import DiffusionProcess
 from .models.serialization import load_models, save_models
 from .models.unet import Condition, UNet, build_unet
@@ -30,7 +31,8 @@ from .models.vae import Autoencoder, build_autoencoder
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
+DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm always runs every training timestep
 STAGE = 2
 
 
@@ -119,27 +121,27 @@ class LatentDiffusion:
         cond: Optional[Condition],
         uncond: Optional[Condition],
         sampler: str = "ddim",
-        num_steps: int = 50,
+        num_steps: Optional[int] = None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
-        """Scaled latents z_0 (B, C, h, w) from pure noise."""
+        """Scaled latents z_0 (B, C, h, w) from pure noise. num_steps None: the sampler's default (DEFAULT_STEPS)."""
         if sampler not in SAMPLERS:
             raise PipelineError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if self.conditioning == "none":
             guidance_scale = 1.0  # nothing to guide towards
         shape = self.latent_shape(batch_size)
-        if sampler == "ddim":
-            return ddim_sample(
-                self.unet, self.process, shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-                num_steps=num_steps, eta=eta, generator=generator, device=self.device, progress=progress,
-            )
-        return ddpm_sample(
-            self.unet, self.process, shape, cond=cond, uncond=uncond, guidance_scale=guidance_scale,
-            generator=generator, device=self.device, progress=progress,
-        )
+        common = dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                      generator=generator, device=self.device, progress=progress)
+        if sampler == "ddpm":
+            return ddpm_sample(self.unet, self.process, shape, **common)
+        steps = num_steps if num_steps is not None else DEFAULT_STEPS[sampler]
+        if sampler == "dpmpp_2m":
+            return dpmpp_2m_sample(self.unet, self.process, shape, num_steps=steps, **common)
+        return ddim_sample(self.unet, self.process, shape, num_steps=steps, eta=eta, **common)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -155,12 +157,13 @@ class LatentDiffusion:
         num_per_condition: int = 1,
         negative_prompt: Optional[str] = None,
         sampler: str = "ddim",
-        num_steps: int = 50,
+        num_steps: Optional[int] = None,
         guidance_scale: float = 4.0,
         eta: float = 0.0,
         seed: Optional[int] = 0,
         generator: Optional[torch.Generator] = None,
         progress: bool = False,
+        guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], `num_per_condition` per prompt / label, in prompt order.
 
@@ -169,7 +172,9 @@ class LatentDiffusion:
         batch, cond, uncond = self.conditions(prompts, labels, num_per_condition, negative_prompt)
         if generator is None and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        z = self.sample_latents(batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress)
+        z = self.sample_latents(
+            batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress, guidance_rescale
+        )
         return self.decode(z)
 
 

@@ -15,29 +15,9 @@ from src.config import Stage2TrainConfig
 from src.diffusion.samplers import ddim_sample, ddim_timesteps, ddpm_sample, guided_prediction
 from src.diffusion.schedule import DiffusionProcess, diffusion_loss, make_betas
 from src.models.unet import Condition
+from tests.gaussian_toy import MU, STD, gaussian_eps_denoiser, gaussian_v_denoiser
 
-MU, STD = 1.5, 0.5
 N_SAMPLES = 3000
-
-
-def gaussian_eps_denoiser(process: DiffusionProcess, mu: float = MU, std: float = STD):
-    def model(x, t, cond):
-        ab = process.gather(process.alphas_cumprod, t, x)
-        return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * std**2 + 1 - ab)
-
-    return model
-
-
-def gaussian_v_denoiser(process: DiffusionProcess, mu: float = MU, std: float = STD):
-    eps_model = gaussian_eps_denoiser(process, mu, std)
-
-    def model(x, t, cond):
-        ab = process.gather(process.alphas_cumprod, t, x)
-        eps = eps_model(x, t, cond)
-        x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
-        return ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v (Salimans & Ho 2022)
-
-    return model
 
 
 # ------------------------------------------------------------------------------------------------ schedule

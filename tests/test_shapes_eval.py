@@ -46,3 +46,41 @@ def test_blank_image_has_no_shape():
     reading = read_image(Image.new("RGB", (32, 32), COLORS["white"]))
     assert reading.background == "white" and reading.shape is None
     assert set(SHAPES) == {"circle", "square", "triangle"}
+
+
+# ------------------------------------------------------------------------------- ground truth and the clean score
+
+
+def test_ground_truth_reads_back_at_least_99_percent_and_clean():
+    """The dataset's own drawings, sampled as the dataset samples them (positions, sizes, rotations, colours)."""
+    from src.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(400, 32, seed=11)
+    expected = [ds.attributes(i)[:3] for i in range(len(ds))]
+    images = [render(*e, 32, random.Random(f"11:{i}:draw")) for i, e in enumerate(expected)]
+    result = score(expected, images)
+    for key in ("shape_color", "background_color", "shape", "clean"):
+        assert result[key] >= 0.99, (key, result[key])
+
+
+def _canvas(background: str) -> np.ndarray:
+    return np.tile(np.array(COLORS[background], dtype=np.uint8), (32, 32, 1))
+
+
+def test_clean_rejects_mosaics_second_shapes_two_colour_shapes_and_blank_images():
+    good = render("red", "square", "blue", 32)
+    assert read_image(good).clean
+    two_shapes = np.asarray(good).copy()
+    two_shapes[1:5, 1:5] = COLORS["red"]  # a second region in the corner
+    two_colours = np.asarray(render("red", "square", "blue", 32)).copy()
+    two_colours[:16] = np.where((two_colours[:16] == COLORS["red"]).all(-1, keepdims=True), COLORS["yellow"], two_colours[:16])
+    mosaic = _canvas("blue")
+    for k, name in enumerate(["red", "green", "white", "orange"]):  # patches of colour, no single shape
+        y, x = divmod(k, 2)
+        mosaic[4 + 12 * y: 14 + 12 * y, 4 + 12 * x: 14 + 12 * x] = COLORS[name]
+    stained = np.asarray(render("white", "circle", "black", 32)).copy()
+    stained[26:32, 0:10] = COLORS["purple"]  # the background is not one colour
+    for arr in (two_shapes, two_colours, mosaic, stained, _canvas("green")):
+        assert not read_image(Image.fromarray(arr)).clean
+    result = score([("red", "square", "blue")] * 2, [good, Image.fromarray(mosaic)])
+    assert result["clean"] == 0.5 and result["clean_and_right"] == 0.5

@@ -9,6 +9,9 @@ unconditional prediction, both from ONE batched forward pass over [uncond; cond]
 
     pred = pred_u + s * (pred_c - pred_u)
 
+Three samplers share that contract: ddim_sample (Song et al. 2021), dpmpp_2m_sample (DPM-Solver++(2M), Lu et al.
+2022: second order, about as good in 20 steps as DDIM in 50) and ddpm_sample (ancestral, every step).
+
 Guiding v is the same as guiding eps: at a fixed x_t, eps is an affine function of v with the same weights for
 both branches. With s == 1 (or no `uncond`) the model runs once, on the conditional input only.
 
@@ -18,6 +21,7 @@ CPU and GPU. Nothing here clips x0_hat: latents are not bounded like pixels are.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -41,13 +45,25 @@ def guided_prediction(
     cond: Optional[Condition],
     uncond: Optional[Condition] = None,
     guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
-    """The model's prediction at (x, t), with classifier-free guidance when `uncond` is given and scale != 1."""
+    """The model's prediction at (x, t), with classifier-free guidance when `uncond` is given and scale != 1.
+
+    guidance_rescale = phi > 0 pulls the guided prediction's per-sample standard deviation back towards the
+    conditional one's (Lin et al. 2024, eq. 15-16), which keeps high guidance from over-saturating:
+        pred_rescaled = pred * std(pred_c) / std(pred)                                  (eq. 15)
+        pred_final    = phi * pred_rescaled + (1 - phi) * pred                          (eq. 16)
+    """
     if uncond is None or guidance_scale == 1.0:
         return model(x, t, cond)
     both = model(torch.cat([x, x]), torch.cat([t, t]), Condition.cat(uncond, cond))  # (2B, C, H, W)
     pred_u, pred_c = both.chunk(2)
-    return pred_u + guidance_scale * (pred_c - pred_u)
+    pred = pred_u + guidance_scale * (pred_c - pred_u)
+    if guidance_rescale > 0:
+        dims = list(range(1, pred.dim()))
+        rescaled = pred * (pred_c.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))  # eq. 15
+        pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred  # eq. 16
+    return pred
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
@@ -73,6 +89,7 @@ def ddim_sample(
     generator: Optional[torch.Generator] = None,
     device="cpu",
     progress: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021): eta = 0 is the deterministic ODE-like sampler; eta = 1 with num_steps = T is DDPM.
 
@@ -90,7 +107,7 @@ def ddim_sample(
         prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
         # 1.
-        pred = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale).float()
+        pred = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale, guidance_rescale).float()
         # 2.
         x0, eps = process.predict_x0_and_eps(x, t_batch, pred)
         # 3.
@@ -101,6 +118,68 @@ def ddim_sample(
         x = ab_s**0.5 * x0 + max(1 - ab_s - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * _randn(shape, generator, device)
+    return x
+
+
+def _alpha_sigma_lambda(alpha_bar: float) -> tuple[float, float, float]:
+    """(alpha, sigma, lambda) of a VP process at alpha_bar: alpha = sqrt(ab), sigma = sqrt(1 - ab),
+    lambda = log(alpha / sigma) (half the log-SNR), +-inf at the clean and at a zero-SNR end."""
+    alpha, sigma = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    if alpha == 0.0:
+        return alpha, sigma, -math.inf
+    if sigma == 0.0:
+        return alpha, sigma, math.inf
+    return alpha, sigma, math.log(alpha) - math.log(sigma)
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(
+    model: Denoiser,
+    process: DiffusionProcess,
+    shape,
+    cond: Optional[Condition] = None,
+    uncond: Optional[Condition] = None,
+    guidance_scale: float = 1.0,
+    num_steps: int = 20,
+    generator: Optional[torch.Generator] = None,
+    device="cpu",
+    progress: bool = False,
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2): a multistep second-order solver of the
+    diffusion ODE in its data-prediction form, on the same "trailing" timesteps as DDIM, ending at the clean
+    sample. With lambda = log(alpha / sigma), h_i = lambda_{i} - lambda_{i-1} and D the denoised estimate x0_hat:
+
+      1. x0_i = data prediction of the guided model output at (x_i, t_i)
+      2. first step and last step (first order, = DDIM):  D = x0_i
+         otherwise, r = h_{i-1} / h_i:                     D = (1 + 1 / (2 r)) x0_i - 1 / (2 r) x0_{i-1}
+      3. x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} (exp(-h_{i+1}) - 1) D                  (eq. 5 / Alg. 2)
+    The last step goes to sigma = 0, where step 3 returns D itself (the same final step as diffusers'
+    DPMSolverMultistepScheduler with final_sigmas_type="zero"). Returns x_0 with `shape`, float32.
+    """
+    x = _randn(shape, generator, device)  # x_T ~ N(0, I), (B, C, H, W)
+    timesteps = ddim_timesteps(process.num_timesteps, num_steps)
+    ab_all = process.alphas_cumprod  # float64 (T,)
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(tqdm(timesteps, desc="dpm-solver++", disable=not progress)):
+        last = i + 1 == len(timesteps)
+        t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(float(ab_all[t]))
+        alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(1.0 if last else float(ab_all[timesteps[i + 1]]))
+        # 1.
+        pred = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale, guidance_rescale).float()
+        x0, _ = process.predict_x0_and_eps(x, t_batch, pred)
+        # 2.
+        h = lambda_s - lambda_t
+        if x0_prev is None or last:
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        # 3. exp(-h) = (alpha_t sigma_s) / (sigma_t alpha_s), finite at both ends of the schedule
+        exp_neg_h = (alpha_t * sigma_s) / (sigma_t * alpha_s)
+        x = (sigma_s / sigma_t) * x - alpha_s * (exp_neg_h - 1.0) * d
+        x0_prev, h_prev = x0, h
     return x
 
 
@@ -115,6 +194,7 @@ def ddpm_sample(
     generator: Optional[torch.Generator] = None,
     device="cpu",
     progress: bool = False,
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Ancestral DDPM sampling over all T steps (Ho et al. 2020, Algorithm 2, posterior form).
 
@@ -128,7 +208,7 @@ def ddpm_sample(
     for t in tqdm(range(process.num_timesteps - 1, -1, -1), desc="ddpm", disable=not progress):
         t_batch = torch.full((shape[0],), t, dtype=torch.long, device=device)
         # 1.
-        pred = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale).float()
+        pred = guided_prediction(model, x, t_batch, cond, uncond, guidance_scale, guidance_rescale).float()
         x0, _ = process.predict_x0_and_eps(x, t_batch, pred)
         # 2.
         x = float(process.posterior_mean_coef_x0[t]) * x0 + float(process.posterior_mean_coef_xt[t]) * x

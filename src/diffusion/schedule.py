@@ -16,6 +16,15 @@ Notation (Ho et al. 2020, "Denoising Diffusion Probabilistic Models"):
 
 The schedule is kept in float64 (the products over 1000 steps lose digits in float32) and gathered per
 timestep in the dtype of the tensor being noised.
+
+Recipe levers that live here (each off by default):
+    rescale_betas_zero_snr   Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed",
+                             Algorithm 1: the schedule is rescaled so that alpha_bar_{T-1} = 0 (the last step is
+                             pure noise, as at sampling time). Needs v-prediction: eps says nothing about x_0 there.
+    snr_gamma                Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy":
+                             per-timestep loss weights min(SNR_t, gamma) / SNR_t (eps) or / (SNR_t + 1) (v).
+    noise_offset             Guttenberg 2023, "Diffusion with Offset Noise": eps + offset * N(0, 1) per (B, C),
+                             constant over the image, so the model learns to change an image's mean colour.
 """
 
 from __future__ import annotations
@@ -54,6 +63,21 @@ def make_betas(schedule: str, num_timesteps: int, beta_start: float, beta_end: f
     raise ValueError(f"unknown beta_schedule {schedule!r}; expected one of {BETA_SCHEDULES}")
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas whose last alpha_bar is exactly 0 (Lin et al. 2024, Algorithm 1), float64 in, float64 out.
+
+    1. s_t = sqrt(alpha_bar_t)
+    2. shift so that s_{T-1} = 0 and scale so that s_0 keeps its value: s <- (s - s_{T-1}) * s_0 / (s_0 - s_{T-1})
+    3. alpha_bar = s^2;  alpha_t = alpha_bar_t / alpha_bar_{t-1} (alpha_0 = alpha_bar_0);  beta = 1 - alpha
+    """
+    s = torch.cumprod(1.0 - betas, dim=0).sqrt()  # 1.
+    s0, s_last = s[0].clone(), s[-1].clone()
+    s = (s - s_last) * s0 / (s0 - s_last)  # 2.
+    alpha_bar = s**2  # 3.
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1.0 - alphas
+
+
 class DiffusionProcess:
     """Schedule buffers plus the three formulas training and sampling need: noising, target, and inversion."""
 
@@ -64,18 +88,27 @@ class DiffusionProcess:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        if rescale_betas_zero_snr and prediction_type != "v_prediction":
+            raise ValueError(
+                "rescale_betas_zero_snr needs prediction_type v_prediction: at zero terminal SNR an epsilon "
+                "prediction carries no information about x_0 (Lin et al. 2024, sec. 3.2)"
+            )
         self.num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
         self.beta_start = beta_start
         self.beta_end = beta_end
         self.prediction_type = prediction_type
+        self.rescale_betas_zero_snr = rescale_betas_zero_snr
 
         self.betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)  # (T,) float64
+        if rescale_betas_zero_snr:
+            self.betas = rescale_zero_terminal_snr(self.betas)
         self.alphas = 1.0 - self.betas  # (T,)
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
         # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (x_{-1} is the clean sample)
@@ -84,19 +117,23 @@ class DiffusionProcess:
         self.posterior_variance = self.betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
         self.posterior_mean_coef_x0 = self.betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
         self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        # signal-to-noise ratio alpha_bar / (1 - alpha_bar) (Kingma et al. 2021); 0 at a zero-SNR last step
+        self.snr = self.alphas_cumprod / (1 - self.alphas_cumprod)
         self._device_cache: dict[tuple, torch.Tensor] = {}
 
     # ---------------------------------------------------------------------------------------------- building
 
     @classmethod
     def from_config(cls, cfg) -> "DiffusionProcess":
-        """From a Stage2TrainConfig (num_diffusion_timesteps, beta_schedule, beta_start, beta_end, prediction_type)."""
+        """From a Stage2TrainConfig (num_diffusion_timesteps, beta_schedule, beta_start, beta_end, prediction_type,
+        rescale_betas_zero_snr)."""
         return cls(
             num_timesteps=cfg.num_diffusion_timesteps,
             beta_schedule=cfg.beta_schedule,
             beta_start=cfg.beta_start,
             beta_end=cfg.beta_end,
             prediction_type=cfg.prediction_type,
+            rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
         )
 
     def to_dict(self) -> dict:
@@ -107,11 +144,14 @@ class DiffusionProcess:
             "beta_start": self.beta_start,
             "beta_end": self.beta_end,
             "prediction_type": self.prediction_type,
+            "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionProcess":
-        unknown = set(d) - {"num_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type"}
+        """Inverse of to_dict; files written before a field existed get that field's default."""
+        known = {"num_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type", "rescale_betas_zero_snr"}
+        unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown diffusion process keys {sorted(unknown)}")
         return cls(**d)
@@ -168,24 +208,55 @@ class DiffusionProcess:
             eps = (1 - ab).sqrt() * x_t + ab.sqrt() * model_output
         return x0, eps
 
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9 and sec. 3.4), (B,) float32.
+
+        The x_0-loss weight is min(SNR_t, gamma); the eps loss equals SNR_t times the x_0 loss and the v loss
+        (SNR_t + 1) times it, so the weight of the regression this process trains is
+            epsilon:       min(SNR_t, gamma) / SNR_t
+            v_prediction:  min(SNR_t, gamma) / (SNR_t + 1)
+        """
+        snr = self.gather(self.snr, t, torch.empty(0, dtype=torch.float32, device=t.device)).view(-1)  # (B,)
+        clipped = snr.clamp(max=gamma)
+        return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
+
     def sample_timesteps(self, batch_size: int, device="cpu", generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """t ~ Uniform{0, .., T-1}, (B,) long (DDPM Algorithm 1, line 3)."""
         gen_device = generator.device if generator is not None else device
         return torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device).to(device)
 
 
-def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, loss_fn: str = "mse") -> torch.Tensor:
+def offset_noise(shape, offset: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """eps ~ N(0, I) plus `offset` times one N(0, 1) draw per (sample, channel), shared by all pixels
+    (Guttenberg 2023). With offset 0 it is plain N(0, I) and draws exactly the numbers torch.randn does.
+    Drawn on the generator's device. (B, C, H, W)."""
+    device = generator.device if generator is not None else "cpu"
+    noise = torch.randn(shape, generator=generator, device=device)
+    if offset:
+        noise = noise + offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator, device=device)
+    return noise
+
+
+def diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss_fn: str = "mse", weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Mean regression loss between the prediction and the target, computed in float32 (safe under bf16/fp16).
 
     mse    DDPM's simplified objective L_simple (eq. 14)
     l1     mean absolute error (LDM's optional `l1` loss)
     huber  Huber loss with delta = HUBER_DELTA
+    `weights` (B,) scale each sample's mean loss (min-SNR weighting) before the batch mean.
     """
     pred, target = pred.float(), target.float()
     if loss_fn == "mse":
-        return F.mse_loss(pred, target)
-    if loss_fn == "l1":
-        return F.l1_loss(pred, target)
-    if loss_fn == "huber":
-        return F.huber_loss(pred, target, delta=HUBER_DELTA)
-    raise ValueError(f"unknown loss_fn {loss_fn!r}; expected one of {LOSS_FNS}")
+        per_element = F.mse_loss(pred, target, reduction="none")
+    elif loss_fn == "l1":
+        per_element = F.l1_loss(pred, target, reduction="none")
+    elif loss_fn == "huber":
+        per_element = F.huber_loss(pred, target, delta=HUBER_DELTA, reduction="none")
+    else:
+        raise ValueError(f"unknown loss_fn {loss_fn!r}; expected one of {LOSS_FNS}")
+    per_sample = per_element.reshape(per_element.shape[0], -1).mean(1)  # (B,)
+    if weights is not None:
+        per_sample = per_sample * weights.float()
+    return per_sample.mean()

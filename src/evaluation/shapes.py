@@ -7,6 +7,10 @@ For each generated image:
   4. shape class = nearest class centroid of two rotation-invariant mask features, fitted on rendered shapes:
        moment ratio  area / (4 pi sqrt(det Cov))   (1 for a disc, ~0.95 square, ~0.83 triangle)
        reach         95th percentile of distance to the centroid / sqrt(area)
+  5. clean = the image is what the dataset draws: exactly one foreground region (8-connected, specks under
+     MIN_REGION pixels ignored), whose interior is one palette colour (at least CLEAN_FRACTION of its pixels snap
+     to the shape colour), on a uniform background (at least CLEAN_FRACTION of the pixels away from the shape's
+     anti-aliased rim snap to the background colour). A mosaic of patches, two shapes or a blank image is not.
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from ..data.shapes import COLORS, SHAPES, render, sample_attributes
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float64)  # (K, 3)
 MASK_THRESHOLD = 80.0  # RGB distance from the background that counts as "shape"
+MIN_REGION = 3  # connected foreground regions smaller than this (pixels) are specks, not regions
+CLEAN_FRACTION = 0.95  # share of shape / background pixels that must snap to the one expected palette colour
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 @dataclass
@@ -31,16 +39,40 @@ class Reading:
     color: Optional[str]
     shape: Optional[str]
     background: str
+    clean: bool = False
 
 
 def nearest_color(rgb: np.ndarray) -> str:
     return _NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
 
 
+def nearest_color_index(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) RGB -> (N,) index into COLORS of each pixel's nearest palette colour."""
+    return np.argmin(((pixels[:, None, :] - _PALETTE[None]) ** 2).sum(-1), axis=1)
+
+
 def _border(arr: np.ndarray, width: int = 2) -> np.ndarray:
     return np.concatenate(
         [arr[:width].reshape(-1, 3), arr[-width:].reshape(-1, 3), arr[:, :width].reshape(-1, 3), arr[:, -width:].reshape(-1, 3)]
     )
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    return ~_erode(~mask)
+
+
+def is_clean(arr: np.ndarray, mask: np.ndarray, color: Optional[str], background: str) -> bool:
+    """Step 5 of the module docstring: one region, of one palette colour, on a uniform background."""
+    labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    areas = np.bincount(labels.ravel())[1:]  # (n,) pixels per region
+    if color is None or (areas >= MIN_REGION).sum() != 1:
+        return False
+    inner = _erode(mask)
+    shape_px = arr[inner] if inner.sum() >= 4 else arr[mask]
+    outside = arr[~_dilate(mask)]
+    shape_ok = (nearest_color_index(shape_px) == _NAMES.index(color)).mean() >= CLEAN_FRACTION
+    background_ok = len(outside) > 0 and (nearest_color_index(outside) == _NAMES.index(background)).mean() >= CLEAN_FRACTION
+    return bool(shape_ok and background_ok)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -88,7 +120,7 @@ def _shape_mask(arr: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
 
 
 def read_image(img: Image.Image) -> Reading:
-    """Measure (shape colour, shape class, background colour) of one image."""
+    """Measure (shape colour, shape class, background colour, clean) of one image."""
     arr = np.asarray(img.convert("RGB"), dtype=np.float64)  # (H, W, 3)
     bg_rgb = np.median(_border(arr), axis=0)
     background = nearest_color(bg_rgb)
@@ -101,11 +133,12 @@ def read_image(img: Image.Image) -> Reading:
     if feats is not None:
         means, spread = _centroids(arr.shape[0])
         shape = SHAPES[int(np.argmin((((means - feats) / spread) ** 2).sum(1)))]
-    return Reading(color=color, shape=shape, background=background)
+    return Reading(color=color, shape=shape, background=background, clean=is_clean(arr, mask, color, background))
 
 
 def score(expected: list[tuple[str, str, str]], images: list[Image.Image]) -> dict:
-    """Fractions of images whose shape colour, background colour and shape match (color, shape, background)."""
+    """Fractions of images whose shape colour, background colour and shape match (color, shape, background),
+    of clean images (step 5, whatever they show) and of images clean and right on all three."""
     readings = [read_image(im) for im in images]
     n = len(expected)
     result = {
@@ -113,6 +146,8 @@ def score(expected: list[tuple[str, str, str]], images: list[Image.Image]) -> di
         "shape": sum(r.shape == e[1] for r, e in zip(readings, expected)) / n,
         "background_color": sum(r.background == e[2] for r, e in zip(readings, expected)) / n,
         "all_three": sum((r.color, r.shape, r.background) == e for r, e in zip(readings, expected)) / n,
+        "clean": sum(r.clean for r in readings) / n,
+        "clean_and_right": sum(r.clean and (r.color, r.shape, r.background) == e for r, e in zip(readings, expected)) / n,
         "num_prompts": n,
     }
     result["readings"] = [r.__dict__ for r in readings]

@@ -5,7 +5,8 @@ One training step (DDPM Algorithm 1 in the VAE's latent space, LDM eq. 2):
     z0 = scaling_factor * (mean + std * eps')                    posterior sample, scaled to unit variance
     t ~ U{0..T-1}, eps ~ N(0, I), z_t = sqrt(ab_t) z0 + sqrt(1 - ab_t) eps
     cond -> null condition with probability cfg_dropout_prob     (classifier-free guidance training)
-    loss = || unet(z_t, t, cond) - target ||                     target eps or v; mse | l1 | huber
+    loss = w_t || unet(z_t, t, cond) - target ||                 target eps or v; mse | l1 | huber;
+                                                                 w_t = 1, or min-SNR-gamma (snr_gamma)
 
 Every random draw of a step (flips, posterior sample, timesteps, noise, condition dropout) comes from two
 generators that checkpoints save, so a resumed run takes exactly the steps the uninterrupted one would, and a run
@@ -25,7 +26,7 @@ import torch
 from ..config import ModelConfig, Stage2TrainConfig, UNetConfig, VAEConfig, to_dict
 from ..data import CONDITIONING, build_dataset
 from ..data.image_folder import DatasetError
-from ..diffusion.schedule import DiffusionProcess, diffusion_loss
+from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder, load_autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
@@ -72,6 +73,22 @@ def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_pa
 
 def resolve_pre_encoded(train_cfg: Stage2TrainConfig, model_cfg: ModelConfig) -> bool:
     return train_cfg.pre_encoded_text if train_cfg.pre_encoded_text is not None else model_cfg.unet.pre_encoded_text
+
+
+def build_process(train_cfg: Stage2TrainConfig) -> DiffusionProcess:
+    """The diffusion process of the training config, after checking the keys no type can check."""
+    if not 0.0 <= train_cfg.cfg_dropout_prob <= 1.0:
+        raise Stage2SetupError(f"cfg_dropout_prob must be in [0, 1], got {train_cfg.cfg_dropout_prob}")
+    if train_cfg.snr_gamma is not None and not train_cfg.snr_gamma > 0:
+        raise Stage2SetupError(f"snr_gamma must be a positive number (5 in Hang et al. 2023) or null, got {train_cfg.snr_gamma}")
+    if train_cfg.noise_offset < 0:
+        raise Stage2SetupError(f"noise_offset must be >= 0 (0.1 is typical), got {train_cfg.noise_offset}")
+    if train_cfg.val_guidance_rescale < 0 or train_cfg.val_guidance_rescale > 1:
+        raise Stage2SetupError(f"val_guidance_rescale must be in [0, 1], got {train_cfg.val_guidance_rescale}")
+    try:
+        return DiffusionProcess.from_config(train_cfg)
+    except ValueError as err:
+        raise Stage2SetupError(str(err)) from None
 
 
 def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
@@ -225,11 +242,12 @@ def diffusion_step_loss(
 ) -> torch.Tensor:
     """DDPM's training loss on scaled latents z0 (B, C, h, w). `unet` may be wrapped (DDP); `unet_module` not."""
     t = process.sample_timesteps(z0.shape[0], z0.device, generator)  # (B,)
-    noise = torch.randn(z0.shape, generator=generator, device=generator.device).to(z0)  # (B, C, h, w)
+    noise = offset_noise(z0.shape, cfg.noise_offset, generator).to(z0)  # (B, C, h, w)
     z_t = process.add_noise(z0, noise, t)
     cond = unet_module.drop_condition(cond, cfg.cfg_dropout_prob, generator)
     pred = unet(z_t, t, cond)
-    return diffusion_loss(pred, process.training_target(z0, noise, t), cfg.loss_fn)
+    weights = process.min_snr_weights(t, cfg.snr_gamma) if cfg.snr_gamma is not None else None  # (B,)
+    return diffusion_loss(pred, process.training_target(z0, noise, t), cfg.loss_fn, weights)
 
 
 def batch_loss(batch: dict, ctx: "Stage2Context", unet, randomness: StepRandomness) -> torch.Tensor:
@@ -322,7 +340,7 @@ def encode_validation_prompts(prompts: list[str], text_encoder, unet_cfg: UNetCo
 
 @torch.no_grad()
 def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> Optional[Path]:
-    """Sample with the EMA weights (DDIM val_sampler_steps, guidance val_guidance_scale, fixed seed), save a grid:
+    """Sample with the EMA weights (val_sampler, val_sampler_steps, val_guidance_scale, fixed seed), save a grid:
     one image per validation prompt, num_val_random_samples fixed class labels, or as many unconditional samples."""
     cfg = ctx.train_cfg
     pipe = LatentDiffusion(ctx.vae, ema_unet, ctx.process, ctx.conditioning, ctx.scaling_factor, ctx.text_encoder)
@@ -340,8 +358,8 @@ def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> O
     n = cond.batch_size if cond is not None else cfg.num_val_random_samples
     generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
     z = pipe.sample_latents(
-        n, cond, uncond, "ddim", min(cfg.val_sampler_steps, ctx.process.num_timesteps), cfg.val_guidance_scale,
-        generator=generator,
+        n, cond, uncond, cfg.val_sampler, min(cfg.val_sampler_steps, ctx.process.num_timesteps), cfg.val_guidance_scale,
+        generator=generator, guidance_rescale=cfg.val_guidance_rescale,
     )
     images = pipe.decode(z)  # (N, 3, H, W)
     path = Path(out_dir) / f"step_{step:07d}.png"
@@ -377,8 +395,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
     scaling_factor = resolve_scaling_factor(model_cfg, args.dataset, args.model_config)
     pre_encoded = resolve_pre_encoded(train_cfg, model_cfg)
     train_cfg = replace(train_cfg, pre_encoded_text=pre_encoded)  # resolved once: the dataset reads it too
-    if not 0.0 <= train_cfg.cfg_dropout_prob <= 1.0:
-        raise Stage2SetupError(f"cfg_dropout_prob must be in [0, 1], got {train_cfg.cfg_dropout_prob}")
+    process = build_process(train_cfg)
     device = accelerator.device
     vae = load_frozen_vae(args.path_to_vae_backbone, model_cfg, device)
     model_cfg = ModelConfig(vae=vae.config, unet=model_cfg.unet, scaling_constants=dict(model_cfg.scaling_constants))
@@ -395,7 +412,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
         conditioning=conditioning,
         scaling_factor=scaling_factor,
         vae=vae,
-        process=DiffusionProcess.from_config(train_cfg),
+        process=process,
         unet_module=unet,
         text_encoder=text_encoder,
         text_model=model_cfg.unet.text_conditioning_hf_model if conditioning == "text" else None,
