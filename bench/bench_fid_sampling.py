@@ -92,6 +92,34 @@ def inception_network(device):
     return inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=1008).to(device).eval()
 
 
+def flops_per_image(args) -> dict[str, float]:
+    """GFLOP (multiply-add = 2) per image of one guided step, one VAE decode and one Inception forward, counted by
+    torch.utils.flop_counter on shape-only (meta) copies of the models."""
+    from argparse import Namespace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    guided = args.conditioning != "none" and args.guidance_scale != 1.0
+    meta = Namespace(**{**vars(args), "device": "meta", "dtype": "float32", "batch": 2 if guided else 1})
+    with torch.device("meta"):
+        pipe = build_pipeline(meta)
+        cond, _ = conditions(pipe, meta)  # a guided step is one UNet forward over [uncond; cond]: batch 2
+        net = inception_network("meta")
+        z = torch.randn(pipe.latent_shape(1))
+        x, t = torch.randn(pipe.latent_shape(meta.batch)), torch.zeros(meta.batch, dtype=torch.long)
+        counts = {}
+        with torch.no_grad():
+            for name, fn in {
+                "step": lambda: pipe.unet(x, t, cond),
+                "decode": lambda: pipe.decode(z),
+                "inception": lambda: net(torch.randn(1, 3, 299, 299)),
+            }.items():
+                with FlopCounterMode(display=False) as counter:
+                    fn()
+                counts[name] = counter.get_total_flops() / 1e9
+    return counts
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -117,7 +145,11 @@ def main() -> None:
             x = torch.rand(args.batch, 3, 299, 299, device=args.device)
             net(x)
             t_inception = timed(lambda: net(x), args.device) / args.batch
-    print(f"VAE decode {t_decode:.4f} s/image, Inception {t_inception:.4f} s/image")
+    gflop = flops_per_image(args)
+    print(f"GFLOP per image: {gflop['step']:.1f} per sampler step (guidance {args.guidance_scale:g}), "
+          f"{gflop['decode']:.1f} per VAE decode, {gflop['inception']:.1f} per Inception forward")
+    print(f"VAE decode {t_decode:.4f} s/image ({gflop['decode'] / t_decode:.1f} GFLOP/s), "
+          f"Inception {t_inception:.4f} s/image")
     for spec in args.samplers:
         name, steps = spec.split(":")
         steps = int(steps)
@@ -131,8 +163,8 @@ def main() -> None:
         per_image = steps * per_step + t_decode + t_inception
         label = f"extrapolated from {run_steps} steps" if run_steps != steps else "measured"
         hours = per_image * args.num_samples / 3600
-        print(f"{spec:14s} {per_image:9.3f} s/image ({label}; {per_step:.4f} s/step/image)  "
-              f"{args.num_samples} samples: {hours:8.2f} h on one device")
+        print(f"{spec:14s} {per_image:9.3f} s/image ({label}; {per_step:.4f} s/step/image, "
+              f"{gflop['step'] / per_step:.1f} GFLOP/s)  {args.num_samples} samples: {hours:8.2f} h on one device")
 
 
 if __name__ == "__main__":
