@@ -36,6 +36,7 @@ from src.evaluation.sharding import map_batches
 from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline
 from src.training.images import save_image_grid
 from src.training.setup import launched_without_gpu
+from src.training.stage2 import read_prompts
 
 logger = logging.getLogger("evaluate")
 
@@ -83,8 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_samples must be at least 2 (FID needs a covariance)")
     if args.num_steps < 1 or args.batch_size < 1 or args.feature_batch_size < 1:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
-    if args.reference and (args.dataset or args.path_to_dataset):
-        parser.error("give either --reference or --dataset / --path_to_dataset, not both")
+    if args.reference and args.dataset:
+        parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
+                     "supplies the validation captions of a text model)")
     return args
 
 
@@ -112,7 +114,8 @@ def sample_conditions(args, pipe: LatentDiffusion) -> tuple[list[str] | None, li
     if pipe.conditioning == "text":
         cfg = from_dict(Stage2TrainConfig, meta["training_config"], "training_config")
         dataset = args.dataset or meta["dataset"]
-        return evaluation_prompts(dataset, args.path_to_dataset, cfg, args.num_samples, args.captions_file), None
+        captions = read_prompts(args.captions_file) if args.captions_file else None
+        return evaluation_prompts(dataset, args.path_to_dataset, cfg, args.num_samples, captions), None
     return None, None
 
 

@@ -214,12 +214,10 @@ def test_gather_in_order_puts_shards_back_and_refuses_duplicates():
 # --------------------------------------------------------------------------------------------------- conditions
 
 
-def test_labels_are_class_balanced_and_prompts_cycle(tmp_path):
+def test_labels_are_class_balanced_and_prompts_cycle():
     counts = collections.Counter(balanced_labels(103, 10))
     assert set(counts) == set(range(10)) and max(counts.values()) - min(counts.values()) == 1
-    captions = tmp_path / "captions.txt"
-    captions.write_text("a red circle\n\na blue square\n")
-    assert evaluation_prompts("shapes", None, TrainConfig(), 5, str(captions)) == [
+    assert evaluation_prompts("shapes", None, TrainConfig(), 5, ["a red circle", "a blue square"]) == [
         "a red circle", "a blue square", "a red circle", "a blue square", "a red circle"]
     held_out = evaluation_prompts("shapes", None, TrainConfig(seed=0), 6)
     assert len(held_out) == 6 and all("background" in p or "on" in p for p in held_out)

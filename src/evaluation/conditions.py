@@ -10,7 +10,6 @@ another seed than training's. Sample i uses prompt i mod len(prompts), so any nu
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from ..config import TrainConfig
@@ -24,16 +23,6 @@ def balanced_labels(num_samples: int, num_classes: int) -> list[int]:
     if num_classes < 1:
         raise ValueError("a class-conditional model needs at least one class")
     return [i % num_classes for i in range(num_samples)]
-
-
-def read_captions_file(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path} (one prompt per line)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts (one prompt per line; blank lines are ignored)")
-    return prompts
 
 
 def validation_captions(dataset: str, path: Optional[str], cfg: TrainConfig, limit: int) -> list[str]:
@@ -57,10 +46,11 @@ def validation_captions(dataset: str, path: Optional[str], cfg: TrainConfig, lim
 
 
 def evaluation_prompts(
-    dataset: str, path: Optional[str], cfg: TrainConfig, num_samples: int, captions_file: Optional[str] = None
+    dataset: str, path: Optional[str], cfg: TrainConfig, num_samples: int, captions: Optional[list[str]] = None
 ) -> list[str]:
-    """One prompt per sample (cycled when there are fewer prompts than samples)."""
-    prompts = read_captions_file(captions_file) if captions_file else validation_captions(dataset, path, cfg, num_samples)
+    """One prompt per sample from `captions` (a captions file's lines) or the validation captions, cycled when
+    there are fewer prompts than samples."""
+    prompts = captions if captions else validation_captions(dataset, path, cfg, num_samples)
     if not prompts:
         raise DatasetError(f"no captions found for '{dataset}': pass --captions_file")
     return [prompts[i % len(prompts)] for i in range(num_samples)]

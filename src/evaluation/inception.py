@@ -14,6 +14,7 @@ its TensorFlow-1.x-compatible bilinear interpolation (the resize the LDM paper's
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import pickle
@@ -103,15 +104,23 @@ class InceptionFeatures(nn.Module):
 
 
 def load_inception(weights: Optional[str | Path] = None, device: str | torch.device = "cpu") -> InceptionFeatures:
-    """torchmetrics' NoTrainInceptionV3 (torch-fidelity's network) from a local state-dict file, weights-only."""
+    """torchmetrics' NoTrainInceptionV3 (torch-fidelity's network) from a local state-dict file, weights-only.
+
+    The network is frozen, so one copy per (file, device) is kept: periodic FID during training reloads nothing."""
+    path = resolve_inception_weights(weights).resolve()
+    st = path.stat()
+    return _load_inception(str(path), st.st_size, st.st_mtime_ns, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_inception(path: str, size: int, mtime_ns: int, device: str) -> InceptionFeatures:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    path = resolve_inception_weights(weights)
     try:
         with weights_only_loading():
             network = NoTrainInceptionV3(
                 name="inception-v3-compat", features_list=[str(FEATURE_DIM)],
-                feature_extractor_weights_path=str(path), antialias=False,
+                feature_extractor_weights_path=path, antialias=False,
             )
     except (pickle.UnpicklingError, RuntimeError, ValueError, OSError, KeyError) as err:  # pickled objects, TorchScript, wrong keys
         why = "it holds pickled objects besides tensors" if isinstance(err, pickle.UnpicklingError) else str(err)[:300]
@@ -119,4 +128,4 @@ def load_inception(weights: Optional[str | Path] = None, device: str | torch.dev
             f"{path} is not the FID Inception state dict ({why}). Use {INCEPTION_FILE} from {INCEPTION_URL}; "
             "a TorchScript archive or a pickled model is refused."
         ) from err
-    return InceptionFeatures(network.to(device).eval(), path, file_sha256(path))
+    return InceptionFeatures(network.to(device).eval(), Path(path), file_sha256(Path(path)))
