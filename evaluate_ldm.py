@@ -134,6 +134,8 @@ def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts
             sampler=args.sampler, num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta,
             seed=args.seed + k,
         )  # (b, 3, H, W)
+        if images.is_cuda:
+            torch.cuda.synchronize()
         timing["seconds"] += time.perf_counter() - t0
         timing["images"] += end - start
         if sum(len(g) for g in grid) < GRID_IMAGES:
