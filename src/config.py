@@ -195,6 +195,10 @@ class Stage2TrainConfig(TrainConfig):
     val_sampler_steps: int = 50
     val_guidance_scale: float = 4.0
     val_guidance_rescale: float = 0.0  # Lin et al. 2024 eq. 15-16; 0 = plain classifier-free guidance
+    # periodic FID / KID of EMA samples against the training images (src/training/periodic_fid.py)
+    fid_num_samples: int = 0  # samples (and reference images) per evaluation; 0 = off
+    fid_eval_freq: int = 0  # every this many steps; 0 = off
+    fid_inception_weights: Optional[str] = None  # the FID Inception file; None: $TORCH_HOME/hub/checkpoints
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,2 +1,2 @@
-"""The test suite (a package, so that `tests.*` imports resolve here and not to a site-packages `tests` that some
-wheels ship, e.g. torch-fidelity)."""
+"""The test suite as a package, so `tests.helpers` resolves here and not to a `tests` package some wheel installs
+(torch-fidelity 0.4.0 ships one into site-packages)."""

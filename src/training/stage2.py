@@ -458,6 +458,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler
     """
     from .checkpoint import save_checkpoint
     from .guard import NonFiniteGuard
+    from .periodic_fid import periodic_fid
     from .setup import MetricsLog, progress_bar
 
     cfg = ctx.train_cfg
@@ -494,6 +495,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler
         values = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "ema_decay": ema.current_decay()}
         if grad_norm is not None:
             values["grad_norm"] = float(grad_norm)
+        values.update(periodic_fid(args, accelerator, ctx, ema.shadow, step))  # {} unless FID is on and due
         metrics.log(values, step)
         if step % cfg.checkpoint_iterations == 0 or step == cfg.total_training_iterations:
             save_checkpoint(

@@ -1,0 +1,56 @@
+"""What each evaluation sample is conditioned on: class-balanced labels, or prompts held out from training.
+
+    labels = balanced_labels(50000, 1000)                      # 50 of each class
+    prompts = evaluation_prompts("conceptual_captions", path, cfg, captions_file=None)
+
+Prompts come from a captions file (one per line) when given, otherwise from the dataset's validation data:
+the `validation` split prep_cc.py writes with --val_fraction, or, for the built-in shapes, captions drawn with
+another seed than training's. Sample i uses prompt i mod len(prompts), so any number of samples can be drawn.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..config import TrainConfig
+from ..data.image_folder import DatasetError
+
+HELD_OUT_SHAPES_SEED_OFFSET = 1_000_003  # shapes captions for evaluation come from seed + this offset
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> list[int]:
+    """Label of sample i is i mod C: every class gets floor(N / C) or ceil(N / C) samples."""
+    if num_classes < 1:
+        raise ValueError("a class-conditional model needs at least one class")
+    return [i % num_classes for i in range(num_samples)]
+
+
+def validation_captions(dataset: str, path: Optional[str], cfg: TrainConfig, limit: int) -> list[str]:
+    """Up to `limit` captions the model was not trained on, from the dataset's validation data."""
+    if dataset == "conceptual_captions":
+        from ..data.conceptual_captions import load_prepared
+
+        try:
+            split = load_prepared(path, "validation")
+        except DatasetError as err:
+            raise DatasetError(
+                f"{err}. Pass --captions_file, or prepare the data with prep_cc.py --val_fraction 0.01"
+            ) from err
+        return [c for c in split.select(range(min(limit, len(split))))["caption"] if c and c.strip()]
+    if dataset == "shapes":
+        from ..data.shapes import ShapesDataset
+
+        held_out = ShapesDataset(limit, 8, seed=cfg.seed + HELD_OUT_SHAPES_SEED_OFFSET)
+        return [held_out.attributes(i)[3] for i in range(limit)]
+    raise DatasetError(f"dataset '{dataset}' has no captions: pass --captions_file for a text-conditional model")
+
+
+def evaluation_prompts(
+    dataset: str, path: Optional[str], cfg: TrainConfig, num_samples: int, captions: Optional[list[str]] = None
+) -> list[str]:
+    """One prompt per sample from `captions` (a captions file's lines) or the validation captions, cycled when
+    there are fewer prompts than samples."""
+    prompts = captions if captions else validation_captions(dataset, path, cfg, num_samples)
+    if not prompts:
+        raise DatasetError(f"no captions found for '{dataset}': pass --captions_file")
+    return [prompts[i % len(prompts)] for i in range(num_samples)]

@@ -1,0 +1,141 @@
+"""evaluate_ldm.py, evaluate_vae.py and the periodic FID of stage-2 training, end to end on tiny models.
+
+The standard Inception weights cannot be downloaded here: a randomly initialised InceptionV3 is saved in the same
+format (a plain state dict) and loaded through the same path as the real file. A handful of images keeps the
+299 x 299 Inception affordable on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate_ldm
+import evaluate_vae
+from src.config import ConfigError, Stage2TrainConfig, load_config
+from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError
+from src.evaluation.reconstruction import psnr, ssim
+from src.models.lpips import VGG16_IMAGENET_FILE, vgg16_trunk
+from tests.eval_helpers import make_random_inception_file
+from tests.helpers import make_tiny_clip
+from tests.stage2_helpers import make_vae_file, run_trainer, tiny_unet, trainer_argv, write_model_config, write_train_config
+
+STEPS = 4
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny text-conditional model trained on shapes for a few steps, with periodic FID on at the last step."""
+    d = tmp_path_factory.mktemp("evaluate")
+    inception = make_random_inception_file(d / "weights" / INCEPTION_FILE)
+    clip = make_tiny_clip(d / "clip")
+    vae = make_vae_file(d / "vae.safetensors")
+    model_cfg = write_model_config(d / "ldm.yaml", tiny_unet(str(clip)), {"shapes": 0.9})
+    train_cfg = write_train_config(
+        d / "train.yaml", total_training_iterations=STEPS, checkpoint_iterations=STEPS, val_generation_freq=0,
+        shapes_num_images=16, val_sampler_steps=2, fid_num_samples=2, fid_eval_freq=STEPS,
+        fid_inception_weights=str(inception),
+    )
+    work = d / "work"
+    run_trainer(trainer_argv(work, train_cfg, model_cfg, vae, "shapes"))
+    return {"dir": d, "inception": inception, "work": work, "model": work / "model.safetensors", "vae": vae}
+
+
+def test_training_logs_fid_and_kid_when_due(trained):
+    rows = [json.loads(line) for line in (trained["work"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all("fid" not in r for r in rows[:-1])  # fid_eval_freq honoured
+    last = rows[-1]
+    assert math.isfinite(last["fid"]) and last["fid"] > 0 and math.isfinite(last["kid"]) and "loss" in last
+    caches = list((trained["work"] / "fid_reference").glob("*.npz"))
+    assert len(caches) == 1
+    with __import__("numpy").load(caches[0]) as stats:
+        assert int(stats["count"]) == 2  # fid_num_samples reference images
+
+
+def test_fid_keys_are_typed_and_a_misspelt_one_is_rejected(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("fid_num_samples: 5000\nfid_eval_freq: 10000\n")
+    cfg = load_config(path, Stage2TrainConfig)
+    assert (cfg.fid_num_samples, cfg.fid_eval_freq, cfg.fid_inception_weights) == (5000, 10000, None)
+    path.write_text("fid_num_sample: 5000\n")
+    with pytest.raises(ConfigError, match="'fid_num_samples'"):
+        load_config(path, Stage2TrainConfig)
+    path.write_text("fid_eval_freq: often\n")
+    with pytest.raises(ConfigError, match="integer"):
+        load_config(path, Stage2TrainConfig)
+
+
+def test_evaluate_ldm_writes_fid_kid_and_a_grid_reusing_the_reference_training_cached(trained, tmp_path):
+    """Same images (2 shapes of the training seed) and same Inception as the training run's periodic FID: the
+    reference statistics are read back from its cache, so this run only samples."""
+    _reset_accelerate()
+    result = evaluate_ldm.main([
+        "--path_to_weights", str(trained["model"]), "--num_samples", "2", "--num_reference", "2",
+        "--batch_size", "2", "--num_steps", "2", "--guidance_scale", "2", "--seed", "5",
+        "--inception_weights", str(trained["inception"]), "--stats_cache", str(trained["work"] / "fid_reference"),
+        "--num_workers", "0", "--output", str(tmp_path / "out"),
+    ])
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == pytest.approx(result)
+    assert math.isfinite(result["fid"]) and result["fid"] > 0 and math.isfinite(result["kid"])
+    assert (result["num_samples"], result["num_reference"], result["reference_statistics"]) == (2, 2, "cached")
+    assert (result["sampler"], result["num_steps"], result["guidance_scale"], result["seed"]) == ("ddim", 2, 2.0, 5)
+    assert result["conditioning"] == "text" and result["reference"] == "shapes"
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 18)  # 2 samples of 16 px
+
+
+def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
+    with pytest.raises(SystemExit):
+        evaluate_ldm.parse_args(["--path_to_weights", str(trained["model"]), "--sampler", "euler_a"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_inception_weights_stop_evaluate_ldm_with_the_file_and_url(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    _reset_accelerate()
+    with pytest.raises(InceptionWeightsError) as err:
+        evaluate_ldm.main(["--path_to_weights", str(trained["model"]), "--output", str(tmp_path / "out")])
+    msg = str(err.value)
+    assert INCEPTION_FILE in msg and INCEPTION_URL in msg
+    assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints") in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_psnr_and_ssim_on_known_pairs():
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.8
+    assert torch.allclose(psnr(x + 0.1, x), torch.full((2,), 20.0), atol=1e-4)  # MSE 0.01 -> 20 dB
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-6)
+    assert (ssim(x.flip(-1), x) < 0.5).all()
+
+
+def test_evaluate_vae_reports_rfid_psnr_ssim_lpips_with_weights_from_torch_home(trained, tmp_path, monkeypatch):
+    """Weights are found in $TORCH_HOME/hub/checkpoints: the Inception file, and (standing in for ImageNet VGG16)
+    a random trunk under torchvision's file name, under our LPIPS with the official linear layers."""
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / INCEPTION_FILE).symlink_to(trained["inception"])
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in vgg16_trunk().state_dict().items()}, hub / VGG16_IMAGENET_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _reset_accelerate()
+    result = evaluate_vae.main([
+        "--path_to_weights", str(trained["vae"]), "--dataset", "shapes", "--num_images", "2", "--batch_size", "2",
+        "--num_workers", "0", "--stats_cache", str(tmp_path / "cache"), "--output", str(tmp_path / "out"),
+    ])
+    assert result["num_images"] == 2 and result["reference_statistics"] == "computed"
+    assert math.isfinite(result["rfid"]) and result["rfid"] > 0  # a random VAE reconstructs badly
+    assert 0 < result["psnr"] < 40 and -1 <= result["ssim"] < 0.99 and result["lpips"] > 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == pytest.approx(result)
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)  # originals over recons
