@@ -61,9 +61,10 @@ def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def init_trackers(accelerator: Accelerator, args, configs: dict) -> None:
-    """Start the --report_to trackers (project --experiment_name, run --wandb_run_name) with the run's configs."""
-    start_trackers(accelerator, args.experiment_name, args.wandb_run_name, args.working_directory, configs)
+def init_trackers(accelerator: Accelerator, args, configs: dict, start_step: int = 0) -> None:
+    """Start the --report_to trackers (project --experiment_name, run --wandb_run_name) with the run's configs;
+    `start_step` > 0 for a resumed run."""
+    start_trackers(accelerator, args.experiment_name, args.wandb_run_name, args.working_directory, configs, start_step)
 
 
 class MetricsLog:

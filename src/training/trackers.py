@@ -86,9 +86,16 @@ def tracker_config(configs: dict) -> dict:
     return {k: (json.dumps(v) if isinstance(v, (list, dict)) else "None" if v is None else v) for k, v in flat.items()}
 
 
-def start_trackers(accelerator: Accelerator, project: str, run_name, working_dir, configs: dict) -> None:
-    """accelerator.init_trackers with the run's configs, then one log line per tracker saying where it writes."""
+def start_trackers(
+    accelerator: Accelerator, project: str, run_name, working_dir, configs: dict, start_step: int = 0
+) -> None:
+    """accelerator.init_trackers with the run's configs, then one log line per tracker saying where it writes.
+
+    A run resumed at `start_step` hides the TensorBoard events an earlier attempt wrote after that step
+    (SummaryWriter's purge_step), so its curves continue instead of doubling back."""
     init_kwargs = {"wandb": {"name": run_name, "dir": str(working_dir)}}
+    if start_step > 0:
+        init_kwargs["tensorboard"] = {"purge_step": start_step + 1}  # events up to start_step stay
     accelerator.init_trackers(project, config=tracker_config(configs) if configs else None, init_kwargs=init_kwargs)
     if accelerator.is_main_process:
         for tracker in accelerator.trackers:
