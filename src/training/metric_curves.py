@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 PANEL_COLUMNS = 4
+SCHEDULE_FAMILIES = ("lr", "ema_decay")  # set by a schedule, not measured: drawn as they are, never smoothed
+MARKERS = "osD^vPX*"  # single points of the metrics of one family
 LOG_SCALE_RATIO = 50.0  # a panel whose positive values span more than this factor gets a log y-axis
 
 
@@ -150,7 +152,8 @@ def plot_runs(
     exclude: Optional[Sequence[str]] = None, title: Optional[str] = None,
 ) -> Path:
     """One PNG: a panel per metric family, each run in its own colour (raw faint, smoothed solid), metrics of
-    one family told apart by line style. `smoothing` None picks a weight per curve (auto_smoothing)."""
+    one family told apart by line style (single points by marker). `smoothing` None picks a weight per curve
+    (auto_smoothing); learning rates and the EMA decay are schedules and are drawn unsmoothed."""
     from matplotlib.figure import Figure
 
     panels = families(runs, patterns, exclude)
@@ -165,13 +168,15 @@ def plot_runs(
     styles = ["-", "--", ":", "-."]
     for ax, (family, names) in zip(axes, panels.items()):
         lows, highs = [], []
+        weight = 0.0 if family in SCHEDULE_FAMILIES else smoothing
         for run, colour in zip(runs, colours):
-            for name, style in zip(names, styles * len(names)):
+            for i, name in enumerate(names):
                 if name not in run.series:
                     continue
                 steps, values = run.series[name]
                 label = run.label if len(names) == 1 else f"{run.label}: {name}"
-                draw_curve(ax, steps, values, colour, style, label, smoothing)
+                line = (styles[i % len(styles)], MARKERS[i % len(MARKERS)])
+                draw_curve(ax, steps, values, colour, line, label, weight)
                 lows.append(min(values))
                 highs.append(max(values))
         ax.set_title(family, fontsize=10)
@@ -191,10 +196,11 @@ def plot_runs(
     return out_path
 
 
-def draw_curve(ax, steps, values, colour, style, label, smoothing: Optional[float]) -> None:
-    """Raw values (faint) and their smoothed curve (solid, labelled); a lone point as a marker."""
+def draw_curve(ax, steps, values, colour, line: tuple[str, str], label, smoothing: Optional[float]) -> None:
+    """Raw values (faint) and their smoothed curve (labelled) in line style line[0]; a lone point as marker line[1]."""
+    style, marker = line
     if len(values) == 1:
-        ax.plot(steps, values, marker="o", color=colour, linestyle="none", label=label)
+        ax.plot(steps, values, marker=marker, color=colour, linestyle="none", label=label)
         return
     weight = auto_smoothing(len(values)) if smoothing is None else smoothing
     if weight > 0:
