@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_tiny_clip
+from tests.helpers import make_tiny_clip
 from src.models.text_encoder import TextEncoder, resolve_text_model
 
 
