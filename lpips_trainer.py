@@ -21,7 +21,13 @@ from accelerate.utils import set_seed
 from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES
 from src.losses.ranking import RankingHead
 from src.models.lpips import load_lpips_checkpoint
-from src.training.lpips_eval import comparison_metrics, evaluate_bapps, format_results, write_eval_json
+from src.training.lpips_eval import (
+    comparison_metrics,
+    evaluate_bapps,
+    format_results,
+    results_as_scalars,
+    write_eval_json,
+)
 from src.training.lpips_train import (
     LPIPSTrainSettings,
     TwoAFCModel,
@@ -33,6 +39,7 @@ from src.training.lpips_train import (
     train_lpips,
 )
 from src.training.setup import MetricsLog, launched_without_gpu, setup_logging
+from src.training.trackers import add_tracker_args, start_trackers, tracker_accelerator_kwargs
 
 logger = logging.getLogger("ldm")
 
@@ -65,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--jnd_sets", nargs="*", choices=JND_CATEGORIES, default=list(JND_CATEGORIES))
     p.add_argument("--evaluation_only", action="store_true", help="evaluate work_dir/checkpoint_name, no training")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiment_name", default="LPIPS", help="tracker project name (TensorBoard run folder)")
+    add_tracker_args(p)  # --report_to tensorboard|wandb|all|none, --log_wandb
     args = p.parse_args(argv)
     if not 0 <= args.decay_epochs <= args.num_epochs:
         p.error(f"--decay_epochs ({args.decay_epochs}) must be between 0 and --num_epochs ({args.num_epochs})")
@@ -72,8 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def train(args, accelerator, checkpoint: Path):
-    """Train from scratch; returns the trained LPIPS (eval mode) and the run info stored in the checkpoint."""
+def train(args, accelerator, checkpoint: Path, metrics: MetricsLog):
+    """Train from scratch; returns the trained LPIPS (eval mode), the epoch losses and the number of steps."""
     loader = make_train_loader(
         args.path_to_root, args.train_sets, args.img_size, args.img_range, args.batch_size, args.seed,
         available_workers(args.num_workers), accelerator,
@@ -89,24 +98,28 @@ def train(args, accelerator, checkpoint: Path):
     )
     info = {k: getattr(args, k) for k in ("img_size", "img_range", "middle_channels", "pretrained_backbone",
                                           "train_backbone", "train_sets", "initial_lr", "batch_size", "seed")}
-    losses = train_lpips(accelerator, model, optimizer, scheduler, loader, settings, checkpoint, info)
-    MetricsLog(accelerator, args.work_dir).log({f"epoch_loss_{i + 1}": v for i, v in enumerate(losses)}, total)
-    return accelerator.unwrap_model(model).lpips.eval(), losses
+    losses = train_lpips(accelerator, model, optimizer, scheduler, loader, settings, checkpoint, info, metrics)
+    return accelerator.unwrap_model(model).lpips.eval(), losses, total
 
 
 def main(args) -> dict:
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=launched_without_gpu())  # torchrun on CPU: gloo
+    accelerator = Accelerator(  # torchrun on CPU: gloo
+        mixed_precision=args.mixed_precision, cpu=launched_without_gpu(),
+        **tracker_accelerator_kwargs(args, args.work_dir),
+    )
     setup_logging(accelerator)
     set_seed(args.seed)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / args.checkpoint_name
-    losses = None
+    losses = steps = metrics_log = None
     if args.evaluation_only:
         lpips = load_lpips_checkpoint(checkpoint)
         logger.info("evaluating %s", checkpoint)
     else:
-        lpips, losses = train(args, accelerator, checkpoint)
+        start_trackers(accelerator, args.experiment_name, None, work_dir, {"args": vars(args)})
+        metrics_log = MetricsLog(accelerator, work_dir)
+        lpips, losses, steps = train(args, accelerator, checkpoint, metrics_log)
         logger.info("saved %s", checkpoint)
     metrics, note = comparison_metrics(lpips, args.eval_lpips_pkg, accelerator)
     results = evaluate_bapps(
@@ -114,6 +127,8 @@ def main(args) -> dict:
         args.eval_batch_size, available_workers(args.num_workers), accelerator,
     )
     accelerator.print(format_results(results))
+    if steps is not None:  # a training run: its held-out scores join its curves
+        metrics_log.log(results_as_scalars(results), steps)
     if accelerator.is_main_process:
         info = {"checkpoint": str(checkpoint), "lpips_package": note, "train_epoch_losses": losses,
                 "mixed_precision": accelerator.mixed_precision}

@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     dataset = build_stage1_dataset(args, model_cfg, train_cfg)
     state, loss_fn = build_stage1(accelerator, model_cfg, train_cfg)
     maybe_resume(accelerator, state, args.working_directory, args.resume_from_checkpoint)
-    init_trackers(accelerator, args, {"model": model_cfg.vae, "train": train_cfg})
+    init_trackers(accelerator, args, {"model": model_cfg.vae, "train": train_cfg}, start_step=state.step)
     logger.info("training on %s (%d images), latent %s", args.dataset, len(dataset), latent_shape(model_cfg))
     train_stage1(accelerator, args, state, loss_fn, dataset, train_cfg)
     path = save_final_model(accelerator, state, args, model_cfg, train_cfg)

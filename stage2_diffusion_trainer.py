@@ -79,7 +79,9 @@ def main(argv=None) -> None:
         world_size=world, num_workers=train_cfg.num_workers, pin_memory=train_cfg.pin_memory,
         start_batch=start_step * train_cfg.gradient_accumulation_steps,
     )
-    init_trackers(accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet})
+    init_trackers(
+        accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet}, start_step=start_step
+    )
     train_loop(args, accelerator, ctx, unet, optimizer, scheduler, ema, loader, randomness, start_step)
     if accelerator.is_main_process:
         save_final_model(ctx, ema.shadow, args.working_directory)

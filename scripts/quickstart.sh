@@ -4,7 +4,7 @@
 #
 #   BAPPS-format set -> lpips_trainer.py -> stage1_vae_trainer.py (shapes, with that LPIPS)
 #   -> compute_vae_scaling.py --update_config -> stage2_diffusion_trainer.py (text-conditional, MiniLM)
-#   -> inference_ldm.py -> evaluate_shapes.py
+#   -> inference_ldm.py -> evaluate_shapes.py -> plot_metrics.py (outputs/quickstart/curves.png)
 #
 # Knobs (environment) for a smaller run, as the test does: QUICKSTART_OUT, QUICKSTART_CONFIGS (a folder with
 # ldm.yaml, stage1_vae_train.yaml, stage2_diffusion_train.yaml, prompts.txt), BAPPS_NUM_TRAIN, BAPPS_NUM_VAL,
@@ -77,6 +77,14 @@ stage "6. inference" $PY inference_ldm.py --model_config "$WORK/ldm.yaml" \
 stage "7. prompt adherence" $PY evaluate_shapes.py --path_to_weights "$WORK/diffusion/model.safetensors" \
   --num_prompts "$EVAL_PROMPTS" --num_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --exclude_prompts "$CONFIGS/prompts.txt" --output "$OUT/evaluation"
 
+# The training curves of the runs above (LPIPS, stage 1, stage 2), one panel per metric family.
+RUNS=()
+for run in "$WORK/lpips" "$WORK/vae" "$WORK/diffusion"; do
+  [ -f "$run/metrics.jsonl" ] && RUNS+=("$run/metrics.jsonl")
+done
+stage "8. training curves" $PY plot_metrics.py "${RUNS[@]}" --output "$OUT/curves.png" --exclude 'skipped_*' \
+  --title "make demo: training curves (LPIPS, stage 1, stage 2)"
+
 TOTAL=$(( $(date +%s) - TOTAL_START ))
 printf '%-28s %5d s\n' "total" "$TOTAL" | tee -a "$TIMES"
 echo
@@ -85,5 +93,7 @@ echo "  $OUT/vae_reconstructions/   stage-1 grids: originals above reconstructio
 echo "  $OUT/diffusion_samples/     stage-2 validation samples during training (EMA, DDIM)"
 echo "  $OUT/generations/           inference_ldm.py: grid.png and one PNG per image"
 echo "  $OUT/evaluation/            results.json (prompt adherence) and grid.png"
+echo "  $OUT/curves.png            training curves of the LPIPS, stage-1 and stage-2 runs"
 echo "  $OUT/stage_times.txt        wall time of each stage"
 echo "  $WORK/                      checkpoints, LPIPS, VAE and LDM model files, metrics.jsonl logs"
+echo "Watch or replay the runs in TensorBoard: tensorboard --logdir $WORK"

@@ -86,6 +86,31 @@ def test_short_training_beats_chance_on_held_out_triplets(trained):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
 
 
+def test_training_curves_reach_metrics_jsonl_and_tensorboard(trained):
+    """The default tracker (TensorBoard) and metrics.jsonl get the same losses, accuracies and rates."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    work = trained["work"]
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((work / "eval.json").read_text())
+    logged = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(2, 19, 2))  # --logging_steps 2, 18 steps
+    assert all(0 <= r["train_2afc"] <= 1 for r in logged) and logged[0]["lr"] > logged[-1]["lr"] >= 0  # decays to 0
+    epochs = [r for r in rows if "epoch_loss" in r]
+    assert [r["step"] for r in epochs] == [6, 12, 18]
+    assert [r["epoch_loss"] for r in epochs] == pytest.approx(result["train_epoch_losses"])
+    final = next(r for r in rows if "val_2afc/mean" in r)
+    assert final["step"] == 18 and final["val_2afc/mean"] == pytest.approx(result["2afc"]["LPIPS Reproduction"]["mean"])
+    assert final["lpips_pkg_val_2afc/mean"] == pytest.approx(result["2afc"]["Original LPIPS"]["mean"])
+
+    events = EventAccumulator(str(work / "tensorboard" / "LPIPS"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(2, 19, 2))
+    assert [e.value for e in events.Scalars("train_2afc")] == pytest.approx([r["train_2afc"] for r in logged])
+    assert [(e.step, e.value) for e in events.Scalars("val_2afc/cnn")] == [
+        (18, pytest.approx(result["2afc"]["LPIPS Reproduction"]["cnn"]))]
+
+
 def test_checkpoint_holds_the_trunk_it_was_given_and_clamped_weights(trained):
     path = trained["work"] / CKPT
     raw = torch.load(path, weights_only=True)

@@ -100,3 +100,9 @@ def test_quickstart_pipeline_hands_off_between_stages(tmp_path):
     for key in ("shape_color", "background_color", "shape"):
         assert 0.0 <= result[key] <= 1.0
     assert "a " in result["prompts"][0] and "background" in result["prompts"][0]
+
+    # the training curves of the three runs, in one PNG, and TensorBoard event files of each run
+    assert "8. training curves" in times and f"wrote {out / 'curves.png'} (3 run(s)" in proc.stdout
+    assert Image.open(out / "curves.png").format == "PNG"
+    for run in ("lpips", "vae", "diffusion"):
+        assert list((work / run / "tensorboard").rglob("events.out.tfevents.*")), run

@@ -193,6 +193,17 @@ def format_results(results: dict) -> str:
     return "\n".join(format_table(name, scores, jnd.get(name)) for name, scores in results["2afc"].items())
 
 
+def results_as_scalars(results: dict) -> dict[str, float]:
+    """Per-category scores as tracker scalars: val_2afc/<category> and jnd_map/<category> for our LPIPS,
+    the same prefixed with lpips_pkg_ for the `lpips` package when it was scored."""
+    scalars = {}
+    for kind, key in (("2afc", "val_2afc"), ("jnd", "jnd_map")):
+        for name, scores in (results[kind] or {}).items():
+            prefix = "" if name == OURS else "lpips_pkg_"
+            scalars.update({f"{prefix}{key}/{category}": score for category, score in scores.items()})
+    return scalars
+
+
 def write_eval_json(path, results: dict, info: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

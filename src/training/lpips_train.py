@@ -119,11 +119,13 @@ def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: 
 
 
 def train_lpips(
-    accelerator, model, optimizer, scheduler, loader, settings: LPIPSTrainSettings, checkpoint_path: Path, info: dict
+    accelerator, model, optimizer, scheduler, loader, settings: LPIPSTrainSettings, checkpoint_path: Path, info: dict,
+    metrics=None,
 ) -> list[float]:
     """Run num_epochs epochs over `loader` (an InfiniteLoader); save the checkpoint after every epoch.
 
-    Returns the mean training loss of each epoch.
+    `metrics` (a MetricsLog) receives loss, train_2afc, lr and skipped_steps every logging_steps, and
+    epoch_loss at the end of every epoch. Returns the mean training loss of each epoch.
     """
     per_epoch = loader.batches_per_epoch
     total = settings.num_epochs * per_epoch
@@ -141,15 +143,20 @@ def train_lpips(
         bar.update(1)
         bar.set_postfix(loss=f"{out['loss']:.4f}", epoch=math.ceil(step / per_epoch))
         if step % settings.logging_steps == 0 and sums["n"]:
+            logged = {"loss": sums["loss"] / sums["n"], "train_2afc": sums["agreement"] / sums["n"],
+                      "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped}
             logger.info(
                 "step %d/%d  epoch %d  loss %.4f  train 2AFC %.3f  lr %.2e  skipped %d",
-                step, total, math.ceil(step / per_epoch), sums["loss"] / sums["n"], sums["agreement"] / sums["n"],
-                scheduler.get_last_lr()[0], skipped,
+                step, total, math.ceil(step / per_epoch), *logged.values(),
             )
+            if metrics is not None:
+                metrics.log(logged, step)
             sums = {"loss": 0.0, "agreement": 0.0, "n": 0}
         if step % per_epoch == 0:
             epoch_losses.append(epoch_sum / per_epoch)
             epoch_sum = 0.0
+            if metrics is not None:
+                metrics.log({"epoch_loss": epoch_losses[-1]}, step)
             save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
     bar.close()
     return epoch_losses

@@ -14,8 +14,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..config import TrainConfig, to_dict
+from ..config import TrainConfig
 from ..data import DATASET_NAMES
+from .trackers import add_tracker_args, start_trackers, tracker_accelerator_kwargs
 
 logger = logging.getLogger("ldm")
 
@@ -25,7 +26,7 @@ def add_stage_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--experiment_name", default="LDM", help="tracker project name")
     parser.add_argument("--wandb_run_name", default=None, help="run name shown in W&B")
     parser.add_argument("--working_directory", required=True, help="checkpoints, logs and model.safetensors")
-    parser.add_argument("--log_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    add_tracker_args(parser)  # --report_to tensorboard|wandb|all|none, --log_wandb
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint_N folder, or 'latest'")
     parser.add_argument("--training_config", required=True, help="training YAML")
     parser.add_argument("--model_config", default="configs/ldm.yaml", help="model YAML (default configs/ldm.yaml)")
@@ -50,27 +51,20 @@ def launched_without_gpu() -> bool:
 
 def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     """An Accelerator with gradient accumulation, mixed precision from `accelerate launch` and trackers."""
-    log_with = None
-    if getattr(args, "log_wandb", False):
-        log_with = "wandb"
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=log_with,
-        project_dir=args.working_directory,
         cpu=launched_without_gpu(),
+        **tracker_accelerator_kwargs(args, args.working_directory),
     )
     setup_logging(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
     return accelerator
 
 
-def init_trackers(accelerator: Accelerator, args, configs: dict) -> None:
-    init_kwargs = {}
-    if getattr(args, "log_wandb", False):
-        init_kwargs["wandb"] = {"name": args.wandb_run_name, "dir": args.working_directory}
-    flat = {f"{section}/{k}": v for section, cfg in configs.items() for k, v in to_dict(cfg).items()} if configs else {}
-    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()}
-    accelerator.init_trackers(args.experiment_name, config=flat, init_kwargs=init_kwargs)
+def init_trackers(accelerator: Accelerator, args, configs: dict, start_step: int = 0) -> None:
+    """Start the --report_to trackers (project --experiment_name, run --wandb_run_name) with the run's configs;
+    `start_step` > 0 for a resumed run."""
+    start_trackers(accelerator, args.experiment_name, args.wandb_run_name, args.working_directory, configs, start_step)
 
 
 class MetricsLog:

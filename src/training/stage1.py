@@ -30,6 +30,7 @@ from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from .guard import NonFiniteGuard
 from .images import save_image_grid
 from .setup import build_optimizer, build_scheduler
+from .trackers import log_image
 
 logger = logging.getLogger("ldm.stage1")
 
@@ -180,6 +181,7 @@ def disc_update(accelerator, state: Stage1State, loss_fn: AutoencoderLoss, x, x_
         state.opt_d.step()
         state.sched_d.step()
         state.opt_d.zero_grad(set_to_none=True)
+        logs["disc_lr"] = torch.tensor(state.sched_d.get_last_lr()[0])
     return logs
 
 
@@ -266,13 +268,6 @@ def save_final_model(accelerator: Accelerator, state: Stage1State, args, model_c
     return save_models(Path(args.working_directory) / "model.safetensors", {"vae": accelerator.unwrap_model(state.vae)}, meta)
 
 
-def log_grid_to_wandb(accelerator: Accelerator, path: Path, step: int) -> None:
-    import wandb
-
-    tracker = accelerator.get_tracker("wandb", unwrap=True)
-    tracker.log({"reconstructions": wandb.Image(str(path))}, step=step)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------------
@@ -313,8 +308,7 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
             metrics.log({**window.pop(), "skipped_files": state.skipped_files}, state.step)
         if accelerator.is_main_process and (state.step % cfg.val_generation_freq == 0 or end):
             grid = save_reconstruction_grid(accelerator.unwrap_model(state.vae), val_images, gens_dir / f"step_{state.step:07d}.png")
-            if args.log_wandb:
-                log_grid_to_wandb(accelerator, grid, state.step)
+            log_image(accelerator, "reconstructions", grid, state.step)
         if state.step % cfg.checkpoint_iterations == 0 or end:
             save_training_checkpoint(accelerator, state, args.working_directory, cfg)
     bar.close()

@@ -32,6 +32,7 @@ from ..models.vae import Autoencoder, load_autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
 from .images import save_image_grid
 from .latent_cache import weights_fingerprint
+from .trackers import log_image
 
 logger = logging.getLogger("ldm")
 
@@ -440,15 +441,6 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
 # --------------------------------------------------------------------------------------------------- the loop
 
 
-def log_grid_to_trackers(accelerator, path: Path, step: int) -> None:
-    """Send a validation grid to the image-capable trackers (W&B); metrics.jsonl keeps only scalars."""
-    from PIL import Image
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "wandb":
-            tracker.log_images({"validation": [Image.open(path)]}, step=step)
-
-
 def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler, ema, loader,
                randomness: StepRandomness, start_step: int) -> int:
     """Train from `start_step` to total_training_iterations exactly; checkpoints and validation grids on the way.
@@ -511,7 +503,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler
                 path = validation_grid(ctx, ema.shadow, step, gens_dir)
                 if path is not None:
                     logger.info("validation grid: %s", path)
-                    log_grid_to_trackers(accelerator, path, step)
+                    log_image(accelerator, "validation", path, step)
             accelerator.wait_for_everyone()
     bar.close()
     return step

@@ -1,0 +1,160 @@
+"""--report_to: TensorBoard event files from tiny stage-1 and stage-2 runs read back with tensorboard's own
+EventAccumulator (scalars equal to metrics.jsonl at the same steps, validation grids as images), a W&B offline
+run, and the flag's choices."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from src.training.trackers import TrackerChoiceError, add_tracker_args, tracker_names
+from tests.stage2_helpers import make_flat_folder, make_vae_file, run_trainer, tiny_unet, trainer_argv
+from tests.stage2_helpers import write_model_config, write_train_config
+from tests.test_stage1_trainer import stage1_args, write_configs
+
+
+def read_jsonl(work: Path) -> list[dict]:
+    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+
+
+def events(work: Path, project: str) -> EventAccumulator:
+    run_dir = work / "tensorboard" / project
+    assert list(run_dir.glob("events.out.tfevents.*")), f"no event file in {run_dir}"
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def assert_scalars_match_jsonl(acc: EventAccumulator, rows: list[dict], names: list[str]) -> None:
+    """Every named metric is in the event file at the steps, and with the values, metrics.jsonl has."""
+    for name in names:
+        logged = {row["step"]: row[name] for row in rows if name in row}
+        assert logged, f"{name} missing from metrics.jsonl"
+        seen = {e.step: e.value for e in acc.Scalars(name)}
+        assert sorted(seen) == sorted(logged), name
+        assert all(seen[s] == pytest.approx(v, rel=1e-5, abs=1e-7) for s, v in logged.items()), name
+
+
+def wait_for_records(path: Path, names: list[bytes], timeout: float = 20.0) -> bytes:
+    """The bytes of a W&B run file once they hold `names`: wandb's service process writes its records (protobuf,
+    keys in clear) a moment after run.finish() returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = path.read_bytes()
+        if all(n in records for n in names) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def run_stage1(argv: list[str]) -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    import stage1_vae_trainer
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    stage1_vae_trainer.main(argv)
+
+
+def test_stage1_tensorboard_by_default_scalars_and_grids_at_their_steps(tmp_path, capsys):
+    """A VQ run with the PatchGAN from step 6: every stage-1 scalar, and the reconstruction grids."""
+    cfgs = write_configs(tmp_path / "cfg", quantize=True, per_gpu_batch_size=2, total_training_iterations=12,
+                         checkpoint_iterations=12, val_generation_freq=6, disc_start=6, num_val_random_samples=2,
+                         shapes_num_images=16)
+    model = yaml.safe_load(cfgs[1].read_text())
+    model["vae"].update(vae_channels_per_block=[8, 8], attention_layers=0)
+    cfgs[1].write_text(yaml.safe_dump(model))
+    work = tmp_path / "work"
+    run_stage1(stage1_args(work, cfgs))  # no --report_to: TensorBoard, as it is installed
+    out = capsys.readouterr().out
+    run_dir = (work / "tensorboard" / "VAETrainer").resolve()
+    assert f"TensorBoard event files: {run_dir}" in out and f"tensorboard --logdir {run_dir.parent}" in out
+
+    acc, rows = events(work, "VAETrainer"), read_jsonl(work)
+    assert [r["step"] for r in rows] == [10, 12]  # every 10 steps and at the end
+    names = ["rec_loss", "vq_loss", "perplexity", "codebook_usage", "grad_norm", "lr",
+             "adaptive_weight", "gen_loss", "disc_loss", "logits_real", "logits_fake", "disc_lr"]
+    assert_scalars_match_jsonl(acc, rows, names)
+
+    grids = acc.Images("reconstructions")
+    assert [g.step for g in grids] == [6, 12]
+    png = Image.open(work / "gens" / "step_0000012.png")
+    assert (grids[-1].width, grids[-1].height) == png.size == (2 + 2 * 18, 2 + 2 * 18)
+    assert not (work / "wandb").exists()
+
+
+def test_stage2_report_to_all_writes_tensorboard_events_and_an_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    d = tmp_path
+    vae = make_vae_file(d / "vae.safetensors")
+    model_cfg = write_model_config(d / "ldm.yaml", tiny_unet(), {"celebahq": 0.8})
+    train = write_train_config(d / "train.yaml", total_training_iterations=4, checkpoint_iterations=4,
+                               val_generation_freq=2, lr_warmup_steps=2, lr_scheduler="linear")
+    work = d / "work"
+    run_trainer(trainer_argv(work, train, model_cfg, vae, "celebahq", "--path_to_dataset", str(make_flat_folder(d / "faces")),
+                             "--path_to_save_gens", str(work / "gens"), "--report_to", "all"))
+
+    acc, rows = events(work, "DiffusionTrainer"), read_jsonl(work)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert_scalars_match_jsonl(acc, rows, ["loss", "lr", "ema_decay", "grad_norm"])
+    lrs = [e.value for e in acc.Scalars("lr")]
+    assert lrs[0] < lrs[1]  # the warm-up shows: the tracker gets each step's own rate
+    decays = [e.value for e in acc.Scalars("ema_decay")]
+    assert all(0 < a < b < 1 for a, b in zip(decays, decays[1:]))  # the EMA warm-up
+    grids = acc.Images("validation")
+    assert [g.step for g in grids] == [2, 4]
+    assert (grids[0].width, grids[0].height) == Image.open(work / "gens" / "step_0000002.png").size
+
+    runs = list((work / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), "W&B should write one offline run"
+    names = [n.encode() for n in ("loss", "lr", "ema_decay", "grad_norm", "validation")]
+    records = wait_for_records(next(runs[0].glob("run-*.wandb")), names)
+    assert all(name in records for name in names), "the W&B run should hold every scalar and the grids"
+    media = sorted(p.name.split("_")[1] for p in (runs[0] / "files" / "media" / "images").glob("validation_*.png"))
+    assert media == ["2", "4"]  # W&B names each image file after its step
+
+
+def flags(*argv: str) -> argparse.Namespace:
+    return add_tracker_args(argparse.ArgumentParser()).parse_args(list(argv))
+
+
+def test_report_to_choices_alias_and_errors(capsys):
+    assert tracker_names(flags()) == ["tensorboard"]  # installed here, so the default
+    assert tracker_names(flags("--report_to", "none")) == []
+    assert tracker_names(flags("--report_to", "all")) == ["tensorboard", "wandb"]
+    assert tracker_names(flags("--log_wandb")) == ["wandb"]
+    assert tracker_names(flags("--log_wandb", "--report_to", "tensorboard")) == ["tensorboard", "wandb"]
+    with pytest.raises(TrackerChoiceError, match="contradicts"):
+        tracker_names(flags("--log_wandb", "--report_to", "none"))
+    with pytest.raises(SystemExit):
+        flags("--report_to", "tensorbord")
+    err = capsys.readouterr().err
+    assert "tensorbord" in err and all(f"'{c}'" in err for c in ("tensorboard", "wandb", "all", "none"))
+
+
+def test_a_resumed_run_replaces_the_tensorboard_events_after_its_checkpoint(tmp_path):
+    """The first attempt logged steps 1-4 and stopped; resumed from the step-2 checkpoint, steps 3-5 are logged
+    again: TensorBoard shows one curve, 1-2 from the first attempt and 3-5 from the second."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from src.training.trackers import start_trackers, tracker_accelerator_kwargs
+
+    for start, values in ((0, {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}), (2, {3: 30.0, 4: 40.0, 5: 50.0})):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True, **tracker_accelerator_kwargs(flags("--report_to", "tensorboard"), tmp_path))
+        start_trackers(accelerator, "run", None, tmp_path, {}, start_step=start)
+        for step, value in values.items():
+            accelerator.log({"loss": value}, step=step)
+        accelerator.end_training()
+    curve = [(e.step, e.value) for e in events(tmp_path, "run").Scalars("loss")]
+    assert curve == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
