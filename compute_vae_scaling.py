@@ -38,7 +38,8 @@ from src.models.vae import Autoencoder
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--path_to_pretrained_weights", required=True,
-                   help="stage-1 model.safetensors, or a diffusers AutoencoderKL folder / .safetensors beside config.json")
+                   help="stage-1 model.safetensors, or a diffusers AutoencoderKL folder (or its .safetensors "
+                   "beside config.json)")
     p.add_argument("--model_config", default="configs/ldm.yaml", help="model YAML that --update_config writes to")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--path_to_dataset", default=None, help="dataset folder (not needed for 'shapes')")

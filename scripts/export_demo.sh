@@ -47,7 +47,7 @@ both[:, ours.shape[1] + gap:] = theirs
 Path(sys.argv[3]).parent.mkdir(parents=True, exist_ok=True)
 Image.fromarray(both).save(sys.argv[3])
 diff = np.abs(ours - theirs)
-print(f"ours vs diffusers, 8-bit pixels: max |diff| {diff.max()}, mean {diff.mean():.4f}, "
-      f"{(diff > 1).mean() * 100:.2f} % differ by more than 1 level")
+print(f"ours vs diffusers, 8-bit pixel values: max |diff| {diff.max()} of 255; {(diff > 0).sum()} of {diff.size} "
+      f"values differ ({(diff > 0).mean() * 100:.3f} %), {(diff > 1).sum()} by more than 1")
 print(f"wrote {sys.argv[3]} (left: inference_ldm.py, right: diffusers)")
 EOF

@@ -70,11 +70,12 @@ class DiffusersFormatError(ValueError):
 
 
 def is_diffusers_model(path) -> bool:
-    """A folder holding config.json or model_index.json, or a .safetensors file with config.json beside it and
-    without our own format tag."""
+    """A folder holding config.json, model_index.json or unet/ or vae/ with a config.json (an export), or a
+    .safetensors file with config.json beside it and without our own format tag."""
     path = Path(path)
     if path.is_dir():
-        return (path / CONFIG_NAME).is_file() or (path / "model_index.json").is_file()
+        markers = (CONFIG_NAME, "model_index.json", f"unet/{CONFIG_NAME}", f"vae/{CONFIG_NAME}")
+        return any((path / m).is_file() for m in markers)
     if path.is_file() and path.suffix == ".safetensors" and (path.parent / CONFIG_NAME).is_file():
         with safe_open(str(path), framework="pt") as f:
             return "ldm-toolkit" not in str((f.metadata() or {}).get("format", ""))
@@ -89,7 +90,8 @@ def diffusers_files(path, subfolder: str) -> tuple[dict, Path]:
         path = path / subfolder
     folder = path if path.is_dir() else path.parent
     hint = (f"expected a diffusers model folder with {CONFIG_NAME} and {WEIGHTS_NAMES[0]} (e.g. the {subfolder}/ "
-            f"folder of a Stable Diffusion download), or that .safetensors file beside its {CONFIG_NAME}")
+            f"folder of a Stable Diffusion download) or that .safetensors file beside its {CONFIG_NAME}; or this "
+            "toolkit's own model.safetensors file")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {hint}")
     if not (folder / CONFIG_NAME).is_file():
@@ -97,7 +99,7 @@ def diffusers_files(path, subfolder: str) -> tuple[dict, Path]:
     config = json.loads((folder / CONFIG_NAME).read_text())
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise DiffusersFormatError(f"{path}: only .safetensors weights are read (pickled .bin files are not loaded)")
+            raise DiffusersFormatError(f"{path}: only .safetensors weights are read (pickled files are not loaded)")
         return config, path
     for name in WEIGHTS_NAMES:
         if (folder / name).is_file():
@@ -154,7 +156,7 @@ def _uniform(value, key: str, path) -> Any:
     """An int, or a list / tuple whose entries are all equal (we have one value for every level)."""
     if isinstance(value, (list, tuple)):
         if len(set(map(json.dumps, value))) != 1:
-            raise DiffusersFormatError(f"{path}: {key}={list(value)} differs per level; this toolkit has one value for all")
+            raise DiffusersFormatError(f"{path}: {key}={list(value)} differs per level; this toolkit has one value")
         return value[0]
     return value
 
@@ -223,9 +225,10 @@ def vae_config_to_diffusers(cfg: VAEConfig, scaling_factor: float) -> dict:
              "attention_residual_connections": True}
     for key, value in fixed.items():
         if getattr(cfg, key) != value:
-            raise DiffusersFormatError(f"vae.{key}: {getattr(cfg, key)} has no AutoencoderKL counterpart (it fixes {value})")
+            raise DiffusersFormatError(f"vae.{key}: {getattr(cfg, key)} has no AutoencoderKL counterpart "
+                                       f"(it fixes {value})")
     if cfg.attention_layers not in (0, 1):
-        raise DiffusersFormatError(f"vae.attention_layers: {cfg.attention_layers}; AutoencoderKL has 0 or 1 mid attention")
+        raise DiffusersFormatError(f"vae.attention_layers: {cfg.attention_layers}; AutoencoderKL has 0 or 1")
     _check_groups(cfg.vae_channels_per_block, cfg.groupnorm_groups, "vae")
     n = len(cfg.vae_channels_per_block)
     return {
@@ -400,7 +403,8 @@ def unet_config_to_diffusers(unet: UNet, sample_size: int) -> dict:
     channels = list(cfg.unet_channels_per_block)
     if cfg.time_embed_start_dim != channels[0]:
         raise DiffusersFormatError(f"unet.time_embed_start_dim {cfg.time_embed_start_dim} != unet_channels_per_block[0] "
-                                   f"{channels[0]}: UNet2DConditionModel's sinusoidal embedding has block_out_channels[0] dims")
+                                   f"{channels[0]}: UNet2DConditionModel's time embedding has block_out_channels[0] "
+                                   "dimensions")
     _check_groups(channels, cfg.groupnorm_groups, "unet")
     heads = [max(1, c // cfg.attention_head_dim) for c in channels]
     return {
@@ -444,7 +448,8 @@ def unet_state_to_diffusers(unet: UNet) -> dict[str, torch.Tensor]:
     return state
 
 
-def unet_state_from_diffusers(state: dict[str, torch.Tensor], conditioning: str, path="weights") -> dict[str, torch.Tensor]:
+def unet_state_from_diffusers(state: dict[str, torch.Tensor], conditioning: str,
+                              path="weights") -> dict[str, torch.Tensor]:
     """UNet2DConditionModel weights -> ours. Without text conditioning the cross-attention is dropped, which is
     exact only when its output projection is zero (as in our exports); otherwise it is an error."""
     out = {}
@@ -473,15 +478,21 @@ def conditioning_of(config: dict, state: dict[str, torch.Tensor]) -> str:
     return "none" if outs and all(v.abs().max() == 0 for v in outs) else "text"
 
 
-def unet_from_diffusers(path, base: Optional[UNetConfig] = None, conditioning: Optional[str] = None) -> tuple[UNet, str]:
-    """(our UNet in eval mode, its conditioning) from a diffusers UNet2DConditionModel. `conditioning` (default:
-    what the weights say) must be one the weights can serve. The null text token, absent there, is left as built."""
+def unet_from_diffusers(path, base: Optional[UNetConfig] = None,
+                        conditioning: Optional[str] = None) -> tuple[UNet, str]:
+    """(our UNet in eval mode, its conditioning) from a diffusers UNet2DConditionModel. `conditioning`, when given,
+    must be what the weights are (conditioning_of). The null text token, absent there, is left as built."""
     config, weights_path = diffusers_files(path, "unet")
     cfg, in_channels = unet_config_from_diffusers(config, base or UNetConfig(), path)
     state = read_weights(weights_path)
-    conditioning = conditioning or conditioning_of(config, state)
-    if conditioning == "class" and not config.get("num_class_embeds"):
-        raise DiffusersFormatError(f"{path}: a class-conditional model needs num_class_embeds in the UNet config")
+    found = conditioning_of(config, state)
+    if conditioning is not None and conditioning != found:
+        why = {"class": f"it has a class embedding (num_class_embeds={config.get('num_class_embeds')})",
+               "none": "its cross-attention is all zeros (an export of an unconditional model)",
+               "text": "its cross-attention is trained and it has no class embedding"}[found]
+        raise DiffusersFormatError(f"{path} is a {found}-conditional UNet ({why}), "
+                                   f"not a {conditioning}-conditional one")
+    conditioning = found
     unet = build_unet(cfg, in_channels, conditioning)
     optional = ("null_text_embedding",) if conditioning == "text" else ()
     _load_state(unet, unet_state_from_diffusers(state, conditioning, weights_path), weights_path, optional)
