@@ -179,3 +179,27 @@ def test_folders_that_are_not_convertible_get_clear_errors(tmp_path):
         dc.unet_config_to_diffusers(build_unet(ours_cfg, 4, "text"), 8)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
     assert not dc.is_diffusers_model(tmp_path / "model.safetensors")  # no config.json beside it
+
+
+def test_stable_diffusion_configs_map_onto_the_design_layout():
+    """SD 2.x's UNet (64-wide heads) and SD's VAE are the design's configs/ldm.yaml; SD 1.x's 8 heads are refused."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from src.config import load_model_config
+    from tests.conftest import ROOT
+
+    design = load_model_config(ROOT / "configs" / "ldm.yaml")
+    blocks = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    with torch.device("meta"):  # configs only: no memory, no compute
+        sd2 = UNet2DConditionModel(**blocks, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+                                   use_linear_projection=True, sample_size=96)
+        sd1 = UNet2DConditionModel(**blocks, attention_head_dim=8, cross_attention_dim=768, sample_size=64)
+        sd_vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, sample_size=256,
+                               down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+    cfg, in_channels = dc.unet_config_from_diffusers({"_class_name": "UNet2DConditionModel", **sd2.config}, design.unet)
+    assert in_channels == 4 and cfg == UNetConfig(**{**design.unet.__dict__, "text_embed_dim": 1024})
+    with pytest.raises(dc.DiffusersFormatError, match=r"head widths \[40, 80, 160, 160\].*1.x's can't"):
+        dc.unet_config_from_diffusers({"_class_name": "UNet2DConditionModel", **sd1.config}, design.unet)
+    vae_cfg = dc.vae_config_from_diffusers({"_class_name": "AutoencoderKL", **sd_vae.config}, design.vae.img_size)
+    assert vae_cfg == design.vae and sd_vae.config.scaling_factor == 0.18215
