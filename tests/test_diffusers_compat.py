@@ -3,6 +3,7 @@ tensors and the same outputs; the DDIMScheduler config reproduces our schedule; 
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -129,6 +130,19 @@ def test_ddim_scheduler_config_reproduces_our_schedule(schedule):
     for steps in (1, 10, 50, 1000):
         scheduler.set_timesteps(steps)
         assert scheduler.timesteps.tolist() == ddim_timesteps(1000, steps)
+    assert dc.process_from_scheduler(config) == {"rescale_betas_zero_snr": False, **process.to_dict()}
+
+
+def test_zero_terminal_snr_schedule_maps_onto_ddim_scheduler():
+    from diffusers import DDIMScheduler
+
+    if "rescale_betas_zero_snr" not in inspect.signature(DiffusionProcess).parameters:
+        pytest.skip("this DiffusionProcess has no rescale_betas_zero_snr")
+    process = DiffusionProcess(1000, "scaled_linear", 0.00085, 0.012, "v_prediction", rescale_betas_zero_snr=True)
+    config = dc.scheduler_config_from_process(process.to_dict())
+    scheduler = DDIMScheduler(**config)
+    assert config["rescale_betas_zero_snr"] is True and scheduler.alphas_cumprod[-1] == 0
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), process.alphas_cumprod, rtol=1e-5, atol=1e-7)
     assert dc.process_from_scheduler(config) == process.to_dict()
 
 

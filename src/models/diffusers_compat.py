@@ -518,6 +518,7 @@ PROCESS_TO_SCHEDULER = {
     "beta_start": lambda v: {"beta_start": float(v)},
     "beta_end": lambda v: {"beta_end": float(v)},
     "prediction_type": lambda v: {"prediction_type": v},
+    "rescale_betas_zero_snr": lambda v: {"rescale_betas_zero_snr": bool(v)},  # same formula (Lin et al. 2024, Alg. 1)
 }
 # How our DDIM sampler runs (src/diffusion/samplers.py): "trailing" timesteps from T - 1, the last step lands on
 # alpha_bar = 1, latents are never clipped. steps_offset is unused by "trailing"; StableDiffusionPipeline rewrites
@@ -548,13 +549,11 @@ def process_from_scheduler(config: dict, path="scheduler") -> dict:
     if config.get("trained_betas") is not None or config.get("beta_schedule", "linear") not in names:
         raise DiffusersFormatError(f"{path}: beta_schedule {config.get('beta_schedule')!r} / trained_betas can't be "
                                    f"expressed (supported: {sorted(names)})")
-    process = {"num_timesteps": config.get("num_train_timesteps", 1000),
-               "beta_schedule": names[config.get("beta_schedule", "linear")],
-               "beta_start": config.get("beta_start", 1e-4), "beta_end": config.get("beta_end", 0.02),
-               "prediction_type": config.get("prediction_type", "epsilon")}
-    if config.get("rescale_betas_zero_snr"):
-        process["rescale_betas_zero_snr"] = True
-    return process
+    return {"num_timesteps": config.get("num_train_timesteps", 1000),
+            "beta_schedule": names[config.get("beta_schedule", "linear")],
+            "beta_start": config.get("beta_start", 1e-4), "beta_end": config.get("beta_end", 0.02),
+            "prediction_type": config.get("prediction_type", "epsilon"),
+            "rescale_betas_zero_snr": bool(config.get("rescale_betas_zero_snr", False))}
 
 
 def write_scheduler(folder, process: dict) -> Path:
