@@ -10,6 +10,10 @@ Stage 2 multiplies every latent z ~ q(z|x) by this constant so the diffusion mod
 decoding. The std is taken over all latent elements of a random subset of the dataset (--num_batches x
 --batch_size images). --update_config writes the value to `scaling_constants.<dataset>` in --model_config,
 changing only that line.
+
+--path_to_pretrained_weights also takes a diffusers AutoencoderKL folder (config.json +
+diffusion_pytorch_model.safetensors, e.g. Stable Diffusion's vae/) or that .safetensors beside its config.json; it
+then encodes images of --model_config's vae.img_size, and its config's own scaling_factor is printed for comparison.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -26,12 +31,15 @@ from torch.utils.data import DataLoader, Subset
 from src.config import ConfigError, Stage1TrainConfig, from_dict, load_model_config, to_dict, update_yaml_value
 from src.data import DATASET_NAMES, DatasetError, build_dataset
 from src.data.loader import collate
-from src.models.vae import Autoencoder, load_autoencoder
+from src.models.diffusers_compat import is_diffusers_model, load_vae_backbone
+from src.models.vae import Autoencoder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path_to_pretrained_weights", required=True, help="stage-1 model.safetensors")
+    p.add_argument("--path_to_pretrained_weights", required=True,
+                   help="stage-1 model.safetensors, or a diffusers AutoencoderKL folder (or its .safetensors "
+                   "beside config.json)")
     p.add_argument("--model_config", default="configs/ldm.yaml", help="model YAML that --update_config writes to")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--path_to_dataset", default=None, help="dataset folder (not needed for 'shapes')")
@@ -49,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def data_config(path) -> Stage1TrainConfig:
     """The stage-1 training config stored with the weights (same interpolation, same shapes seed), else defaults."""
+    if is_diffusers_model(path):
+        return Stage1TrainConfig()
     with safe_open(str(path), framework="pt") as f:  # metadata only; the weights were loaded already
         stored = json.loads((f.metadata() or {}).get("training_config", "{}")) or {}
     try:
@@ -99,10 +109,20 @@ def check_model_config(path, vae: Autoencoder) -> None:
               "(the weights file's own config was used)", file=sys.stderr)
 
 
+def load_backbone(args) -> tuple[Autoencoder, float | None]:
+    """(the VAE, its diffusers config's scaling_factor or None). A diffusers VAE encodes vae.img_size images of
+    --model_config (its own sample_size when that file does not exist)."""
+    img_size = None
+    if is_diffusers_model(args.path_to_pretrained_weights) and Path(args.model_config).is_file():
+        img_size = load_model_config(args.model_config).vae.img_size
+    return load_vae_backbone(args.path_to_pretrained_weights, img_size)
+
+
 def main(argv=None) -> float:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = load_autoencoder(args.path_to_pretrained_weights, device).float().eval()
+    vae, config_factor = load_backbone(args)
+    vae = vae.to(device).float().eval()
     if args.update_config:
         check_model_config(args.model_config, vae)  # fail on a bad config before the slow part
     dataset = build_dataset(args.dataset, args.path_to_dataset, vae.config.img_size, data_config(args.path_to_pretrained_weights))
@@ -111,6 +131,9 @@ def main(argv=None) -> float:
     factor = 1.0 / std
     print(f"latent mean {mean:.6f}, std {std:.6f} over {images} images of {args.dataset}")
     print(f"scaling factor ({args.dataset}): {factor:.7f}")
+    if config_factor is not None:
+        print(f"(its config.json says scaling_factor {config_factor:.7g}; stage 2 uses that unless "
+              f"scaling_constants.{args.dataset} is set, as --update_config does)")
     if args.update_config:
         update_yaml_value(args.model_config, "scaling_constants", args.dataset, factor)
         print(f"wrote scaling_constants.{args.dataset}: {factor:.7g} to {args.model_config}")

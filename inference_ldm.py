@@ -11,8 +11,9 @@ The weights file carries its own configs (VAE, UNet, diffusion schedule, scaling
 --model_config and --training_dataset are only checked against it. Sampling: DDIM with --num_steps (default 50),
 DPM-Solver++(2M) (--sampler dpmpp_2m, default 20 steps) or ancestral DDPM over every training step,
 classifier-free guidance --guidance_scale (eps_u + s (eps_c - eps_u); 1 disables it) against the learned null
-condition or --negative_prompt, optionally with --guidance_rescale (Lin et al. 2024). Writes --output/grid.png and one PNG per
-image. The same --seed on the same device and dtype gives the same images.
+condition or --negative_prompt, optionally with --guidance_rescale (Lin et al. 2024). Writes --output/grid.png and
+one PNG per image. The same --seed on the same device and dtype gives the same images. --path_to_vae_backbone
+decodes with another autoencoder of the same latent space (a stage-1 file or a diffusers AutoencoderKL folder).
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/inference", help="folder for grid.png and 000.png, 001.png, ...")
     p.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet / text encoder precision")
+    p.add_argument("--path_to_vae_backbone", default=None,
+                   help="decode with this autoencoder instead of the stored one: a stage-1 model.safetensors or a "
+                   "diffusers AutoencoderKL folder with the same latent space (the scaling factor stays the model's)")
     p.add_argument("--text_encoder", default=None, help="override the stored text model name (a local folder)")
     p.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache holding the text encoder")
     return p
@@ -134,7 +138,8 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.path_to_weights, device, DTYPES[args.dtype], args.text_encoder, args.hf_cache_dir)
+    pipe = load_pipeline(args.path_to_weights, device, DTYPES[args.dtype], args.text_encoder, args.hf_cache_dir,
+                         vae_path=args.path_to_vae_backbone)
     check_against_weights(args, pipe)
     images = pipe.generate(
         prompts=args.prompt,

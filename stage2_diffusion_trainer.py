@@ -9,7 +9,9 @@
 
 The dataset decides the conditioning (celebahq: none; imagenet: class labels when unet.class_conditioning;
 shapes / conceptual_captions: text). Latents are multiplied by scaling_constants[dataset] of the model config
-(compute_vae_scaling.py --update_config writes it). --cache_latents DIR encodes the dataset once and trains from the
+(compute_vae_scaling.py --update_config writes it; a diffusers VAE brings its own config's scaling_factor).
+--path_to_vae_backbone also takes a diffusers AutoencoderKL folder (Stable Diffusion's vae/), converted on load;
+--init_unet starts from a diffusers UNet2DConditionModel or a stage-2 model file. --cache_latents DIR encodes the dataset once and trains from the
 cache. working_directory/model.safetensors ends up holding the EMA UNet, the VAE and every config; inference_ldm.py
 needs nothing else but the text encoder.
 """
@@ -35,7 +37,12 @@ from src.training.stage2 import (
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_stage_args(parser)
-    parser.add_argument("--path_to_vae_backbone", required=True, help="stage-1 model.safetensors (the frozen VAE)")
+    parser.add_argument("--path_to_vae_backbone", required=True,
+                        help="the frozen VAE: stage-1 model.safetensors, or a diffusers AutoencoderKL folder "
+                        "(config.json + diffusion_pytorch_model.safetensors, e.g. Stable Diffusion's vae/)")
+    parser.add_argument("--init_unet", default=None, metavar="PATH",
+                        help="start from these UNet weights: a diffusers UNet2DConditionModel folder (or a pipeline "
+                        "folder with unet/) or a stage-2 model.safetensors; its architecture replaces the unet section")
     parser.add_argument(
         "--cache_latents", default=None, metavar="DIR",
         help="encode the dataset once into DIR (posterior mean/std, text embeddings) and train from it; "

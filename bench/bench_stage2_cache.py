@@ -87,7 +87,7 @@ def main() -> None:
             ns = argparse.Namespace(
                 dataset="shapes", path_to_dataset=None, path_to_vae_backbone=str(vae_file),
                 model_config=args.model_config, val_prompts=None,
-                cache_latents=str(tmp / "cache") if mode == "cache" else None,
+                cache_latents=str(tmp / "cache") if mode == "cache" else None, init_unet=None,
             )
             torch.manual_seed(0)
             start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Benchmark (a): one UNet training step, ours against diffusers.UNet2DConditionModel at equal channels.
 
 Both networks get the same layout (channels, resnets per level, attention levels, head width, text width),
-the same weights (ours renamed into diffusers'), the same DiffusionProcess noising and target, the same loss
-and AdamW step. Steps alternate between the two so that load from other processes hits both alike. Prints
+the same weights (ours converted by src/models/diffusers_compat.py), the same DiffusionProcess noising and
+target, the same loss and AdamW step. Steps alternate between the two so that load from other processes hits both alike. Prints
 seconds per step for each and the ratio ours / diffusers (below 1 = ours faster). Not part of the test run.
 
     .venv/bin/python bench/bench_unet.py                              # CPU-sized default
@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.config import UNetConfig  # noqa: E402
 from src.diffusion.schedule import DiffusionProcess, diffusion_loss  # noqa: E402
+from src.models.diffusers_compat import unet_config_to_diffusers, unet_state_to_diffusers  # noqa: E402
 from src.models.unet import Condition, build_unet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,16 +60,8 @@ def build_pair(args):
     )
     torch.manual_seed(0)
     ours = build_unet(cfg, args.latent_channels, "text")
-    theirs = UNet2DConditionModel(
-        sample_size=args.latent_size, in_channels=args.latent_channels, out_channels=args.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=tuple(args.channels), layers_per_block=args.layers_per_block,
-        cross_attention_dim=args.text_dim, attention_head_dim=tuple(max(1, c // args.head_dim) for c in args.channels),
-        use_linear_projection=True, time_embedding_dim=args.channels[0] * 4,
-    )
-    state = {k.replace(".to_out.", ".to_out.0."): v for k, v in ours.state_dict().items() if k != "null_text_embedding"}
-    theirs.load_state_dict(state, strict=True)
+    theirs = UNet2DConditionModel(**unet_config_to_diffusers(ours, args.latent_size))
+    theirs.load_state_dict(unet_state_to_diffusers(ours), strict=True)
     return ours, theirs
 
 

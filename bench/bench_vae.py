@@ -2,8 +2,8 @@
 
 A step = forward (encode, posterior sample, decode), the full loss (L1 + LPIPS + KL + adaptive-weight PatchGAN
 term, which needs two extra gradient evaluations at the decoder's last layer) and backward. Both models hold
-the same weights (ours renamed into diffusers' keys), so they compute the same function; the script checks
-that first. Timings interleave the two models and report medians; ratio = ours / diffusers (< 1: ours faster).
+the same weights (ours converted by src/models/diffusers_compat.py), so they compute the same function; the
+script checks that first. Timings interleave the two models and report medians; ratio = ours / diffusers (< 1: ours faster).
 
     python bench/bench_vae.py                                   # quickstart size on CPU, then a wider one
     python bench/bench_vae.py --device cuda --channels 128 256 512 512 --img_size 256 --batch_size 4
@@ -23,24 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from src.config import Stage1TrainConfig, VAEConfig  # noqa: E402
 from src.losses.autoencoder import AutoencoderLoss  # noqa: E402
+from src.models.diffusers_compat import vae_config_to_diffusers, vae_state_to_diffusers  # noqa: E402
 from src.models.discriminator import build_discriminator  # noqa: E402
 from src.models.lpips import lpips_with_official_weights  # noqa: E402
 from src.models.vae import build_autoencoder  # noqa: E402
 
 
 def diffusers_twin(vae, cfg: VAEConfig):
-    """diffusers.AutoencoderKL with our channels, loaded with our weights (keys renamed)."""
+    """diffusers.AutoencoderKL with our channels, loaded with our weights (src/models/diffusers_compat.py)."""
     from diffusers import AutoencoderKL
 
-    n = len(cfg.vae_channels_per_block)
-    twin = AutoencoderKL(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels, latent_channels=cfg.latent_channels,
-        block_out_channels=tuple(cfg.vae_channels_per_block), layers_per_block=cfg.residual_layers_per_block,
-        down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-        norm_num_groups=cfg.groupnorm_groups, sample_size=cfg.img_size,
-    )
-    renamed = {k.replace(".attn.", ".").replace("to_out.", "to_out.0."): v for k, v in vae.state_dict().items()}
-    twin.load_state_dict(renamed, strict=True)
+    twin = AutoencoderKL(**vae_config_to_diffusers(cfg, scaling_factor=1.0))
+    twin.load_state_dict(vae_state_to_diffusers(vae.state_dict()), strict=True)
     return twin
 
 

@@ -8,8 +8,7 @@ VAE, the model / training configs, the dataset, its conditioning, the latent sca
 name. Only the text encoder itself is loaded from elsewhere (the local Hugging Face cache or a folder).
 
 Sampling (`generate`): z_T ~ N(0, I) in latent space, DDIM (any number of steps, eta), DPM-Solver++(2M) or
-ancestral DDPM with
-classifier-free guidance eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022), where eps_u comes from the learned
+ancestral DDPM with classifier-free guidance eps = eps_u + s (eps_c - eps_u) (Ho & Salimans 2022), where eps_u comes from the learned
 null condition or from a negative prompt; then x = Decoder(z_0 / scaling_factor).
 """
 
@@ -22,9 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ModelConfig, Stage2TrainConfig, from_dict, to_dict
+from .config import ModelConfig, Stage2TrainConfig, VAEConfig, from_dict, to_dict
 from .diffusion.samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .diffusion.schedule import DiffusionProcess
+from .models.diffusers_compat import load_vae_backbone
 from .models.serialization import load_models, save_models
 from .models.unet import Condition, UNet, build_unet
 from .models.vae import Autoencoder, build_autoencoder
@@ -236,14 +236,18 @@ def load_pipeline(
     text_encoder: Optional[str] = None,
     hf_cache_dir: Optional[str] = None,
     load_text_encoder: bool = True,
+    vae_path: Optional[str] = None,
 ) -> LatentDiffusion:
     """Rebuild the pipeline from a stage-2 model.safetensors. `text_encoder` overrides the stored text model name
-    (a local folder, say). The VAE runs in fp32 when dtype is float16 (its decoder overflows in fp16)."""
+    (a local folder, say); `vae_path` decodes with another autoencoder of the same latent space (our stage-1 file
+    or a diffusers AutoencoderKL folder). The VAE runs in fp32 when dtype is float16 (its decoder overflows in fp16)."""
     tensors, meta = read_stage2_metadata(path)
     model_cfg = from_dict(ModelConfig, meta["model_config"], f"{path} metadata 'model_config'")
     conditioning = meta["conditioning"]
     vae = build_autoencoder(model_cfg.vae)
     vae.load_state_dict(tensors["vae"])
+    if vae_path is not None:
+        vae = replacement_vae(vae_path, model_cfg.vae)
     unet = build_unet(model_cfg.unet, model_cfg.vae.latent_dim, conditioning)
     unet.load_state_dict(tensors["unet"])
     vae_dtype = torch.float32 if dtype == torch.float16 else dtype
@@ -262,6 +266,18 @@ def load_pipeline(
         text_encoder=encoder,
         metadata=meta,
     )
+
+
+def replacement_vae(path, stored: VAEConfig) -> Autoencoder:
+    """The autoencoder at `path`, checked to decode the stored VAE's latents (same channels and downsampling)."""
+    vae, _ = load_vae_backbone(path, img_size=stored.img_size)
+    got = (vae.config.latent_dim, vae.config.downsample_factor)
+    if got != (stored.latent_dim, stored.downsample_factor):
+        raise PipelineError(
+            f"the VAE in {path} has {got[0]}-channel latents at 1/{got[1]} resolution, but the model was trained on "
+            f"{stored.latent_dim}-channel latents at 1/{stored.downsample_factor}: it can't decode them"
+        )
+    return vae
 
 
 def load_text_encoder_for(name_or_path: str, expected_dim: int, cache_dir: Optional[str] = None):

@@ -11,9 +11,12 @@ import torch
 import yaml
 from PIL import Image
 
-from src.config import ModelConfig, UNetConfig, VAEConfig, to_dict
+from src.config import ModelConfig, Stage2TrainConfig, UNetConfig, VAEConfig, to_dict
+from src.diffusion.schedule import DiffusionProcess
 from src.models.serialization import save_models
+from src.models.unet import build_unet
 from src.models.vae import build_autoencoder
+from src.pipeline import save_stage2_model, stage2_metadata
 
 TINY_VAE = VAEConfig(
     img_size=16, latent_channels=4, residual_layers_per_block=1, vae_channels_per_block=[8, 16],
@@ -37,6 +40,22 @@ def make_vae_file(path, seed: int = 0, vae_cfg: VAEConfig = TINY_VAE) -> Path:
     vae = build_autoencoder(vae_cfg)
     meta = {"model_config": to_dict(ModelConfig(vae=vae_cfg)), "training_config": {}, "dataset": "shapes", "stage": 1}
     return save_models(path, {"vae": vae}, meta)
+
+
+def make_stage2_file(path, conditioning: str, unet_cfg: UNetConfig, dataset: str, text_model=None,
+                     vae_cfg: VAEConfig = TINY_VAE, num_timesteps: int = 20) -> Path:
+    """A stage-2 model.safetensors with random weights (scaling factor 0.7, a DDPM schedule of num_timesteps)."""
+    torch.manual_seed(0)
+    vae = build_autoencoder(vae_cfg)
+    unet = build_unet(unet_cfg, vae_cfg.latent_dim, conditioning)
+    with torch.no_grad():  # zero-initialised output layers would make every sample the same: perturb them
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model_cfg = ModelConfig(vae=vae_cfg, unet=unet_cfg, scaling_constants={dataset: 0.7})
+    process = DiffusionProcess(num_timesteps=num_timesteps)
+    meta = stage2_metadata(model_cfg, Stage2TrainConfig(num_diffusion_timesteps=num_timesteps), process, dataset,
+                           conditioning, 0.7, text_model)
+    return save_stage2_model(path, unet, vae, meta)
 
 
 def write_model_config(path, unet: UNetConfig, scaling: dict[str, float], vae_cfg: VAEConfig = TINY_VAE) -> Path:

@@ -12,29 +12,11 @@ import torch
 from PIL import Image
 
 import inference_ldm
-from src.config import ModelConfig, Stage2TrainConfig
-from src.diffusion.schedule import DiffusionProcess
-from src.models.unet import build_unet
-from src.models.vae import build_autoencoder
-from src.pipeline import PipelineError, load_pipeline, save_stage2_model, stage2_metadata
+from src.pipeline import PipelineError, load_pipeline
 from tests.helpers import make_tiny_clip
-from tests.stage2_helpers import TINY_VAE, tiny_unet
+from tests.stage2_helpers import make_stage2_file, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _model_file(path, conditioning: str, unet_cfg, dataset: str, text_model=None) -> Path:
-    torch.manual_seed(0)
-    vae = build_autoencoder(TINY_VAE)
-    unet = build_unet(unet_cfg, TINY_VAE.latent_dim, conditioning)
-    with torch.no_grad():  # zero-initialised output layers would make every sample the same: perturb them
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model_cfg = ModelConfig(vae=TINY_VAE, unet=unet_cfg, scaling_constants={dataset: 0.7})
-    process = DiffusionProcess(num_timesteps=20)
-    meta = stage2_metadata(model_cfg, Stage2TrainConfig(num_diffusion_timesteps=20), process, dataset, conditioning,
-                           0.7, text_model)
-    return save_stage2_model(path, unet, vae, meta)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +24,9 @@ def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("inference_models")
     clip = make_tiny_clip(d / "clip")
     return {
-        "text": _model_file(d / "text.safetensors", "text", tiny_unet(str(clip)), "shapes", str(clip)),
-        "class": _model_file(d / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet"),
-        "none": _model_file(d / "none.safetensors", "none", tiny_unet(), "celebahq"),
+        "text": make_stage2_file(d / "text.safetensors", "text", tiny_unet(str(clip)), "shapes", str(clip)),
+        "class": make_stage2_file(d / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet"),
+        "none": make_stage2_file(d / "none.safetensors", "none", tiny_unet(), "celebahq"),
     }
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from src.config import ModelConfig, VAEConfig, load_model_config, to_dict
+from src.models.diffusers_compat import vae_state_to_diffusers
 from src.models.quantizer import VectorQuantizer, nearest_codes
 from src.models.serialization import save_models
 from src.models.vae import DiagonalGaussian, build_autoencoder, load_autoencoder
@@ -17,11 +18,6 @@ def tiny_cfg(**overrides) -> VAEConfig:
     base = dict(img_size=16, vae_channels_per_block=[8, 16], residual_layers_per_block=1, groupnorm_groups=4)
     base.update(overrides)
     return VAEConfig(**base)
-
-
-def diffusers_name(key: str) -> str:
-    """Our parameter name -> diffusers' (the attention projections sit one level deeper there)."""
-    return key.replace(".attn.", ".").replace("to_out.", "to_out.0.")
 
 
 def test_design_config_maps_256_to_4x32x32_latent():
@@ -47,7 +43,7 @@ def test_parameters_map_one_to_one_onto_diffusers_autoencoderkl():
             layers_per_block=cfg.residual_layers_per_block,
             latent_channels=cfg.latent_channels,
         )
-    ours_shapes = {diffusers_name(k): v.shape for k, v in ours.state_dict().items()}
+    ours_shapes = {k: v.shape for k, v in vae_state_to_diffusers(ours.state_dict()).items()}
     theirs_shapes = {k: v.shape for k, v in theirs.state_dict().items()}
     assert ours_shapes == theirs_shapes
 
@@ -62,7 +58,7 @@ def test_vq_parameters_map_onto_diffusers_vqmodel():
         up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4,
         num_vq_embeddings=32, vq_embed_dim=3, norm_num_groups=8,
     )
-    ours_shapes = {diffusers_name(k): v.shape for k, v in ours.named_parameters()}
+    ours_shapes = {k: v.shape for k, v in vae_state_to_diffusers(dict(ours.named_parameters())).items()}
     theirs_shapes = {k: v.shape for k, v in theirs.named_parameters()}
     assert ours_shapes == theirs_shapes
 

@@ -28,7 +28,8 @@ from ..data import CONDITIONING, build_dataset
 from ..data.image_folder import DatasetError
 from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
 from ..models.unet import Condition, UNet
-from ..models.vae import Autoencoder, load_autoencoder
+from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
+from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
 from .images import save_image_grid
 from .latent_cache import weights_fingerprint
@@ -58,9 +59,15 @@ def resolve_conditioning(dataset: str, unet_cfg: UNetConfig) -> str:
     return kind
 
 
-def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_path) -> float:
-    """scaling_constants[dataset] of the model config, or an error saying how to compute it."""
+def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_path, vae_path=None) -> float:
+    """scaling_constants[dataset] of the model config; else a diffusers VAE's own scaling_factor (config.json);
+    else an error saying how to compute it."""
     if dataset not in model_cfg.scaling_constants:
+        from_vae = diffusers_vae_scaling_factor(vae_path) if vae_path is not None and Path(vae_path).exists() else None
+        if from_vae is not None:
+            logger.info("scaling factor %.6g from %s's config.json (set scaling_constants.%s to override it)",
+                        from_vae, vae_path, dataset)
+            return from_vae
         raise Stage2SetupError(
             f"{model_config_path} has no scaling constant for dataset '{dataset}' (key scaling_constants.{dataset}). "
             f"Compute it with: python compute_vae_scaling.py --path_to_pretrained_weights <stage-1 model.safetensors> "
@@ -93,16 +100,19 @@ def build_process(train_cfg: Stage2TrainConfig) -> DiffusionProcess:
 
 
 def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
-    """The stage-1 autoencoder, frozen, fp32, eval. Its own (stored) config wins over the model config's vae."""
-    if not Path(path).is_file():
+    """The stage-1 autoencoder, frozen, fp32, eval: our model.safetensors (its stored config wins over the model
+    config's vae section) or a diffusers AutoencoderKL (converted; images of the model config's vae.img_size)."""
+    if not Path(path).exists():
         raise FileNotFoundError(
-            f"--path_to_vae_backbone {path} not found: pass the model.safetensors written by stage1_vae_trainer.py"
+            f"--path_to_vae_backbone {path} not found: pass the model.safetensors written by stage1_vae_trainer.py, "
+            "or a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors)"
         )
-    vae = load_autoencoder(path, "cpu").to(device).float().requires_grad_(False).eval()  # safetensors rejects "cpu:0"
+    vae, _ = load_vae_backbone(path, img_size=model_cfg.vae.img_size)  # safetensors rejects "cpu:0": load on cpu
+    vae = vae.to(device).float().requires_grad_(False).eval()
     if to_dict(vae.config) != to_dict(model_cfg.vae):
         diffs = [k for k, v in to_dict(vae.config).items() if to_dict(model_cfg.vae).get(k) != v]
         logger.warning(
-            "the VAE in %s was trained with a different vae config than --model_config (%s); using the VAE's own",
+            "the VAE in %s has a different vae config than --model_config (%s); using the VAE's own",
             path, ", ".join(diffs),
         )
     return vae
@@ -390,20 +400,28 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
     Cheap checks (scaling constant, conditioning) come first, so a misconfigured run stops before any model loads.
     """
     from ..models.unet import build_unet
+    from .init_unet import load_initial_unet
     from .latent_cache import open_or_build_latent_cache
 
     conditioning = resolve_conditioning(args.dataset, model_cfg.unet)
-    scaling_factor = resolve_scaling_factor(model_cfg, args.dataset, args.model_config)
+    scaling_factor = resolve_scaling_factor(model_cfg, args.dataset, args.model_config, args.path_to_vae_backbone)
     pre_encoded = resolve_pre_encoded(train_cfg, model_cfg)
     train_cfg = replace(train_cfg, pre_encoded_text=pre_encoded)  # resolved once: the dataset reads it too
     process = build_process(train_cfg)
     device = accelerator.device
     vae = load_frozen_vae(args.path_to_vae_backbone, model_cfg, device)
     model_cfg = ModelConfig(vae=vae.config, unet=model_cfg.unet, scaling_constants=dict(model_cfg.scaling_constants))
+    process = DiffusionProcess.from_config(train_cfg)
+    extra = {"vae_source": str(args.path_to_vae_backbone), "pre_encoded_text": pre_encoded}
+    initial_unet = None
+    if args.init_unet:
+        initial_unet, unet_cfg = load_initial_unet(args.init_unet, model_cfg.unet, conditioning, vae.config.latent_dim,
+                                                   process.to_dict())
+        model_cfg = replace(model_cfg, unet=unet_cfg)
+        extra["init_unet"] = str(args.init_unet)
     dataset = build_training_dataset(args, train_cfg, vae.config, conditioning, pre_encoded, model_cfg.unet)
     text_encoder = build_text_encoder(conditioning, pre_encoded, model_cfg.unet, device)
-    unet = build_unet(model_cfg.unet, vae.config.latent_dim, conditioning)
-    extra = {"vae_source": str(args.path_to_vae_backbone), "pre_encoded_text": pre_encoded}
+    unet = initial_unet if initial_unet is not None else build_unet(model_cfg.unet, vae.config.latent_dim, conditioning)
     if conditioning == "class":
         extra["class_names"] = list(dataset.classes)
     ctx = Stage2Context(
