@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 from PIL import Image, ImageFilter
 
 from src.data.shapes import COLORS, SHAPES, render, sample_attributes
@@ -84,3 +85,36 @@ def test_clean_rejects_mosaics_second_shapes_two_colour_shapes_and_blank_images(
         assert not read_image(Image.fromarray(arr)).clean
     result = score([("red", "square", "blue")] * 2, [good, Image.fromarray(mosaic)])
     assert result["clean"] == 0.5 and result["clean_and_right"] == 0.5
+
+
+def test_shape_moments_match_theory_and_ignore_blur():
+    """c_4 of a square is 1/60 and c_3 of a disc or square is 0, at any position, size and rotation; blur moves them
+    only a little (exactly invariant in theory; dropping faint coverage far from the shape costs ~10 %)."""
+    from src.evaluation.shapes import coverage, shape_moments
+
+    def moments(img):
+        arr = np.asarray(img, dtype=np.float64)
+        return shape_moments(coverage(arr, np.array(COLORS["blue"], float), np.array(COLORS["red"], float)))
+
+    rng = random.Random(5)
+    for _ in range(10):
+        square = render("red", "square", "blue", 32, rng)
+        sharp, soft = moments(square), moments(square.filter(ImageFilter.GaussianBlur(1.2)))
+        assert sharp[1] == pytest.approx(1 / 60, rel=0.05) and sharp[0] < 0.004
+        assert soft[1] == pytest.approx(sharp[1], rel=0.15) and soft[0] < 0.004
+        disc = moments(render("red", "circle", "blue", 32, rng))
+        assert disc.max() < 0.002
+        triangle = render("red", "triangle", "blue", 32, rng)
+        sharp, soft = moments(triangle), moments(triangle.filter(ImageFilter.GaussianBlur(1.2)))
+        assert sharp[0] > 0.06 and sharp[1] < 0.004
+        assert soft[0] == pytest.approx(sharp[0], rel=0.15) and soft[1] < 0.004
+
+
+def test_reads_soft_noisy_shapes_as_a_generator_draws_them():
+    """Blur (radius 1.2) and noise (std 10) as a soft decoder makes them: shapes and cleanliness still read."""
+    expected, images = _renders(200, 32, seed=6)
+    noise = np.random.default_rng(6)
+    soft = [Image.fromarray(np.clip(np.asarray(im.filter(ImageFilter.GaussianBlur(1.2)), float)
+                                    + noise.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)) for im in images]
+    result = score(expected, soft)
+    assert result["shape"] >= 0.97 and result["clean"] >= 0.95

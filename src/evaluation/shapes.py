@@ -4,13 +4,22 @@ For each generated image:
   1. background colour = median of the border pixels, snapped to the nearest entry of COLORS;
   2. the shape mask = pixels far (in RGB) from that measured background;
   3. shape colour = median of the mask's interior pixels, snapped to COLORS;
-  4. shape class = nearest class centroid of two rotation-invariant mask features, fitted on rendered shapes:
-       moment ratio  area / (4 pi sqrt(det Cov))   (1 for a disc, ~0.95 square, ~0.83 triangle)
-       reach         95th percentile of distance to the centroid / sqrt(area)
+  4. shape class from two complex moments of the shape's coverage ("alpha") map. alpha is each pixel's position on
+     the line from the background colour to the shape colour (0 background, 1 shape), so anti-aliasing and blur
+     give fractional coverage; around the centroid z0, with z = x + iy and mass m = sum(alpha),
+         c_n = | sum alpha (z - z0)^n | / m^(1 + n/2)          n = 3, 4
+     is invariant to translation, rotation and scale, and also to any isotropic blur: convolving with an isotropic
+     kernel leaves the moments of the harmonic polynomial (z - z0)^n unchanged. A disc has c_3 = c_4 = 0, a square
+     c_4 = 1/60 (4-fold symmetry, c_3 = 0), an equilateral triangle c_3 ~ 0.068 (3-fold, c_4 = 0). The class is the
+     nearest of the three class means measured on rendered shapes, each moment scaled by its largest class mean.
+     Coverage under ALPHA_FLOOR, or outside a disc of COVERAGE_RADIUS equivalent radii, is dropped, so faint noise
+     far from the shape (weighted by |z|^4) cannot swamp the moments.
   5. clean = the image is what the dataset draws: exactly one foreground region (8-connected, specks under
      MIN_REGION pixels ignored), whose interior is one palette colour (at least CLEAN_FRACTION of its pixels snap
-     to the shape colour), on a uniform background (at least CLEAN_FRACTION of the pixels away from the shape's
-     anti-aliased rim snap to the background colour). A mosaic of patches, two shapes or a blank image is not.
+     to the shape colour), on a uniform background (at least CLEAN_FRACTION of the pixels two or more pixels away
+     from the shape snap to the background colour), and at least CLEAN_FRACTION of all pixels are blends of those
+     two colours (within BLEND_TOLERANCE of the segment between them: edges may be soft, but not a third colour).
+     A mosaic of patches, two shapes, a two-coloured shape or a blank image is not clean.
 """
 
 from __future__ import annotations
@@ -29,7 +38,10 @@ from ..data.shapes import COLORS, SHAPES, render, sample_attributes
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float64)  # (K, 3)
 MASK_THRESHOLD = 80.0  # RGB distance from the background that counts as "shape"
+ALPHA_FLOOR = 0.15  # coverage below this is background noise, not shape (step 4)
+COVERAGE_RADIUS = 2.0  # shape moments use coverage within this many equivalent-disc radii of the centroid
 MIN_REGION = 3  # connected foreground regions smaller than this (pixels) are specks, not regions
+BLEND_TOLERANCE = 40.0  # RGB distance from the background-to-shape colour segment still counted as a blend
 CLEAN_FRACTION = 0.95  # share of shape / background pixels that must snap to the one expected palette colour
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -61,18 +73,30 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return ~_erode(~mask)
 
 
-def is_clean(arr: np.ndarray, mask: np.ndarray, color: Optional[str], background: str) -> bool:
-    """Step 5 of the module docstring: one region, of one palette colour, on a uniform background."""
+def is_clean(arr: np.ndarray, mask: np.ndarray, color: Optional[str], background: str,
+             background_rgb: np.ndarray, shape_rgb: Optional[np.ndarray]) -> bool:
+    """Step 5 of the module docstring: one region, of one palette colour, on a uniform background, and nothing in
+    the image but those two colours and their blends (an anti-aliased or blurred edge is a blend; a patch of a
+    third colour is not)."""
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     areas = np.bincount(labels.ravel())[1:]  # (n,) pixels per region
     if color is None or (areas >= MIN_REGION).sum() != 1:
         return False
-    inner = _erode(mask)
-    shape_px = arr[inner] if inner.sum() >= 4 else arr[mask]
-    outside = arr[~_dilate(mask)]
+    shape_px = arr[_interior(mask)]  # the shape away from the edge's blend
+    outside = arr[~_dilate(_dilate(mask))]  # the background away from the edge's blend
     shape_ok = (nearest_color_index(shape_px) == _NAMES.index(color)).mean() >= CLEAN_FRACTION
     background_ok = len(outside) > 0 and (nearest_color_index(outside) == _NAMES.index(background)).mean() >= CLEAN_FRACTION
-    return bool(shape_ok and background_ok)
+    alpha = coverage(arr, background_rgb, shape_rgb)[..., None]  # (H, W, 1)
+    off_blend = np.sqrt(((arr - (background_rgb + alpha * (shape_rgb - background_rgb))) ** 2).sum(-1))  # (H, W)
+    blend_ok = (off_blend <= BLEND_TOLERANCE).mean() >= CLEAN_FRACTION
+    return bool(shape_ok and background_ok and blend_ok)
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """The mask eroded twice, or once, or not at all: the deepest version that keeps at least 4 pixels."""
+    inner = _erode(mask)
+    deeper = _erode(inner)
+    return deeper if deeper.sum() >= 4 else inner if inner.sum() >= 4 else mask
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
@@ -84,35 +108,51 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return m
 
 
-def mask_features(mask: np.ndarray) -> Optional[np.ndarray]:
-    """(moment ratio, reach) of a boolean mask; None when the mask is too small to measure."""
-    ys, xs = np.nonzero(mask)
-    area = len(xs)
-    if area < 6:
+def coverage(arr: np.ndarray, background_rgb: np.ndarray, shape_rgb: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1]: each pixel's projection on the segment from the background colour to the shape colour."""
+    d = shape_rgb - background_rgb
+    return np.clip(((arr - background_rgb) @ d) / max(float(d @ d), 1e-9), 0.0, 1.0)
+
+
+def shape_moments(alpha: np.ndarray) -> Optional[np.ndarray]:
+    """(c_3, c_4) of a coverage map (step 4); None when there is too little shape to measure."""
+    h, w = alpha.shape
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5  # pixel centres
+    core = alpha > 0.5
+    if core.sum() < 6:
         return None
-    pts = np.stack([xs, ys], 1).astype(np.float64) + 0.5  # (N, 2) pixel centres
-    centred = pts - pts.mean(0)
-    cov = centred.T @ centred / area + np.eye(2) / 12.0  # + pixel's own second moment
-    ratio = area / (4 * np.pi * np.sqrt(max(np.linalg.det(cov), 1e-9)))
-    reach = np.percentile(np.sqrt((centred**2).sum(1)), 95) / np.sqrt(area)
-    return np.array([ratio, reach])
+    cx, cy = xs[core].mean(), ys[core].mean()
+    radius = COVERAGE_RADIUS * np.sqrt(core.sum() / np.pi)
+    alpha = np.where(((xs - cx) ** 2 + (ys - cy) ** 2 <= radius**2) & (alpha > ALPHA_FLOOR), alpha, 0.0)
+    m = alpha.sum()
+    z = (xs - (alpha * xs).sum() / m) + 1j * (ys - (alpha * ys).sum() / m)
+    return np.array([abs((alpha * z**n).sum()) / m ** (1 + n / 2) for n in (3, 4)])
 
 
 @lru_cache(maxsize=None)
-def _centroids(size: int, n: int = 240, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class mean and std of mask features over `n` rendered shapes of `size` px."""
+def _class_means(size: int, n: int = 240, seed: int = 1234) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 2) mean (c_3, c_4) per class over `n` rendered shapes of `size` px, and (2,) the scale of each moment
+    (its largest class mean: the triangle's c_3, the square's c_4)."""
     rng = random.Random(seed)
     feats: dict[str, list[np.ndarray]] = {s: [] for s in SHAPES}
     for i in range(n):
         color, _, background = sample_attributes(rng)
         shape = SHAPES[i % len(SHAPES)]
         arr = np.asarray(render(color, shape, background, size, rng), dtype=np.float64)
-        f = mask_features(_shape_mask(arr, np.asarray(COLORS[background], dtype=np.float64)))
+        f = shape_moments(coverage(arr, np.asarray(COLORS[background], float), np.asarray(COLORS[color], float)))
         if f is not None:
             feats[shape].append(f)
     means = np.stack([np.mean(feats[s], 0) for s in SHAPES])  # (S, 2)
-    spread = np.stack([np.std(feats[s], 0) for s in SHAPES]).mean(0) + 1e-6  # (2,)
-    return means, spread
+    return means, means.max(0)
+
+
+def classify_shape(alpha: np.ndarray) -> Optional[str]:
+    """The class whose mean moments (scaled) are nearest to this coverage map's; None if there is no shape."""
+    moments = shape_moments(alpha)
+    if moments is None:
+        return None
+    means, scale = _class_means(alpha.shape[0])
+    return SHAPES[int(np.argmin((((means - moments) / scale) ** 2).sum(1)))]
 
 
 def _shape_mask(arr: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
@@ -127,13 +167,13 @@ def read_image(img: Image.Image) -> Reading:
     mask = _shape_mask(arr, bg_rgb)
     inner = _erode(mask)
     pixels = arr[inner] if inner.sum() >= 4 else arr[mask]
-    color = nearest_color(np.median(pixels, axis=0)) if len(pixels) else None
-    feats = mask_features(mask)
-    shape = None
-    if feats is not None:
-        means, spread = _centroids(arr.shape[0])
-        shape = SHAPES[int(np.argmin((((means - feats) / spread) ** 2).sum(1)))]
-    return Reading(color=color, shape=shape, background=background, clean=is_clean(arr, mask, color, background))
+    color = shape = None
+    if len(pixels):
+        shape_rgb = np.median(pixels, axis=0)
+        color = nearest_color(shape_rgb)
+        shape = classify_shape(coverage(arr, bg_rgb, shape_rgb))
+    clean = color is not None and is_clean(arr, mask, color, background, bg_rgb, shape_rgb)
+    return Reading(color=color, shape=shape, background=background, clean=clean)
 
 
 def score(expected: list[tuple[str, str, str]], images: list[Image.Image]) -> dict:
