@@ -66,6 +66,15 @@ class SignalOnRead(Dataset):
 exec(SIGNAL_ON_READ)  # defines SignalOnRead here; the torchrun script below gets the same text
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and spares them OpenMP waits on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def signals_caught():
     """A stray signal must not kill pytest: a no-op handler under the trainers' own (which they restore)."""
