@@ -11,13 +11,7 @@ from src.training.guard import NonFiniteLossError
 from src.training.optim import LRSchedule, build_adamw, param_groups, schedule_factors
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and spares them OpenMP waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_stage1(accum: int = 2, **overrides):

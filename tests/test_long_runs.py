@@ -66,13 +66,7 @@ class SignalOnRead(Dataset):
 exec(SIGNAL_ON_READ)  # defines SignalOnRead here; the torchrun script below gets the same text
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast, and spares them OpenMP waits on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
