@@ -5,7 +5,9 @@
       --decay_epochs 5 --logging_steps 250 --pretrained_backbone --use_dropout \
       --img_range minus_one_to_one --middle_channels 32 --eval_lpips_pkg --mixed_precision
 
-Writes work_dir/checkpoint_name (stage 1's `lpips_checkpoint`) and work_dir/eval.json. No BAPPS at hand?
+Writes work_dir/checkpoint_name (stage 1's `lpips_checkpoint`) and work_dir/eval.json, and after every epoch a
+training checkpoint work_dir/checkpoint_<step>; on SIGTERM or SIGUSR1 it finishes the current step, writes one
+and exits with status 0 (continue with --resume_from_checkpoint latest). No BAPPS at hand?
 `python -m src.data.bapps_synth --out data/bapps_synth` writes a synthetic one in the same layout.
 """
 
@@ -36,6 +38,7 @@ from src.training.lpips_train import (
     build_lpips,
     build_scheduler,
     make_train_loader,
+    resume_training_state,
     train_lpips,
 )
 from src.training.setup import MetricsLog, launched_without_gpu, setup_logging
@@ -74,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiment_name", default="LPIPS", help="tracker project name (TensorBoard run folder)")
     add_tracker_args(p)  # --report_to tensorboard|wandb|all|none, --log_wandb
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="'latest' or a work_dir/checkpoint_N folder (written after every epoch and on SIGTERM/SIGUSR1)")
     args = p.parse_args(argv)
     if not 0 <= args.decay_epochs <= args.num_epochs:
         p.error(f"--decay_epochs ({args.decay_epochs}) must be between 0 and --num_epochs ({args.num_epochs})")
@@ -82,7 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train(args, accelerator, checkpoint: Path, metrics: MetricsLog):
-    """Train from scratch; returns the trained LPIPS (eval mode), the epoch losses and the number of steps."""
+    """Train from scratch or from --resume_from_checkpoint. Returns the trained LPIPS (eval mode), the epoch losses
+    and the number of steps, or Nones when a stop signal ended the run early (after a training checkpoint)."""
+    work_dir = Path(args.work_dir)
     loader = make_train_loader(
         args.path_to_root, args.train_sets, args.img_size, args.img_range, args.batch_size, args.seed,
         available_workers(args.num_workers), accelerator,
@@ -93,13 +100,19 @@ def train(args, accelerator, checkpoint: Path, metrics: MetricsLog):
     total = args.num_epochs * loader.batches_per_epoch
     scheduler = build_scheduler(optimizer, total, args.decay_epochs * loader.batches_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
+    progress = resume_training_state(accelerator, model, optimizer, scheduler, work_dir, args.resume_from_checkpoint)
+    loader.batches_seen = progress.step  # the batches of the steps already trained are skipped, not loaded
+    start_trackers(accelerator, args.experiment_name, None, work_dir, {"args": vars(args)}, progress.step)
+    metrics.continue_from(progress.step)
     settings = LPIPSTrainSettings(
         args.num_epochs, args.decay_epochs, args.initial_lr, args.logging_steps, args.img_range
     )
     info = {k: getattr(args, k) for k in ("img_size", "img_range", "middle_channels", "pretrained_backbone",
                                           "train_backbone", "train_sets", "initial_lr", "batch_size", "seed")}
-    losses = train_lpips(accelerator, model, optimizer, scheduler, loader, settings, checkpoint, info, metrics)
-    return accelerator.unwrap_model(model).lpips.eval(), losses, total
+    if not train_lpips(accelerator, model, optimizer, scheduler, loader, settings, checkpoint, info, progress, work_dir,
+                       metrics):
+        return None, None, None
+    return accelerator.unwrap_model(model).lpips.eval(), progress.epoch_losses, total
 
 
 def main(args) -> dict:
@@ -117,9 +130,11 @@ def main(args) -> dict:
         lpips = load_lpips_checkpoint(checkpoint)
         logger.info("evaluating %s", checkpoint)
     else:
-        start_trackers(accelerator, args.experiment_name, None, work_dir, {"args": vars(args)})
         metrics_log = MetricsLog(accelerator, work_dir)
         lpips, losses, steps = train(args, accelerator, checkpoint, metrics_log)
+        if lpips is None:  # stopped by a signal: the training checkpoint is written, evaluation waits for the end
+            accelerator.end_training()
+            return {}
         logger.info("saved %s", checkpoint)
     metrics, note = comparison_metrics(lpips, args.eval_lpips_pkg, accelerator)
     results = evaluate_bapps(

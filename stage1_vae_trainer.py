@@ -6,7 +6,8 @@
         --path_to_save_gens "src/celebahq_vae_gen"
 
 Plain `python stage1_vae_trainer.py ...` works too. Writes checkpoint_N folders and, at the end,
-working_directory/model.safetensors (the autoencoder with its resolved configs) for stage 2.
+working_directory/model.safetensors (the autoencoder with its resolved configs) for stage 2. On SIGTERM or
+SIGUSR1 it finishes the current step, writes a checkpoint and exits with status 0 (README, "Long runs").
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def main(argv=None) -> None:
     maybe_resume(accelerator, state, args.working_directory, args.resume_from_checkpoint)
     init_trackers(accelerator, args, {"model": model_cfg.vae, "train": train_cfg}, start_step=state.step)
     logger.info("training on %s (%d images), latent %s", args.dataset, len(dataset), latent_shape(model_cfg))
-    train_stage1(accelerator, args, state, loss_fn, dataset, train_cfg)
-    path = save_final_model(accelerator, state, args, model_cfg, train_cfg)
-    if path is not None:
-        logger.info("autoencoder written to %s", path)
+    finished = train_stage1(accelerator, args, state, loss_fn, dataset, train_cfg)
+    if finished:
+        path = save_final_model(accelerator, state, args, model_cfg, train_cfg)
+        if path is not None:
+            logger.info("autoencoder written to %s", path)
     accelerator.end_training()
 
 

@@ -13,7 +13,8 @@ shapes / conceptual_captions: text). Latents are multiplied by scaling_constants
 --path_to_vae_backbone also takes a diffusers AutoencoderKL folder (Stable Diffusion's vae/), converted on load;
 --init_unet starts from a diffusers UNet2DConditionModel or a stage-2 model file. --cache_latents DIR encodes the dataset once and trains from the
 cache. working_directory/model.safetensors ends up holding the EMA UNet, the VAE and every config; inference_ldm.py
-needs nothing else but the text encoder.
+needs nothing else but the text encoder. On SIGTERM or SIGUSR1 it finishes the current step, writes a checkpoint
+and exits with status 0 (README, "Long runs").
 """
 
 from __future__ import annotations
@@ -23,11 +24,10 @@ from pathlib import Path
 
 from src.config import Stage2TrainConfig, load_config, load_model_config
 from src.data.loader import InfiniteLoader
-from src.training.checkpoint import load_checkpoint, resolve_resume_path
-from src.training.ema import EMA
-from src.training.setup import add_stage_args, build_optimizer, build_scheduler, init_trackers, make_accelerator
+from src.training.setup import add_stage_args, init_trackers, make_accelerator
 from src.training.stage2 import (
-    StepRandomness,
+    build_training_state,
+    resume_training,
     save_final_model,
     setup_context,
     train_loop,
@@ -60,38 +60,19 @@ def main(argv=None) -> None:
     accelerator = make_accelerator(args, train_cfg)
     Path(args.working_directory).mkdir(parents=True, exist_ok=True)
     ctx, dataset = setup_context(args, accelerator, train_cfg, model_cfg)
-
-    unet = ctx.unet_module
-    optimizer = build_optimizer(unet.parameters(), train_cfg)
-    world = accelerator.num_processes  # accelerate steps the scheduler once per process
-    scheduler = build_scheduler(
-        train_cfg.lr_scheduler, optimizer, train_cfg.lr_warmup_steps * world, train_cfg.total_training_iterations * world
-    )
-    unet, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
-    ctx.unet_module = accelerator.unwrap_model(unet)
-    ema = EMA(ctx.unet_module, train_cfg.ema_decay, train_cfg.ema_warmup).to(accelerator.device)
-    randomness = StepRandomness.create(train_cfg.seed, accelerator.process_index, accelerator.device)
-
-    start_step = 0
-    resume = resolve_resume_path(args.working_directory, args.resume_from_checkpoint)
-    if resume is not None:
-        state = load_checkpoint(
-            accelerator, resume, {"unet": ctx.unet_module, "ema": ema},
-            {"optimizer": optimizer, "scheduler": scheduler}, randomness.as_dict(),
-        )
-        start_step = state["step"]
-        accelerator.print(f"resumed from {resume} at step {start_step}")
+    state = build_training_state(accelerator, ctx)
+    resume_training(accelerator, state, ctx, args.working_directory, args.resume_from_checkpoint)
     loader = InfiniteLoader(
         dataset, train_cfg.per_gpu_batch_size, seed=train_cfg.seed, rank=accelerator.process_index,
-        world_size=world, num_workers=train_cfg.num_workers, pin_memory=train_cfg.pin_memory,
-        start_batch=start_step * train_cfg.gradient_accumulation_steps,
+        world_size=accelerator.num_processes, num_workers=train_cfg.num_workers, pin_memory=train_cfg.pin_memory,
+        start_batch=state.step * train_cfg.gradient_accumulation_steps,
     )
     init_trackers(
-        accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet}, start_step=start_step
+        accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet}, start_step=state.step
     )
-    train_loop(args, accelerator, ctx, unet, optimizer, scheduler, ema, loader, randomness, start_step)
-    if accelerator.is_main_process:
-        save_final_model(ctx, ema.shadow, args.working_directory)
+    finished = train_loop(args, accelerator, ctx, state, loader)
+    if finished and accelerator.is_main_process:
+        save_final_model(ctx, state.ema.shadow, args.working_directory)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

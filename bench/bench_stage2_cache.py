@@ -27,7 +27,7 @@ from src.config import ModelConfig, Stage2TrainConfig, load_config, load_model_c
 from src.data.loader import InfiniteLoader  # noqa: E402
 from src.models.serialization import save_models  # noqa: E402
 from src.models.vae import build_autoencoder  # noqa: E402
-from src.training.setup import build_optimizer  # noqa: E402
+from src.training.optim import build_adamw  # noqa: E402
 from src.training.stage2 import StepRandomness, batch_loss, setup_context  # noqa: E402
 
 
@@ -52,7 +52,8 @@ def random_vae_file(model_cfg: ModelConfig, path: Path) -> Path:
 def time_steps(accelerator, ctx, dataset, train_cfg, steps: int, warmup: int = 3) -> float:
     """Steps per second of forward + backward + AdamW, data loading and VAE / text encoding included."""
     unet = ctx.unet_module.to(accelerator.device).train()
-    optimizer = build_optimizer(unet.parameters(), train_cfg)
+    optimizer = build_adamw(unet, train_cfg.learning_rate, (train_cfg.adam_beta1, train_cfg.adam_beta2),
+                            train_cfg.adam_epsilon, train_cfg.weight_decay, accelerator.device)
     randomness = StepRandomness.create(train_cfg.seed, 0, accelerator.device)
     batches = iter(InfiniteLoader(dataset, train_cfg.per_gpu_batch_size, seed=train_cfg.seed, num_workers=0))
     for i in range(warmup + steps):

@@ -129,14 +129,15 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
-    weight_decay: float = 0.005
+    weight_decay: float = 0.005  # AdamW's decoupled decay; never applied to biases, norms and embeddings
     seed: int = 0
-    max_nonfinite_steps: int = 5  # this many non-finite losses in a row stop the run
-    # checkpoints and validation
-    checkpoint_iterations: int = 5000
-    checkpoints_total_limit: int = 3  # newest checkpoint_N folders kept
+    max_nonfinite_steps: int = field(default=5, metadata={"min": 1})  # this many skipped steps in a row stop the run
+    # logging, checkpoints and validation
+    log_every: int = field(default=10, metadata={"min": 1})  # metrics are read from the device every this many steps
+    checkpoint_iterations: int = field(default=5000, metadata={"min": 0})  # 0: only at the end and on a stop signal
+    checkpoints_total_limit: int = field(default=3, metadata={"min": 0})  # newest checkpoint_N kept; 0 keeps all
     num_val_random_samples: int = 8
-    val_generation_freq: int = 250
+    val_generation_freq: int = field(default=250, metadata={"min": 0})  # 0: never
     # data
     num_workers: int = 4
     pin_memory: bool = True
@@ -165,6 +166,9 @@ class Stage1TrainConfig(TrainConfig):
     disc_kernel_size: int = 4
     disc_leaky_relu: float = 0.2
     disc_learning_rate: float = 5e-5
+    disc_adam_beta1: float = 0.5  # taming-transformers / LDM train the PatchGAN with Adam(0.5, 0.9), no decay
+    disc_adam_beta2: float = 0.9
+    disc_weight_decay: float = 0.0
     disc_lr_scheduler: str = "constant_with_warmup"
     disc_lr_warmup_steps: int = 500
     disc_start: int = 50000
@@ -288,7 +292,15 @@ def from_dict(cls: type, data: dict, source: str = "<dict>") -> Any:
                 f"{source}: unknown key '{key}' (closest valid key: '{_closest(str(key), names)}')"
             )
         kwargs[key] = _coerce(value, hints[key], f"{source}: key '{key}'")
+        _check_min(cls, key, kwargs[key], source)
     return cls(**kwargs)
+
+
+def _check_min(cls: type, key: str, value: Any, source: str) -> None:
+    """Fields declared with metadata {"min": m} reject smaller values (e.g. a negative interval)."""
+    minimum = next(f.metadata.get("min") for f in dataclasses.fields(cls) if f.name == key)
+    if minimum is not None and value is not None and value < minimum:
+        raise ConfigError(f"{source}: key '{key}' must be >= {minimum}, got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -69,7 +69,7 @@ def write_train_config(path, **overrides) -> Path:
         "learning_rate": 1e-3, "lr_warmup_steps": 0, "total_training_iterations": 6, "checkpoint_iterations": 3,
         "per_gpu_batch_size": 4, "num_workers": 0, "pin_memory": False, "shapes_num_images": 24,
         "num_val_random_samples": 2, "val_generation_freq": 1000, "val_sampler_steps": 2, "ema_decay": 0.99,
-        "seed": 0,
+        "seed": 0, "log_every": 1,
     }
     cfg.update(overrides)
     Path(path).write_text(yaml.safe_dump(cfg))

@@ -63,6 +63,11 @@ def test_misspelt_nested_key(tmp_path):
         ("use_patchgan: 'yes'\n", "true/false"),
         ("learning_rate: fast\n", "number"),
         ("disc_loss: wasserstein\n", "not one of"),
+        ("log_every: 0\n", "key 'log_every' must be >= 1, got 0"),
+        ("checkpoint_iterations: -5\n", "key 'checkpoint_iterations' must be >= 0, got -5"),
+        ("val_generation_freq: -1\n", "key 'val_generation_freq' must be >= 0"),
+        ("max_nonfinite_steps: 0\n", "key 'max_nonfinite_steps' must be >= 1"),
+        ("disc_adam_bet1: 0.5\n", "closest valid key: 'disc_adam_beta1'"),
     ],
 )
 def test_wrong_types_rejected(tmp_path, text, fragment):
@@ -102,3 +107,13 @@ def test_update_yaml_value_rewrites_one_line(tmp_path):
         "conceptual_captions": pytest.approx(0.9091397),
         "shapes": 0.5,
     }
+
+
+def test_zero_intervals_mean_never_and_load(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("checkpoint_iterations: 0\nval_generation_freq: 0\nlog_every: 3\ndisc_adam_beta2: 0.99\n")
+    cfg = load_config(path, Stage1TrainConfig)
+    assert (cfg.checkpoint_iterations, cfg.val_generation_freq, cfg.log_every, cfg.disc_adam_beta2) == (0, 0, 3, 0.99)
+    from src.training.setup import every
+
+    assert not any(every(step, 0) for step in range(1, 10)) and [s for s in range(1, 10) if every(s, 3)] == [3, 6, 9]

@@ -9,6 +9,7 @@ None (unreadable files) are dropped by `collate` and counted in `loader.num_skip
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Iterator, Optional
 
 import torch
@@ -48,6 +49,13 @@ def collate(items: list[Optional[dict]]) -> dict:
         else:
             batch[key] = torch.tensor(values, dtype=torch.long)
     return batch
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: a cluster's SIGTERM / SIGUSR1 reaches the whole process tree; workers leave it to the
+    training process, which finishes its step first (a worker killed by the signal would fail that step)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -106,6 +114,10 @@ class InfiniteLoader:
             pin_memory=pin_memory and torch.cuda.is_available(),
             collate_fn=collate,
             persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+            # each new epoch's iterator draws a worker base seed: from its own generator, not the global one, so
+            # that a resumed run's global RNG stream (dropout) matches the uninterrupted run's
+            generator=torch.Generator().manual_seed(seed + rank),
         )
         self.batches_seen = start_batch
         self.num_skipped = 0

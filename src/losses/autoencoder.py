@@ -40,12 +40,21 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str) -> torc
     raise ValueError(f"reconstruction_loss_fn must be 'l1' or 'l2', got {kind!r}")
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """d = ||dL_rec/dW|| / (||dL_gen/dW|| + 1e-4) at the last layer W, clamped to [0, 1e4], detached (Eq. 7)."""
-    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
-    gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
-    d = rec_grad.float().norm() / (gen_grad.float().norm() + ADAPTIVE_EPS)
-    return d.clamp(0.0, ADAPTIVE_MAX).detach()
+def adaptive_weight(
+    rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor, grad_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """d = ||dL_rec/dW|| / (||dL_gen/dW|| + 1e-4) at the last layer W, clamped to [0, 1e4], detached (Eq. 7).
+
+    Under fp16 the gradients are taken of the losses times the loss scale s (`grad_scale`), as the backward
+    pass does, so that they do not underflow in fp16; s cancels: d = ||s g_rec|| / (||s g_gen|| + s 1e-4).
+    NaN when either gradient is not finite (under fp16: the scaled gradients overflowed).
+    """
+    s = grad_scale if grad_scale is not None else 1.0
+    rec_norm = torch.autograd.grad(rec_loss * s, last_layer, retain_graph=True)[0].float().norm()
+    gen_norm = torch.autograd.grad(gen_loss * s, last_layer, retain_graph=True)[0].float().norm()
+    d = (rec_norm / (gen_norm + ADAPTIVE_EPS * s)).clamp(0.0, ADAPTIVE_MAX)
+    finite = torch.isfinite(rec_norm) & torch.isfinite(gen_norm)
+    return torch.where(finite, d, float("nan")).detach()
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -89,8 +98,13 @@ class AutoencoderLoss(nn.Module):
         discriminator: Optional[nn.Module],
         last_layer: torch.Tensor,
         step: int,
+        grad_scale: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total autoencoder loss for images x (B, 3, H, W) and the autoencoder's output on them."""
+        """Total autoencoder loss for images x (B, 3, H, W) and the autoencoder's output on them.
+
+        `grad_scale`: the fp16 loss scale, for the adaptive weight's gradients (None otherwise). When they
+        overflow, d is 0 and logs["grad_overflow"] is True: the trainer then treats the step as an fp16 overflow.
+        """
         cfg = self.cfg
         x_hat = out.reconstruction
         rec = reconstruction_loss(x, x_hat, cfg.reconstruction_loss_fn)
@@ -108,7 +122,10 @@ class AutoencoderLoss(nn.Module):
             set_requires_grad(discriminator, False)  # the generator step must not train D
             gen = -discriminator(x_hat).float().mean()
             set_requires_grad(discriminator, True)
-            d = adaptive_weight(nll, gen, last_layer) if torch.is_grad_enabled() else nll.new_zeros(())
+            d = adaptive_weight(nll, gen, last_layer, grad_scale) if torch.is_grad_enabled() else nll.new_zeros(())
+            if grad_scale is not None:  # fp16: an overflow of the scaled gradients is the loss scaler's business
+                logs["grad_overflow"] = ~torch.isfinite(d)  # the step is skipped and the scale lowered
+                d = torch.where(torch.isfinite(d), d, 0.0)
             loss = loss + d * cfg.disc_weight * gen
             logs.update(gen_loss=gen.detach(), adaptive_weight=d)
         logs["loss"] = loss.detach()

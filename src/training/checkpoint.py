@@ -1,17 +1,25 @@
-"""Training checkpoints: atomic, rotated, resumable, and loadable without unpickling.
+"""Training checkpoints: atomic, verified, rotated, resumable, and loadable without unpickling.
 
 A checkpoint is a folder `working_directory/checkpoint_<step>` holding
     <module>.safetensors      one per model (and the EMA)
-    <name>.pt                 optimizer / scheduler state dicts (torch.load(weights_only=True) reads them)
+    <name>.pt                 optimizer / schedule / loss-scaler / guard state dicts (torch.load(weights_only=True))
     rng_<rank>.pt             torch (and CUDA) RNG states plus extra generators, per process
     state.json                step and any other counters the trainer passes
+    manifest.json             size and sha256 of every file above, written last
 It is written under a temporary name and renamed when complete, so a run killed mid-save leaves the previous
-checkpoints intact; only the newest `limit` are kept.
+checkpoints intact; only the newest `limit` are kept, and only once the new one is complete. A failed write
+(a full disk, a permission error) stops the run with CheckpointWriteError and leaves earlier checkpoints alone.
+
+At resume the manifest is checked: `latest` takes the newest checkpoint whose files all match it (saying
+which newer ones it skipped and why); an explicit path to a broken checkpoint is an error naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -20,11 +28,67 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)$")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: incomplete, truncated or corrupted."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """Writing a checkpoint failed; the run stops and the checkpoints already on disk are untouched."""
+
+
+# --------------------------------------------------------------------------------------------------- manifest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: {file name: {"bytes", "sha256"}} of every file in `folder`, read back from the disk."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"files": entries}, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def checkpoint_problem(folder) -> Optional[str]:
+    """None when every file of the checkpoint matches its manifest; otherwise what is wrong, naming the file."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing (the checkpoint was not completely written or copied)"
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{manifest} is unreadable"
+    for name, entry in entries.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            return f"{path} has {size} bytes where the manifest records {entry['bytes']} (truncated or partly copied)"
+        if file_sha256(path) != entry["sha256"]:
+            return f"{path} does not match the sha256 in its manifest (corrupted)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- finding
 
 
 def list_checkpoints(working_dir) -> list[Path]:
-    """Complete checkpoints in `working_dir`, oldest first."""
+    """checkpoint_N folders in `working_dir`, oldest first (complete or not)."""
     working_dir = Path(working_dir)
     if not working_dir.is_dir():
         return []
@@ -32,21 +96,71 @@ def list_checkpoints(working_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume_path(working_dir, resume: Optional[str]) -> Optional[Path]:
-    """`--resume_from_checkpoint`: None, 'latest' (None when there is no checkpoint yet) or a folder path."""
+def resolve_resume_path(working_dir, resume: Optional[str], accelerator=None) -> Optional[Path]:
+    """`--resume_from_checkpoint`: None, 'latest' (the newest complete checkpoint; None when there is none
+    yet) or a checkpoint folder, which must be complete. With several processes (`accelerator`), the main
+    process reads and hashes the files and tells the others its answer."""
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        answer: list = [None]
+        if accelerator.is_main_process:
+            try:
+                answer = [("path", resolve_resume_path(working_dir, resume))]
+            except CheckpointError as err:
+                answer = [("error", str(err))]
+        broadcast_object_list(answer, from_process=0)
+        kind, value = answer[0]
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
     if not resume:
         return None
-    if resume == "latest":
-        ckpts = list_checkpoints(working_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint folder (no state.json)")
-    return path
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume_from_checkpoint {path}: no such checkpoint folder")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"cannot resume from {path}: {problem}")
+        return path
+    candidates = list_checkpoints(working_dir)
+    for path in reversed(candidates):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        logger.warning("skipping incomplete checkpoint %s: %s", path.name, problem)
+    if candidates:
+        raise CheckpointError(
+            f"no complete checkpoint in {working_dir} ({len(candidates)} incomplete; see the warnings above): "
+            "refusing to start again from step 0 over them"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- saving
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def _all_succeeded(accelerator, ok: bool) -> bool:
+    """True when the step succeeded on every process (a collective: all processes must call it)."""
+    if accelerator.num_processes == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum").item()) == 0.0
+
+
+def _write_error(step: int, folder: Path, err: Optional[BaseException], working_dir: Path) -> CheckpointWriteError:
+    kept = ", ".join(p.name for p in list_checkpoints(working_dir)) or "none yet"
+    cause = f"{type(err).__name__}: {err}" if err is not None else "it failed on another process (see its log)"
+    return CheckpointWriteError(
+        f"could not write the checkpoint of step {step} to {folder} ({cause}). The run stops here; the "
+        f"checkpoints already on disk are untouched ({kept}): free space or fix permissions, then resume with "
+        "--resume_from_checkpoint latest."
+    )
 
 
 def save_checkpoint(
@@ -62,35 +176,74 @@ def save_checkpoint(
     """Save everything needed to resume at `step`. Call on every process (each saves its own RNG state).
 
     `modules` are unwrapped nn.Modules (and objects with state_dict of tensors, like the EMA); `states` are
-    optimizers and schedulers; `generators` are extra torch.Generators (data augmentation) to restore.
+    objects with state_dict()/load_state_dict() (optimizers, schedules, the loss scaler, the guard);
+    `generators` are extra torch.Generators (data augmentation) to restore. Raises CheckpointWriteError on
+    every process when any write fails.
     """
     working_dir = Path(working_dir)
     final = working_dir / f"checkpoint_{step}"
     tmp = working_dir / f".checkpoint_{step}.tmp"
+    error: Optional[BaseException] = None
+
+    def attempt(fn) -> None:
+        nonlocal error
+        if error is None:
+            try:
+                fn()
+            except OSError as err:
+                error = err
+
+    def check() -> None:
+        if not _all_succeeded(accelerator, error is None):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(step, tmp, error, working_dir) from error
+
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+    check()
+    if accelerator.is_main_process:
+        attempt(lambda: _write_training_files(tmp, step, modules, states, extra))
+    attempt(lambda: torch.save(_rng_state(generators), tmp / f"rng_{accelerator.process_index}.pt"))
+    check()
+    if accelerator.is_main_process:
+        attempt(lambda: (write_manifest(tmp), _publish(tmp, final)))
+    check()
+    if accelerator.is_main_process:
+        for old in list_checkpoints(working_dir)[:-limit] if limit > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, module in modules.items():
-            save_file(_state_dict(module), str(tmp / f"{name}.safetensors"))
-        for name, obj in states.items():
-            torch.save(obj.state_dict(), tmp / f"{name}.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+    return final
+
+
+def _write_training_files(folder: Path, step: int, modules: dict, states: dict, extra: Optional[dict]) -> None:
+    for name, module in modules.items():
+        save_file(_state_dict(module), str(folder / f"{name}.safetensors"))
+    for name, obj in states.items():
+        torch.save(obj.state_dict(), folder / f"{name}.pt")
+    (folder / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
+
+
+def _rng_state(generators: Optional[dict[str, torch.Generator]]) -> dict:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     for name, g in (generators or {}).items():
         rng[f"gen_{name}"] = g.get_state()
-    torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        for old in list_checkpoints(working_dir)[:-limit] if limit > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+    return rng
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished folder into place; an older folder of the same step is removed only afterwards."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------- loading
 
 
 def load_checkpoint(
@@ -100,12 +253,15 @@ def load_checkpoint(
     states: dict[str, object],
     generators: Optional[dict[str, torch.Generator]] = None,
 ) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects; returns state.json's contents."""
+    """Restore what `save_checkpoint` wrote into the given objects, in order; returns state.json's contents."""
     path = Path(path)
     for name, module in modules.items():
         module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
     for name, obj in states.items():
-        obj.load_state_dict(torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True))
+        file = path / f"{name}.pt"
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint was written by a run with other settings")
+        obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
     rng_file = path / f"rng_{accelerator.process_index}.pt"
     if not rng_file.is_file():
         rng_file = path / "rng_0.pt"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 
@@ -21,21 +22,24 @@ class EMA(torch.nn.Module):
         self.shadow = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
-    def current_decay(self) -> float:
-        n = int(self.num_updates)
+    def decay_tensor(self) -> torch.Tensor:
+        """The decay of the next update, a () fp32 tensor on the EMA's device (no host sync)."""
+        n = self.num_updates.float()
         if not self.warmup:
-            return self.decay
-        return min(self.decay, (1 + n) / (10 + n))
+            return torch.full_like(n, self.decay)
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        decay = self.current_decay()
+    def update(self, model: torch.nn.Module, skipped: Optional[torch.Tensor] = None) -> None:
+        """shadow <- lerp(shadow, param, 1 - decay); a no-op, on the device, when `skipped` (a () bool) is True."""
+        keep = torch.ones((), device=self.num_updates.device) if skipped is None else (~skipped).float()
+        weight = (1.0 - self.decay_tensor()) * keep
         ema_params = list(self.shadow.parameters())
         params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        torch._foreach_lerp_(ema_params, params, weight)
         for b_ema, b in zip(self.shadow.buffers(), model.buffers()):
-            b_ema.copy_(b)
-        self.num_updates += 1
+            b_ema.copy_(b if skipped is None else torch.where(skipped, b_ema, b))
+        self.num_updates += keep.long()
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:

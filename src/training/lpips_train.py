@@ -3,7 +3,8 @@
 Per step: one trunk pass over (ref, p0, p1), distances d0 = d(ref, p0), d1 = d(ref, p1) (Eq. 1), the ranking
 head's logit of "p1 preferred", BCE against the judge fraction; Adam (betas 0.5, 0.999), gradients clipped
 to norm 1, then the linear layers clamped to >= 0. The rate is constant for num_epochs - decay_epochs epochs,
-then falls linearly to zero.
+then falls linearly to zero. SIGTERM / SIGUSR1 stop the loop after its step with a training checkpoint, from
+which --resume_from_checkpoint continues exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -118,48 +119,112 @@ def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: 
     return {"loss": loss.item(), "agreement": agreement.item(), "finite": finite}
 
 
+@dataclass
+class LPIPSProgress:
+    """The loop's counters: saved in training checkpoints (state.json), so a resumed run reports the same
+    epoch losses as an uninterrupted one."""
+
+    step: int = 0
+    window_loss: float = 0.0  # sums since the last log line
+    window_agreement: float = 0.0
+    window_n: int = 0
+    epoch_sum: float = 0.0
+    epoch_losses: list = field(default_factory=list)
+    skipped: int = 0
+
+    def add(self, out: dict) -> None:
+        self.skipped += not out["finite"]
+        if out["finite"]:
+            self.window_loss += out["loss"]
+            self.window_agreement += out["agreement"]
+            self.window_n += 1
+            self.epoch_sum += out["loss"]
+
+
 def train_lpips(
     accelerator, model, optimizer, scheduler, loader, settings: LPIPSTrainSettings, checkpoint_path: Path, info: dict,
-    metrics=None,
-) -> list[float]:
-    """Run num_epochs epochs over `loader` (an InfiniteLoader); save the checkpoint after every epoch.
+    progress: LPIPSProgress, work_dir: Path, metrics=None,
+) -> bool:
+    """Run num_epochs epochs over `loader` (an InfiniteLoader) from `progress.step`; after every epoch save the
+    LPIPS checkpoint and a training checkpoint (work_dir/checkpoint_<step>, for --resume_from_checkpoint).
+    `metrics` (a MetricsLog) receives loss, train_2afc, lr and skipped_steps every logging_steps, and epoch_loss
+    at the end of every epoch.
 
-    `metrics` (a MetricsLog) receives loss, train_2afc, lr and skipped_steps every logging_steps, and
-    epoch_loss at the end of every epoch. Returns the mean training loss of each epoch.
+    Returns True when training finished (the mean loss of each epoch is in progress.epoch_losses), False when
+    SIGTERM / SIGUSR1 stopped it early after its current step and a training checkpoint.
     """
+    from .preemption import GracefulStop
+
     per_epoch = loader.batches_per_epoch
     total = settings.num_epochs * per_epoch
-    bar = progress_bar(accelerator, total, 0, "lpips")
-    sums = {"loss": 0.0, "agreement": 0.0, "n": 0}
-    epoch_losses, epoch_sum, skipped = [], 0.0, 0
-    for step, batch in zip(range(1, total + 1), loader):
-        out = train_step(accelerator, model, batch, optimizer, scheduler, settings)
-        skipped += not out["finite"]
-        if out["finite"]:
-            sums["loss"] += out["loss"]
-            sums["agreement"] += out["agreement"]
-            sums["n"] += 1
-            epoch_sum += out["loss"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.4f}", epoch=math.ceil(step / per_epoch))
-        if step % settings.logging_steps == 0 and sums["n"]:
-            logged = {"loss": sums["loss"] / sums["n"], "train_2afc": sums["agreement"] / sums["n"],
-                      "lr": scheduler.get_last_lr()[0], "skipped_steps": skipped}
-            logger.info(
-                "step %d/%d  epoch %d  loss %.4f  train 2AFC %.3f  lr %.2e  skipped %d",
-                step, total, math.ceil(step / per_epoch), *logged.values(),
-            )
-            if metrics is not None:
-                metrics.log(logged, step)
-            sums = {"loss": 0.0, "agreement": 0.0, "n": 0}
-        if step % per_epoch == 0:
-            epoch_losses.append(epoch_sum / per_epoch)
-            epoch_sum = 0.0
-            if metrics is not None:
-                metrics.log({"epoch_loss": epoch_losses[-1]}, step)
-            save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
+    bar = progress_bar(accelerator, total, progress.step, "lpips")
+    batches = iter(loader)
+    with GracefulStop() as stop:
+        while progress.step < total:
+            progress.step += 1
+            step = progress.step
+            out = train_step(accelerator, model, next(batches), optimizer, scheduler, settings)
+            progress.add(out)
+            bar.update(1)
+            bar.set_postfix(loss=f"{out['loss']:.4f}", epoch=math.ceil(step / per_epoch))
+            if step % settings.logging_steps == 0 and progress.window_n:
+                log_window(progress, total, per_epoch, scheduler, metrics)
+            epoch_end = step % per_epoch == 0
+            if epoch_end:
+                progress.epoch_losses.append(progress.epoch_sum / per_epoch)
+                progress.epoch_sum = 0.0
+                if metrics is not None:
+                    metrics.log({"epoch_loss": progress.epoch_losses[-1]}, step)
+                save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
+            stopping = stop.should_stop(accelerator, sync_point=True)  # train_step syncs every step anyway
+            if epoch_end or stopping:
+                path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir)
+            if stopping and step < total:
+                bar.close()
+                stop.report(step, total, path)
+                return False
     bar.close()
-    return epoch_losses
+    return True
+
+
+def log_window(progress: LPIPSProgress, total: int, per_epoch: int, scheduler, metrics=None) -> None:
+    """The log line of the steps since the last one (and the same values to metrics.jsonl / the trackers)."""
+    n = progress.window_n
+    logged = {"loss": progress.window_loss / n, "train_2afc": progress.window_agreement / n,
+              "lr": scheduler.get_last_lr()[0], "skipped_steps": progress.skipped}
+    logger.info(
+        "step %d/%d  epoch %d  loss %.4f  train 2AFC %.3f  lr %.2e  skipped %d",
+        progress.step, total, math.ceil(progress.step / per_epoch), *logged.values(),
+    )
+    if metrics is not None:
+        metrics.log(logged, progress.step)
+    progress.window_loss, progress.window_agreement, progress.window_n = 0.0, 0.0, 0
+
+
+def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path) -> Path:
+    """work_dir/checkpoint_<step>: model, Adam and schedule states, RNG and the loop's counters (2 kept)."""
+    from .checkpoint import save_checkpoint
+
+    extra = {k: v for k, v in asdict(progress).items() if k != "step"}
+    return save_checkpoint(
+        accelerator, work_dir, progress.step, {"model": accelerator.unwrap_model(model)},
+        {"optimizer": optimizer, "scheduler": scheduler}, extra=extra, limit=2,
+    )
+
+
+def resume_training_state(accelerator, model, optimizer, scheduler, work_dir: Path, resume) -> LPIPSProgress:
+    """--resume_from_checkpoint (None, 'latest' or a checkpoint folder): the restored counters, or fresh ones."""
+    from .checkpoint import load_checkpoint, resolve_resume_path
+
+    path = resolve_resume_path(work_dir, resume, accelerator)
+    if path is None:
+        if resume:
+            logger.info("no checkpoint in %s yet: starting from step 0", work_dir)
+        return LPIPSProgress()
+    info = load_checkpoint(accelerator, path, {"model": accelerator.unwrap_model(model)},
+                           {"optimizer": optimizer, "scheduler": scheduler})
+    logger.info("resumed from %s at step %d", path, info["step"])
+    return LPIPSProgress(**info)
 
 
 def save_epoch_checkpoint(accelerator, model, path: Path, info: dict) -> None:

@@ -7,8 +7,9 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 from accelerate import Accelerator
@@ -68,11 +69,24 @@ def init_trackers(accelerator: Accelerator, args, configs: dict, start_step: int
 
 
 class MetricsLog:
-    """Appends one JSON line per logged step to working_directory/metrics.jsonl and forwards to trackers."""
+    """Appends one JSON line per logged step to working_directory/metrics.jsonl and forwards to trackers.
 
-    def __init__(self, accelerator: Accelerator, working_dir):
+    `start_step`: the step the run starts (or resumes) from; lines of later steps left by an earlier run are
+    dropped first, so a resumed run continues the file instead of repeating steps.
+    """
+
+    def __init__(self, accelerator: Accelerator, working_dir, start_step: Optional[int] = None):
         self.accelerator = accelerator
         self.path = Path(working_dir) / "metrics.jsonl"
+        if start_step is not None:
+            self.continue_from(start_step)
+
+    def continue_from(self, step: int) -> None:
+        """Drop the lines of steps after `step` (the step this run starts from)."""
+        from .metrics import truncate_metrics
+
+        if self.accelerator.is_main_process:
+            truncate_metrics(self.path, step)
 
     def log(self, values: dict, step: int) -> None:
         values = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()}
@@ -82,20 +96,53 @@ class MetricsLog:
                 f.write(json.dumps({"step": step, **values}) + "\n")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig, lr: Optional[float] = None):
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=cfg.learning_rate if lr is None else lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
-    )
+def build_trainable(name: str, module: torch.nn.Module, cfg: TrainConfig, device, lr: float, betas, weight_decay: float,
+                    scheduler: str, warmup_steps: int, total_steps: int):
+    """A fused AdamW over `module` (no decay on biases, norms, embeddings), its device-side LR schedule and
+    clipping threshold, as one `Trainable`."""
+    from .optim import LRSchedule, Trainable, build_adamw
+
+    optimizer = build_adamw(module, lr, betas, cfg.adam_epsilon, weight_decay, device)
+    schedule = LRSchedule(optimizer, scheduler, lr, warmup_steps, total_steps)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return Trainable(name, params, optimizer, schedule, cfg.max_grad_norm)
 
 
-def build_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
-    from transformers import get_scheduler
+def gradient_sync(accelerator: Accelerator, models: list, sync: bool):
+    """Context for one micro-batch's backward: DDP all-reduces gradients only when `sync` (the last
+    micro-batch of a step); earlier ones accumulate locally under accelerator.no_sync."""
+    import contextlib
 
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+    stack = contextlib.ExitStack()
+    if not sync:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def every(step: int, interval: int) -> bool:
+    """True at multiples of `interval`; never when it is 0 (the configs' "0 = never")."""
+    return interval > 0 and step % interval == 0
+
+
+@dataclass
+class StepEvents:
+    """What follows a training step: host reads (guard, metrics), a checkpoint, a stop on a signal, the end."""
+
+    log: bool
+    checkpoint: bool
+    stop: bool
+    end: bool
+
+
+def step_events(step: int, cfg: TrainConfig, stop, accelerator: Accelerator) -> StepEvents:
+    """Logs every log_every steps and at every checkpoint (every checkpoint_iterations steps and at the end); a
+    stop signal is voted on at those sync points (every step for a single process) and adds both."""
+    end = step == cfg.total_training_iterations
+    checkpoint = every(step, cfg.checkpoint_iterations) or end
+    sync_point = every(step, cfg.log_every) or checkpoint
+    stopping = stop.should_stop(accelerator, sync_point) and not end
+    return StepEvents(sync_point or stopping, checkpoint or stopping, stopping, end)
 
 
 def progress_bar(accelerator: Accelerator, total: int, initial: int, desc: str):

@@ -1,9 +1,10 @@
 """The pieces of stage1_vae_trainer.py: configs, models, one training step, validation grids, saving.
 
 One generator step = one optimizer update of the autoencoder (and, from disc_start on, of the
-discriminator), made of gradient_accumulation_steps micro-batches. Randomness that shapes the weights comes
-from generators whose states are checkpointed (flips, posterior noise), and batches are a pure function of
-(seed, step), so a resumed run reproduces an uninterrupted one exactly on CPU.
+discriminator), made of gradient_accumulation_steps micro-batches; a step with a non-finite loss or gradient
+is skipped as a whole (guard.py, optim.py). Randomness that shapes the weights comes from generators whose
+states are checkpointed (flips, posterior noise), and batches are a pure function of (seed, step), so a
+resumed run reproduces an uninterrupted one exactly on CPU.
 """
 
 from __future__ import annotations
@@ -27,14 +28,15 @@ from ..models.discriminator import build_discriminator, sync_batchnorm_if_distri
 from ..models.serialization import save_models
 from ..models.vae import Autoencoder, build_autoencoder
 from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
-from .guard import NonFiniteGuard
+from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
-from .setup import build_optimizer, build_scheduler
+from .metrics import MetricWindow, mean_over
+from .optim import Trainable, guarded_update
+from .precision import MixedPrecision
+from .setup import build_trainable, every, gradient_sync, step_events
 from .trackers import log_image
 
 logger = logging.getLogger("ldm.stage1")
-
-LOG_EVERY = 10  # metrics are averaged over this many steps before they are logged
 
 
 def load_stage1_configs(training_config: str, model_config: str) -> tuple[Stage1TrainConfig, ModelConfig]:
@@ -52,10 +54,11 @@ class Stage1State:
 
     vae: nn.Module  # prepared (DDP-wrapped when distributed)
     disc: Optional[nn.Module]
-    opt_g: torch.optim.Optimizer
-    opt_d: Optional[torch.optim.Optimizer]
-    sched_g: object
-    sched_d: Optional[object]
+    vae_opt: Trainable
+    disc_opt: Optional[Trainable]
+    precision: MixedPrecision
+    guard: NonFiniteGuard
+    forward_state: ForwardState  # BatchNorm statistics and VQ codebook, put back when a step is skipped
     flip_gen: torch.Generator
     noise_gen: torch.Generator
     step: int = 0
@@ -68,44 +71,54 @@ class Stage1State:
         return mods
 
     def states(self) -> dict[str, object]:
-        out = {"optimizer": self.opt_g, "scheduler": self.sched_g}
+        """Loaded in this order: each optimizer before its schedule (which re-binds the optimizer's lr)."""
+        out = {"optimizer": self.vae_opt.optimizer, "scheduler": self.vae_opt.schedule}
         if self.disc is not None:
-            out.update(disc_optimizer=self.opt_d, disc_scheduler=self.sched_d)
+            out.update(disc_optimizer=self.disc_opt.optimizer, disc_scheduler=self.disc_opt.schedule)
+        out.update(grad_scaler=self.precision, guard=self.guard)
         return out
 
     def generators(self) -> dict[str, torch.Generator]:
         return {"flip": self.flip_gen, "noise": self.noise_gen}
 
 
+LOSS_TERMS = ("loss", "rec_loss", "lpips_loss", "kl_loss", "vq_loss", "gen_loss", "adaptive_weight", "disc_loss")
+GRAD_TERMS = ("grad_norm/autoencoder", "grad_norm/discriminator")
+
+
 def build_stage1(
     accelerator: Accelerator, model_cfg: ModelConfig, cfg: Stage1TrainConfig
 ) -> tuple[Stage1State, AutoencoderLoss]:
-    """Models, optimisers and LR schedules (prepared), plus the loss with its frozen perceptual network."""
+    """Models, optimisers and LR schedules (models prepared), plus the loss with its frozen perceptual network."""
+    device = accelerator.device
     perceptual = build_perceptual_loss(cfg)  # first: a missing weights file stops the run before the big models
     if perceptual is not None:
-        perceptual = perceptual.to(accelerator.device)
+        perceptual = perceptual.to(device)
     loss_fn = AutoencoderLoss(cfg, perceptual)
-    vae = build_autoencoder(model_cfg.vae)
-    disc = None
-    if cfg.use_patchgan:
-        disc = sync_batchnorm_if_distributed(build_discriminator(cfg), accelerator.num_processes, accelerator.device)
+    vae = build_autoencoder(model_cfg.vae).to(device)
     total = cfg.total_training_iterations
-    opt_g = build_optimizer(vae.parameters(), cfg)
-    sched_g = build_scheduler(cfg.lr_scheduler, opt_g, cfg.lr_warmup_steps, total)
-    opt_d = sched_d = None
+    vae_opt = build_trainable("autoencoder", vae, cfg, device, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
+                              cfg.weight_decay, cfg.lr_scheduler, cfg.lr_warmup_steps, total)
+    disc = disc_opt = None
+    if cfg.use_patchgan:
+        disc = sync_batchnorm_if_distributed(build_discriminator(cfg), accelerator.num_processes, device).to(device)
+        disc_opt = build_trainable(
+            "discriminator", disc, cfg, device, cfg.disc_learning_rate, (cfg.disc_adam_beta1, cfg.disc_adam_beta2),
+            cfg.disc_weight_decay, cfg.disc_lr_scheduler, cfg.disc_lr_warmup_steps, max(1, total - cfg.disc_start),
+        )
+    forward_state = ForwardState([m for m in (vae, disc) if m is not None])
+    vae = accelerator.prepare(vae)
     if disc is not None:
-        opt_d = build_optimizer(disc.parameters(), cfg, lr=cfg.disc_learning_rate)
-        sched_d = build_scheduler(cfg.disc_lr_scheduler, opt_d, cfg.disc_lr_warmup_steps, max(1, total - cfg.disc_start))
-        vae, disc, opt_g, opt_d = accelerator.prepare(vae, disc, opt_g, opt_d)
-    else:
-        vae, opt_g = accelerator.prepare(vae, opt_g)
+        disc = accelerator.prepare(disc)
     rank_seed = cfg.seed + accelerator.process_index
     flip_gen = torch.Generator().manual_seed(rank_seed)
-    noise_gen = torch.Generator(device=accelerator.device).manual_seed(rank_seed)
-    # schedulers are stepped by hand once per optimizer update (accelerate's would step once per process)
-    state = Stage1State(vae, disc, opt_g, opt_d, sched_g, sched_d, flip_gen, noise_gen)
+    noise_gen = torch.Generator(device=device).manual_seed(rank_seed)
+    guard = NonFiniteGuard(LOSS_TERMS + GRAD_TERMS, cfg.max_nonfinite_steps, device)
+    precision = MixedPrecision.from_accelerator(accelerator)
+    state = Stage1State(vae, disc, vae_opt, disc_opt, precision, guard, forward_state, flip_gen, noise_gen)
     n_params = sum(p.numel() for p in vae.parameters())
-    logger.info("autoencoder: %.2fM parameters, latent %s", n_params / 1e6, latent_shape(model_cfg))
+    logger.info("autoencoder: %.2fM parameters, latent %s, mixed precision %s", n_params / 1e6,
+                latent_shape(model_cfg), precision.mode)
     return state, loss_fn
 
 
@@ -115,7 +128,7 @@ def latent_shape(model_cfg: ModelConfig) -> str:
 
 
 def maybe_resume(accelerator: Accelerator, state: Stage1State, working_dir, resume: Optional[str]) -> None:
-    path = resolve_resume_path(working_dir, resume)
+    path = resolve_resume_path(working_dir, resume, accelerator)
     if path is None:
         if resume:
             logger.info("no checkpoint in %s yet: starting from step 0", working_dir)
@@ -135,78 +148,63 @@ def build_stage1_dataset(args, model_cfg: ModelConfig, cfg: Stage1TrainConfig):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> torch.Tensor:
-    """The loss of every process (so all of them skip a step together when one is not finite)."""
-    return accelerator.gather(loss.detach().float().reshape(1))
-
-
-def micro_step(
-    accelerator: Accelerator,
-    state: Stage1State,
-    loss_fn: AutoencoderLoss,
-    guard: NonFiniteGuard,
-    images: torch.Tensor,
-    cfg: Stage1TrainConfig,
-) -> Optional[dict[str, torch.Tensor]]:
-    """Forward, loss and backward on one micro-batch; optimiser updates when gradients sync. None: skipped."""
-    vae_module: Autoencoder = accelerator.unwrap_model(state.vae)
-    disc_module = accelerator.unwrap_model(state.disc) if state.disc is not None else None
+def micro_batch(
+    state: Stage1State, loss_fn: AutoencoderLoss, images: torch.Tensor, cfg: Stage1TrainConfig, gan: bool,
+    unwrap,
+) -> dict[str, torch.Tensor]:
+    """Forward, losses and (scaled) backward of one micro-batch, generator then discriminator; returns the
+    logged values as device tensors."""
+    accum = cfg.gradient_accumulation_steps
+    vae_module: Autoencoder = unwrap(state.vae)
     x = random_flip(images, cfg.random_flip_p, state.flip_gen)  # (B, 3, H, W)
-    models = [m for m in (state.vae, state.disc) if m is not None]
-    with accelerator.accumulate(*models):
-        with accelerator.autocast():
-            out = state.vae(x, generator=state.noise_gen)
-            loss, logs = loss_fn.generator_loss(x, out, disc_module, vae_module.last_layer(), state.step)
-        if not guard.check(all_finite(accelerator, loss), state.step):
-            zero_grads(state)
-            return None
-        accelerator.backward(loss)
-        if accelerator.sync_gradients:
-            logs["grad_norm"] = accelerator.clip_grad_norm_(state.vae.parameters(), cfg.max_grad_norm)
-            state.opt_g.step()
-            state.sched_g.step()
-            state.opt_g.zero_grad(set_to_none=True)
-            logs["lr"] = torch.tensor(state.sched_g.get_last_lr()[0])
-        if state.disc is not None and loss_fn.disc_active(state.step):
-            logs.update(disc_update(accelerator, state, loss_fn, x, out.reconstruction, cfg))
+    with state.precision.autocast():
+        out = state.vae(x, generator=state.noise_gen)
+        disc_module = unwrap(state.disc) if gan else None
+        loss, logs = loss_fn.generator_loss(
+            x, out, disc_module, vae_module.last_layer(), state.step, state.precision.loss_scale()
+        )
+    state.precision.backward(loss / accum)
+    if gan:
+        with state.precision.autocast():
+            d_loss, d_logs = loss_fn.discriminator_loss(state.disc, x, out.reconstruction.detach())
+        state.precision.backward(d_loss / accum)
+        logs.update(d_logs)
     return logs
 
 
-def disc_update(accelerator, state: Stage1State, loss_fn: AutoencoderLoss, x, x_hat, cfg) -> dict:
-    with accelerator.autocast():
-        d_loss, logs = loss_fn.discriminator_loss(state.disc, x, x_hat.detach())
-    accelerator.backward(d_loss)
-    if accelerator.sync_gradients:
-        accelerator.clip_grad_norm_(state.disc.parameters(), cfg.max_grad_norm)
-        state.opt_d.step()
-        state.sched_d.step()
-        state.opt_d.zero_grad(set_to_none=True)
-        logs["disc_lr"] = torch.tensor(state.sched_d.get_last_lr()[0])
-    return logs
-
-
-def zero_grads(state: Stage1State) -> None:
-    state.opt_g.zero_grad(set_to_none=True)
-    if state.opt_d is not None:
-        state.opt_d.zero_grad(set_to_none=True)
-
-
-class RunningMean:
-    """Averages logged scalars over the steps since the last `pop`."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, logs: dict) -> None:
-        for k, v in logs.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
-
-    def pop(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        self.sums, self.counts = {}, {}
-        return out
+def train_step(
+    accelerator: Accelerator, state: Stage1State, loss_fn: AutoencoderLoss, batches, cfg: Stage1TrainConfig
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One generator step: gradient_accumulation_steps micro-batches, then one update of the autoencoder and
+    (from disc_start on) of the discriminator, both or neither (guard.py). Device ops only: returns the step's
+    logged values and `skipped`, () bool."""
+    device = accelerator.device
+    accum = cfg.gradient_accumulation_steps
+    gan = state.disc is not None and loss_fn.disc_active(state.step)
+    models = [state.vae] + ([state.disc] if gan else [])
+    state.forward_state.save()
+    micro_logs = []
+    for i in range(accum):
+        images = next(batches)["image"].to(device, non_blocking=True)
+        with gradient_sync(accelerator, models, sync=i == accum - 1):
+            micro_logs.append(micro_batch(state, loss_fn, images, cfg, gan, accelerator.unwrap_model))
+    overflow = torch.zeros((), dtype=torch.bool, device=device)  # fp16: the adaptive weight's gradients overflowed
+    for logs in micro_logs:
+        overflow = overflow | logs.pop("grad_overflow", overflow)
+    flags = torch.stack([nonfinite_flags(logs, LOSS_TERMS, device) for logs in micro_logs]).any(0)  # (terms,)
+    flags = any_process(accelerator, torch.cat([flags, overflow[None]]))  # every process skips the same steps
+    loss_flags, overflow = flags[:-1], flags[-1]
+    units = [state.vae_opt] + ([state.disc_opt] if gan else [])
+    skipped, grad_bad, norms = guarded_update(units, state.precision, loss_flags.any(), overflow)
+    state.forward_state.restore_if(skipped)
+    grad_flags = torch.cat([grad_bad, grad_bad.new_zeros(len(GRAD_TERMS) - len(units))])
+    counted = loss_flags.any() | (grad_bad.any() & (state.precision.scaler is None))  # not an fp16 overflow
+    state.guard.record(state.step + 1, torch.cat([loss_flags, grad_flags]), skipped, counted)
+    logs = mean_over(micro_logs)
+    logs["grad_norm"] = norms[0]
+    if gan:
+        logs["disc_grad_norm"] = norms[1]
+    return logs, skipped
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -273,9 +271,14 @@ def save_final_model(accelerator: Accelerator, state: Stage1State, args, model_c
 # --------------------------------------------------------------------------------------------------------------
 
 
-def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: AutoencoderLoss, dataset, cfg) -> None:
-    """Run generator steps until total_training_iterations, logging, saving grids and checkpoints on the way."""
+def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: AutoencoderLoss, dataset, cfg) -> bool:
+    """Run generator steps until total_training_iterations, logging, saving grids and checkpoints on the way.
+
+    Returns True at the end of training, False when a stop signal (SIGTERM / SIGUSR1) ended the run early,
+    after a checkpoint. Device values are read on the host only at log, checkpoint and stop steps.
+    """
     from ..data.loader import InfiniteLoader
+    from .preemption import GracefulStop
     from .setup import MetricsLog, progress_bar
 
     accum = cfg.gradient_accumulation_steps
@@ -285,36 +288,48 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
     )
     batches = iter(loader)
     skipped_before = state.skipped_files
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    metrics, window = MetricsLog(accelerator, args.working_directory), RunningMean()
+    metrics, window = MetricsLog(accelerator, args.working_directory, start_step=state.step), MetricWindow()
     gens_dir = Path(args.path_to_save_gens or Path(args.working_directory) / "gens")
     val_images = validation_images(dataset, cfg.num_val_random_samples, cfg.seed) if accelerator.is_main_process else None
     total = cfg.total_training_iterations
     bar = progress_bar(accelerator, total, state.step, "stage 1")
-    while state.step < total:
-        for _ in range(accum):
-            batch = next(batches)
-            logs = micro_step(accelerator, state, loss_fn, guard, batch["image"].to(accelerator.device), cfg)
-            if logs is not None:
-                window.add(logs)
-        state.step += 1
-        state.skipped_files = skipped_before + loader.num_skipped
-        bar.update(1)
-        if logs is not None:
-            shown = ("rec_loss", "lpips_loss", "disc_loss") if loss_fn.perceptual is not None else ("rec_loss", "disc_loss")
-            bar.set_postfix({k: f"{float(logs[k]):.4f}" for k in shown if k in logs})
-        end = state.step == total
-        if state.step % LOG_EVERY == 0 or end:
-            metrics.log({**window.pop(), "skipped_files": state.skipped_files}, state.step)
-        if accelerator.is_main_process and (state.step % cfg.val_generation_freq == 0 or end):
-            grid = save_reconstruction_grid(accelerator.unwrap_model(state.vae), val_images, gens_dir / f"step_{state.step:07d}.png")
-            log_image(accelerator, "reconstructions", grid, state.step)
-        if state.step % cfg.checkpoint_iterations == 0 or end:
-            save_training_checkpoint(accelerator, state, args.working_directory, cfg)
+    with GracefulStop() as stop:
+        while state.step < total:
+            logs, skipped = train_step(accelerator, state, loss_fn, batches, cfg)
+            window.add(logs, keep=~skipped)
+            state.step += 1
+            state.skipped_files = skipped_before + loader.num_skipped
+            bar.update(1)
+            events = step_events(state.step, cfg, stop, accelerator)
+            if events.log:
+                log_step(accelerator, state, window, metrics, bar, loss_fn)
+            if accelerator.is_main_process and (every(state.step, cfg.val_generation_freq) or
+                                                (events.end and cfg.val_generation_freq)):
+                grid = save_reconstruction_grid(accelerator.unwrap_model(state.vae), val_images, gens_dir / f"step_{state.step:07d}.png")
+                log_image(accelerator, "reconstructions", grid, state.step)
+            if events.checkpoint:
+                path = save_training_checkpoint(accelerator, state, args.working_directory, cfg)
+            if events.stop:
+                bar.close()
+                stop.report(state.step, total, path)
+                return False
     bar.close()
     report_skipped(accelerator, state.skipped_files)
     if accelerator.is_main_process:
         logger.info("reconstruction grids (originals above reconstructions) are in %s", gens_dir.resolve())
+    return True
+
+
+def log_step(accelerator, state: Stage1State, window: MetricWindow, metrics, bar, loss_fn: AutoencoderLoss) -> None:
+    """The host reads of a log step: the guard's verdict, the window's means (over processes), the bar."""
+    state.guard.check()
+    extra = {"lr": state.vae_opt.schedule.lr, "skipped_steps": state.guard.skipped}
+    if state.disc_opt is not None:
+        extra["disc_lr"] = state.disc_opt.schedule.lr
+    values = window.pop(extra, accelerator)
+    metrics.log({**values, "skipped_files": state.skipped_files}, state.step)
+    shown = ("rec_loss", "lpips_loss", "disc_loss") if loss_fn.perceptual is not None else ("rec_loss", "disc_loss")
+    bar.set_postfix({k: f"{values[k]:.4f}" for k in shown if k in values})
 
 
 def report_skipped(accelerator: Accelerator, skipped: int) -> None:

@@ -10,11 +10,14 @@ One training step (DDPM Algorithm 1 in the VAE's latent space, LDM eq. 2):
 
 Every random draw of a step (flips, posterior sample, timesteps, noise, condition dropout) comes from two
 generators that checkpoints save, so a resumed run takes exactly the steps the uninterrupted one would, and a run
-from the latent cache draws exactly the numbers a run from images does.
+from the latent cache draws exactly the numbers a run from images does. A step whose loss or gradient is not
+finite on any process changes nothing, EMA included (guard.py, optim.py); SIGTERM / SIGUSR1 end the run after a
+step and a checkpoint (preemption.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field, replace
@@ -31,8 +34,15 @@ from ..models.unet import Condition, UNet
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
+from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from .ema import EMA
+from .guard import NonFiniteGuard, any_process
 from .images import save_image_grid
 from .latent_cache import weights_fingerprint
+from .metrics import MetricWindow
+from .optim import Trainable, guarded_update
+from .precision import MixedPrecision
+from .setup import every, gradient_sync, step_events
 from .trackers import log_image
 
 logger = logging.getLogger("ldm")
@@ -249,25 +259,28 @@ def batch_condition(batch: dict, conditioning: str, text_encoder, device) -> Opt
 
 def diffusion_step_loss(
     unet, unet_module: UNet, process: DiffusionProcess, z0: torch.Tensor, cond: Optional[Condition],
-    cfg: Stage2TrainConfig, generator: torch.Generator,
+    cfg: Stage2TrainConfig, generator: torch.Generator, autocast=contextlib.nullcontext,
 ) -> torch.Tensor:
-    """DDPM's training loss on scaled latents z0 (B, C, h, w). `unet` may be wrapped (DDP); `unet_module` not."""
+    """DDPM's training loss on scaled latents z0 (B, C, h, w). `unet` may be wrapped (DDP); `unet_module` not.
+    The UNet runs under `autocast()` (the mixed-precision context); the loss is taken in fp32."""
     t = process.sample_timesteps(z0.shape[0], z0.device, generator)  # (B,)
     noise = offset_noise(z0.shape, cfg.noise_offset, generator).to(z0)  # (B, C, h, w)
     z_t = process.add_noise(z0, noise, t)
     cond = unet_module.drop_condition(cond, cfg.cfg_dropout_prob, generator)
-    pred = unet(z_t, t, cond)
+    with autocast():
+        pred = unet(z_t, t, cond)
     weights = process.min_snr_weights(t, cfg.snr_gamma) if cfg.snr_gamma is not None else None  # (B,)
     return diffusion_loss(pred, process.training_target(z0, noise, t), cfg.loss_fn, weights)
 
 
-def batch_loss(batch: dict, ctx: "Stage2Context", unet, randomness: StepRandomness) -> torch.Tensor:
+def batch_loss(batch: dict, ctx: "Stage2Context", unet, randomness: StepRandomness,
+               autocast=contextlib.nullcontext) -> torch.Tensor:
     """The loss of one batch, from images or from the latent cache: the same draws in the same order."""
     device = ctx.device
     mean, std = latent_moments(batch, ctx.vae, ctx.train_cfg.random_flip_p, randomness.flip, device)
     z0 = sample_latents(mean, std, randomness.noise) * ctx.scaling_factor  # (B, C, h, w), ~unit variance
     cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, device)
-    return diffusion_step_loss(unet, ctx.unet_module, ctx.process, z0, cond, ctx.train_cfg, randomness.noise)
+    return diffusion_step_loss(unet, ctx.unet_module, ctx.process, z0, cond, ctx.train_cfg, randomness.noise, autocast)
 
 
 # --------------------------------------------------------------------------------------------------- context
@@ -459,69 +472,135 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
 # --------------------------------------------------------------------------------------------------- the loop
 
 
-def train_loop(args, accelerator, ctx: Stage2Context, unet, optimizer, scheduler, ema, loader,
-               randomness: StepRandomness, start_step: int) -> int:
-    """Train from `start_step` to total_training_iterations exactly; checkpoints and validation grids on the way.
+@dataclass
+class Stage2State:
+    """What the loop updates; `modules()` / `states()` are what a checkpoint holds."""
 
-    One step = gradient_accumulation_steps batches and one optimizer update (skipped, and counted by the guard,
-    when the loss averaged over the processes is not finite). Returns the final step.
+    unet: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    trainable: Trainable  # the UNet's fused AdamW, LR schedule and clipping
+    ema: EMA
+    precision: MixedPrecision
+    guard: NonFiniteGuard
+    randomness: StepRandomness
+    step: int = 0
+
+    def modules(self, ctx: Stage2Context) -> dict[str, torch.nn.Module]:
+        return {"unet": ctx.unet_module, "ema": self.ema}
+
+    def states(self) -> dict[str, object]:
+        """Loaded in this order: the optimizer before its schedule (which re-binds the optimizer's lr)."""
+        return {"optimizer": self.trainable.optimizer, "scheduler": self.trainable.schedule,
+                "grad_scaler": self.precision, "guard": self.guard}
+
+
+def build_training_state(accelerator, ctx: Stage2Context) -> Stage2State:
+    """The UNet (prepared), its optimizer and schedule, the EMA, the step's random generators."""
+    from .setup import build_trainable
+
+    cfg, device = ctx.train_cfg, accelerator.device
+    unet = ctx.unet_module.to(device)
+    trainable = build_trainable("unet", unet, cfg, device, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
+                                cfg.weight_decay, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.total_training_iterations)
+    unet = accelerator.prepare(unet)
+    ctx.unet_module = accelerator.unwrap_model(unet)
+    ema = EMA(ctx.unet_module, cfg.ema_decay, cfg.ema_warmup).to(device)
+    randomness = StepRandomness.create(cfg.seed, accelerator.process_index, device)
+    guard = NonFiniteGuard(("loss", "grad_norm/unet"), cfg.max_nonfinite_steps, device)
+    return Stage2State(unet, trainable, ema, MixedPrecision.from_accelerator(accelerator), guard, randomness)
+
+
+def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working_dir, resume: Optional[str]) -> None:
+    """--resume_from_checkpoint: restore every state of the run and its step."""
+    path = resolve_resume_path(working_dir, resume, accelerator)
+    if path is None:
+        if resume:
+            logger.info("no checkpoint in %s yet: starting from step 0", working_dir)
+        return
+    info = load_checkpoint(accelerator, path, state.modules(ctx), state.states(), state.randomness.as_dict())
+    state.step = int(info["step"])
+    logger.info("resumed from %s at step %d", path, state.step)
+
+
+def train_step(accelerator, ctx: Stage2Context, state: Stage2State, batches) -> tuple[dict, torch.Tensor]:
+    """gradient_accumulation_steps batches and one update of the UNet and its EMA, or, when a loss or gradient
+    is not finite on any process, none of it (guard.py). Device ops only: returns the logged values and
+    `skipped`, () bool."""
+    accum = ctx.train_cfg.gradient_accumulation_steps
+    losses = []
+    for i in range(accum):
+        batch = next(batches)
+        with gradient_sync(accelerator, [state.unet], sync=i == accum - 1):
+            loss = batch_loss(batch, ctx, state.unet, state.randomness, state.precision.autocast)
+            state.precision.backward(loss / accum)
+        losses.append(loss.detach().float())
+    losses = torch.stack(losses)  # (accum,)
+    loss_bad = any_process(accelerator, ~torch.isfinite(losses).all()[None])  # (1,)
+    skipped, grad_bad, norms = guarded_update([state.trainable], state.precision, loss_bad[0])
+    state.ema.update(ctx.unet_module, skipped)
+    counted = loss_bad[0] | (grad_bad[0] & (state.precision.scaler is None))  # not an fp16 overflow
+    state.guard.record(state.step + 1, torch.cat([loss_bad, grad_bad]), skipped, counted)
+    return {"loss": losses.mean(), "grad_norm": norms[0]}, skipped
+
+
+def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State, working_dir) -> Path:
+    cfg = ctx.train_cfg
+    return save_checkpoint(
+        accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
+        extra={"total_training_iterations": cfg.total_training_iterations}, limit=cfg.checkpoints_total_limit,
+    )
+
+
+def log_step(accelerator, state: Stage2State, window: MetricWindow, metrics, bar, extra_values: dict) -> None:
+    """The host reads of a log step: the guard's verdict, the window's means (over processes), the bar;
+    `extra_values` (host numbers, e.g. FID) join the line."""
+    state.guard.check()
+    extra = {"lr": state.trainable.schedule.lr, "ema_decay": state.ema.decay_tensor(),
+             "skipped_steps": state.guard.skipped}
+    values = window.pop(extra, accelerator)
+    metrics.log({**values, **extra_values}, state.step)
+    if "loss" in values:
+        bar.set_postfix(loss=f"{values['loss']:.4f}")
+
+
+def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader) -> bool:
+    """Train from state.step to total_training_iterations; checkpoints and validation grids on the way.
+
+    Returns True at the end of training, False when a stop signal (SIGTERM / SIGUSR1) ended the run early,
+    after a checkpoint. Device values are read on the host only at log, checkpoint and stop steps.
     """
-    from .checkpoint import save_checkpoint
-    from .guard import NonFiniteGuard
     from .periodic_fid import periodic_fid
+    from .preemption import GracefulStop
     from .setup import MetricsLog, progress_bar
 
     cfg = ctx.train_cfg
-    guard = NonFiniteGuard(cfg.max_nonfinite_steps)
-    metrics = MetricsLog(accelerator, args.working_directory)
+    total = cfg.total_training_iterations
+    metrics, window = MetricsLog(accelerator, args.working_directory, start_step=state.step), MetricWindow()
     gens_dir = Path(args.path_to_save_gens or Path(args.working_directory) / "gens")
-    bar = progress_bar(accelerator, cfg.total_training_iterations, start_step, "stage 2 (latent diffusion)")
+    bar = progress_bar(accelerator, total, state.step, "stage 2 (latent diffusion)")
     batches = iter(loader)
-    step = start_step
-    unet.train()
-    while step < cfg.total_training_iterations:
-        losses, grad_norm, updated = [], None, False
-        for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(unet):
-                loss = batch_loss(batch, ctx, unet, randomness)
-                accelerator.backward(loss)
-                losses.append(loss.detach())
-                if accelerator.sync_gradients:
-                    step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean()  # over micro-batches, ranks
-                    if guard.check(step_loss, step + 1):
-                        if cfg.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        updated = True
-                    optimizer.zero_grad(set_to_none=True)
-        if updated:
-            ema.update(ctx.unet_module)
-        step += 1
-        loss_value = step_loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
-        values = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "ema_decay": ema.current_decay()}
-        if grad_norm is not None:
-            values["grad_norm"] = float(grad_norm)
-        values.update(periodic_fid(args, accelerator, ctx, ema.shadow, step))  # {} unless FID is on and due
-        metrics.log(values, step)
-        if step % cfg.checkpoint_iterations == 0 or step == cfg.total_training_iterations:
-            save_checkpoint(
-                accelerator, args.working_directory, step,
-                modules={"unet": ctx.unet_module, "ema": ema},
-                states={"optimizer": optimizer, "scheduler": scheduler},
-                generators=randomness.as_dict(),
-                extra={"total_training_iterations": cfg.total_training_iterations},
-                limit=cfg.checkpoints_total_limit,
-            )
-        if cfg.val_generation_freq > 0 and step % cfg.val_generation_freq == 0:
-            if accelerator.is_main_process:
-                path = validation_grid(ctx, ema.shadow, step, gens_dir)
-                if path is not None:
-                    logger.info("validation grid: %s", path)
-                    log_image(accelerator, "validation", path, step)
-            accelerator.wait_for_everyone()
+    state.unet.train()
+    with GracefulStop() as stop:
+        while state.step < total:
+            logs, skipped = train_step(accelerator, ctx, state, batches)
+            window.add(logs, keep=~skipped)
+            state.step += 1
+            bar.update(1)
+            events = step_events(state.step, cfg, stop, accelerator)
+            fid = periodic_fid(args, accelerator, ctx, state.ema.shadow, state.step)  # {} unless FID is on and due
+            if events.log or fid:
+                log_step(accelerator, state, window, metrics, bar, fid)
+            if events.checkpoint:
+                path = save_training_checkpoint(accelerator, ctx, state, args.working_directory)
+            if every(state.step, cfg.val_generation_freq):
+                if accelerator.is_main_process:
+                    grid = validation_grid(ctx, state.ema.shadow, state.step, gens_dir)
+                    if grid is not None:
+                        logger.info("validation grid: %s", grid)
+                        log_image(accelerator, "validation", grid, state.step)
+                accelerator.wait_for_everyone()
+            if events.stop:
+                bar.close()
+                stop.report(state.step, total, path)
+                return False
     bar.close()
-    return step
+    return True

@@ -1,0 +1,94 @@
+"""Checkpoints that survive partial copies and full disks, and a metrics.jsonl that a resume continues."""
+
+import errno
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import save_file as real_save_file
+
+from src.training import checkpoint as ckpt
+from src.training.checkpoint import (
+    CheckpointError,
+    CheckpointWriteError,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+)
+from src.training.metrics import truncate_metrics
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """checkpoint_1 and checkpoint_2 of a tiny model and its optimizer."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    weights = {}
+    for step in (1, 2):
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        save_checkpoint(accelerator, tmp_path, step, {"model": model}, {"optimizer": opt}, limit=3)
+        weights[step] = model.weight.detach().clone()
+    return accelerator, model, opt, weights
+
+
+def test_latest_skips_a_truncated_checkpoint_and_an_explicit_path_names_the_file(saved, tmp_path, caplog):
+    accelerator, model, opt, weights = saved
+    assert json.loads((tmp_path / "checkpoint_2" / "manifest.json").read_text())["files"].keys() == {
+        "model.safetensors", "optimizer.pt", "rng_0.pt", "state.json"}
+    assert resolve_resume_path(tmp_path, "latest") == tmp_path / "checkpoint_2"
+    broken = tmp_path / "checkpoint_2" / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:-7])  # a disk filled mid-write / a partial copy
+    with caplog.at_level(logging.WARNING):
+        assert resolve_resume_path(tmp_path, "latest") == tmp_path / "checkpoint_1"
+    assert "skipping incomplete checkpoint checkpoint_2" in caplog.text and str(broken) in caplog.text
+    with pytest.raises(CheckpointError, match=f"{broken} has .* bytes where the manifest records"):
+        resolve_resume_path(tmp_path, str(tmp_path / "checkpoint_2"))
+    info = load_checkpoint(accelerator, resolve_resume_path(tmp_path, "latest"), {"model": model}, {"optimizer": opt})
+    assert info["step"] == 1 and torch.equal(model.weight, weights[1])
+    # the same size but other bytes, and a missing manifest, are caught too
+    (tmp_path / "checkpoint_1" / "state.json").write_text(json.dumps({"step": 9}).ljust(
+        (tmp_path / "checkpoint_1" / "state.json").stat().st_size))
+    with pytest.raises(CheckpointError, match="state.json does not match the sha256"):
+        resolve_resume_path(tmp_path, str(tmp_path / "checkpoint_1"))
+    (tmp_path / "checkpoint_1" / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        resolve_resume_path(tmp_path, "latest")
+    assert resolve_resume_path(tmp_path / "empty", "latest") is None  # nothing yet: a fresh start
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), PermissionError(13, "denied")])
+def test_a_failed_write_stops_with_a_message_and_leaves_earlier_checkpoints_loadable(saved, tmp_path, monkeypatch,
+                                                                                    failure):
+    accelerator, model, opt, weights = saved
+
+    def half_written(tensors, filename, *args, **kwargs):  # writes part of the file, then the disk is full
+        real_save_file(tensors, filename, *args, **kwargs)
+        with open(filename, "r+b") as f:
+            f.truncate(100)
+        raise failure
+
+    monkeypatch.setattr(ckpt, "save_file", half_written)
+    with pytest.raises(CheckpointWriteError) as err:
+        save_checkpoint(accelerator, tmp_path, 3, {"model": model}, {"optimizer": opt}, limit=2)
+    message = str(err.value)
+    assert "step 3" in message and str(failure.strerror) in message and "checkpoint_1, checkpoint_2" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1", "checkpoint_2"]  # no rotation, no debris
+    monkeypatch.undo()
+    for step in (1, 2):
+        assert ckpt.checkpoint_problem(tmp_path / f"checkpoint_{step}") is None
+    load_checkpoint(accelerator, resolve_resume_path(tmp_path, "latest"), {"model": model}, {"optimizer": opt})
+    assert torch.equal(model.weight, weights[2])
+
+
+def test_truncate_metrics_keeps_steps_up_to_the_resume_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (10, 20, 30)) + '{"step": 4')
+    assert truncate_metrics(path, 20) == 2  # step 30 and the line a kill cut short
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
+    assert truncate_metrics(path, 20) == 0 and truncate_metrics(tmp_path / "none.jsonl", 0) == 0
