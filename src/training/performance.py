@@ -41,11 +41,14 @@ def to_memory_format(module: Optional[nn.Module], cfg: TrainConfig) -> Optional[
     return module
 
 
-def compile_kwargs(cfg: TrainConfig) -> dict:
+def compile_kwargs(cfg: TrainConfig, backend: str = "inductor") -> dict:
+    """torch.compile's arguments for cfg.compile_mode; another `backend` (benches' CPU dry runs) takes no mode."""
+    if backend != "inductor":
+        return {"backend": backend}
     return {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
 
 
-def compile_module(module: nn.Module, cfg: TrainConfig):
+def compile_module(module: nn.Module, cfg: TrainConfig, backend: str = "inductor"):
     """torch.compile(module) when cfg.compile, else the module itself.
 
     The compiled wrapper is what the training step calls; the plain module stays the one that is saved, averaged
@@ -53,10 +56,10 @@ def compile_module(module: nn.Module, cfg: TrainConfig):
     if not cfg.compile:
         return module
     logger.info("torch.compile(%s, mode=%s): the first steps compile", type(module).__name__, cfg.compile_mode)
-    return torch.compile(module, **compile_kwargs(cfg))
+    return torch.compile(module, **compile_kwargs(cfg, backend))
 
 
-def compile_autoencoder(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
+def compile_autoencoder(vae: nn.Module, cfg: TrainConfig, backend: str = "inductor") -> nn.Module:
     """Compile the autoencoder's encoder and decoder blocks in place, leaving the decoder's output layer eager.
 
     The adaptive GAN weight differentiates the losses with respect to that last layer only. Inside a compiled
@@ -64,7 +67,7 @@ def compile_autoencoder(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
     outside it, autograd stops at the layer. State-dict keys are unchanged."""
     if not cfg.compile:
         return vae
-    kwargs = compile_kwargs(cfg)
+    kwargs = compile_kwargs(cfg, backend)
     vae.encoder.compile(**kwargs)
     decoder = vae.decoder
     decoder.mid_block.compile(**kwargs)
@@ -73,10 +76,10 @@ def compile_autoencoder(vae: nn.Module, cfg: TrainConfig) -> nn.Module:
     return vae
 
 
-def compile_in_place(module: Optional[nn.Module], cfg: TrainConfig) -> Optional[nn.Module]:
+def compile_in_place(module: Optional[nn.Module], cfg: TrainConfig, backend: str = "inductor") -> Optional[nn.Module]:
     """module.compile() (keys and parameters unchanged) when cfg.compile; for the discriminator and LPIPS."""
     if module is not None and cfg.compile:
-        module.compile(**compile_kwargs(cfg))
+        module.compile(**compile_kwargs(cfg, backend))
     return module
 
 

@@ -1,0 +1,189 @@
+"""The speed settings change speed only: compiled and eager models agree, channels_last agrees with contiguous,
+the trimmed cross-attention text gives the UNet's output unchanged, and the speed keys are checked.
+
+torch.compile runs with the backend in LDM_TEST_COMPILE_BACKEND (default aot_eager: dynamo's graph capture and
+AOTAutograd's joint forward/backward graph, in seconds). With `inductor` the same tests also check inductor's
+generated kernels; a cold inductor compile of these tiny models takes minutes on a 2-core machine, so CI keeps
+aot_eager (run it with LDM_TEST_COMPILE_BACKEND=inductor after touching model code).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from src.config import ConfigError, Stage1TrainConfig, Stage2TrainConfig, UNetConfig, VAEConfig, load_config
+from src.models.unet import Condition, build_unet, padding_extent
+from src.models.vae import build_autoencoder
+from src.training.performance import compile_autoencoder, compile_module, to_memory_format
+
+BACKEND = os.environ.get("LDM_TEST_COMPILE_BACKEND", "aot_eager")
+TEXT_DIM = 8
+
+
+def tiny_unet_cfg() -> UNetConfig:
+    # two levels (a down- and an upsampler), attention and cross-attention at the first
+    return UNetConfig(
+        down_block_types=["AttnDown", "Down"], up_block_types=["Up", "AttnUp"], mid_block_types="Mid",
+        unet_channels_per_block=[8, 16], unet_residual_layers_per_block=1, attention_head_dim=8,
+        time_embed_start_dim=8, time_embed_proj_dim=16, text_embed_dim=TEXT_DIM, groupnorm_groups=4,
+    )
+
+
+TINY_VAE = VAEConfig(img_size=8, vae_channels_per_block=[8, 8], residual_layers_per_block=1, groupnorm_groups=4)
+
+
+def unet_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, h, w)
+    t = torch.tensor([3, 700])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])  # (B, L): padding in both rows
+    text = torch.randn(2, 6, TEXT_DIM, generator=g) * mask[..., None]
+    return x, t, Condition(text=text, text_mask=mask)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tol)
+
+
+def speed_cfg(**keys) -> Stage2TrainConfig:
+    return Stage2TrainConfig(**keys)
+
+
+# ------------------------------------------------------------------------------------------------ compiled
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """(eager, compiled) tiny UNets with the same weights; the compiled one is traced once for every test."""
+    torch.manual_seed(0)
+    eager = build_unet(tiny_unet_cfg(), 4, "text")
+    twin = copy.deepcopy(eager)
+    compiled = compile_module(twin, speed_cfg(compile=True), backend=BACKEND)
+    return eager, twin, compiled
+
+
+def test_compile_key_wraps_the_unet_and_leaves_the_module_alone(unets):
+    eager, twin, compiled = unets
+    assert compile_module(eager, speed_cfg(compile=False)) is eager
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is twin
+    assert list(twin.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+
+
+def test_compiled_unet_matches_eager_outputs_and_gradients(unets):
+    eager, twin, compiled = unets
+    x, t, cond = unet_inputs()
+    out_eager, out_compiled = eager(x, t, cond), compiled(x, t, cond)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
+    out_eager.square().mean().backward()
+    out_compiled.square().mean().backward()
+    assert_same_grads(grads(eager), grads(twin), rtol=1e-4, atol=1e-6)
+    eager.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+
+
+def test_compiled_autoencoder_keeps_the_last_layer_eager_and_matches():
+    torch.manual_seed(0)
+    eager = build_autoencoder(TINY_VAE)
+    compiled = compile_autoencoder(copy.deepcopy(eager), Stage1TrainConfig(compile=True), backend=BACKEND)
+    assert compiled.encoder._compiled_call_impl is not None and compiled.decoder.up_blocks[0]._compiled_call_impl is not None
+    assert compiled.decoder._compiled_call_impl is None  # its output layer stays outside every graph
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    results = []
+    for model in (eager, compiled):
+        out = model(x, generator=torch.Generator().manual_seed(2))
+        loss = (out.reconstruction - x).abs().mean() + 1e-3 * out.posterior.kl().mean()
+        # the adaptive GAN weight's gradient at the last layer, then the full backward
+        last = torch.autograd.grad(loss, model.last_layer(), retain_graph=True)[0]
+        loss.backward()
+        results.append((out.reconstruction.detach(), last, grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert_same_grads(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ channels_last
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text")
+    vae = build_autoencoder(TINY_VAE)
+    for model, run in ((unet, lambda m: m(*unet_inputs())),
+                       (vae, lambda m: m(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                         sample=False).reconstruction)):
+        nhwc = to_memory_format(copy.deepcopy(model), speed_cfg(channels_last=True))
+        conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        out_a, out_b = run(model), run(nhwc)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+        out_a.square().mean().backward()
+        out_b.square().mean().backward()
+        assert_same_grads(grads(model), grads(nhwc), rtol=1e-4, atol=1e-6)
+    assert to_memory_format(unet, speed_cfg(channels_last=False)).conv_in.weight.is_contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def test_trimmed_text_gives_the_same_output():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text").eval()
+    x, t, _ = unet_inputs()
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(2, 20, TEXT_DIM, generator=g)  # 20 stored positions, as a padded encoder output
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[0, :3], mask[1, :5] = 1, 1
+    padded = Condition(text=text, text_mask=mask)
+    trimmed = padded.trimmed(multiple=8)
+    assert trimmed.text.shape == (2, 8, TEXT_DIM) and trimmed.text_mask.tolist() == mask[:, :8].tolist()
+    even = Condition(text=text, text_mask=torch.cat([torch.ones(2, 5), torch.zeros(2, 15)], 1).long())
+    unmasked = even.trimmed(multiple=8)
+    assert unmasked.text.shape == (2, 5, TEXT_DIM) and unmasked.text_mask is None  # nothing padded: no mask
+    beyond = Condition(text=text[:, :6], text_mask=mask[:, :6]).trimmed(multiple=8)  # rounding past the end
+    assert beyond.text.shape == (2, 8, TEXT_DIM) and beyond.text_mask[:, 6:].sum() == 0 and beyond.text[:, 6:].abs().sum() == 0
+    with torch.no_grad():
+        for full, short in ((padded, trimmed), (even, unmasked)):
+            torch.testing.assert_close(unet(x, t, short), unet(x, t, full), rtol=1e-5, atol=1e-6)
+    assert padding_extent(mask) == (5, True) and padding_extent(torch.ones(2, 4)) == (4, False)
+    assert Condition(text=text).trimmed() .text is text  # no mask: nothing to trim
+
+
+def test_dropped_condition_adds_no_padding_mask():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text").eval()
+    x, t, _ = unet_inputs()
+    cond = Condition(text=torch.randn(2, 6, TEXT_DIM))  # no padding
+    dropped = unet.drop_condition(cond, 1.0)
+    assert dropped.text_mask is None  # the null token fills the row: SDPA keeps its unmasked kernel
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, dropped), unet(x, t, unet.null_condition(2)), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+@pytest.mark.parametrize("cls", [Stage1TrainConfig, Stage2TrainConfig])
+def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
+    path = tmp_path / "t.yaml"
+    path.write_text("compile: true\ncompile_mode: reduce-overhead\nchannels_last: true\nallow_tf32: false\n")
+    cfg = load_config(path, cls)
+    assert (cfg.compile, cfg.compile_mode, cfg.channels_last, cfg.allow_tf32) == (True, "reduce-overhead", True, False)
+    path.write_text("channel_last: true\n")
+    with pytest.raises(ConfigError, match="'channels_last'"):
+        load_config(path, cls)
+    path.write_text("compile_mode: fastest\n")
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(path, cls)
+    path.write_text("compile: 1\n")
+    with pytest.raises(ConfigError, match="true/false"):
+        load_config(path, cls)
