@@ -64,7 +64,7 @@ def section_rows(rows: list[dict], section: str) -> list[str]:
     for r in rows:
         if r.get("section") != section:
             continue
-        label = f"{r.get('workload', '')} {r.get('row', '')}".strip()
+        label = f"{r.get('workload', '')} {r.get('row', '')}".strip() or r.get("phase", "")
         if r.get("skipped"):
             out.append(f"  {label}: skipped ({r['skipped']})")
         elif r.get("error"):
@@ -88,7 +88,7 @@ def report(rows: list[dict]) -> str:
         f"diffusers {env.get('diffusers', '?')}), bf16 autocast, fused AdamW",
         f"dense bf16 spec {peak.get('spec_tflops', '?')} TFLOP/s, bf16 matmul measured {peak.get('matmul_tflops', '?')} "
         f"TFLOP/s; design UNet {peak.get('params_m', '?')} M parameters",
-        "FLOPs per image (training step): " + ", ".join(f"{WORKLOADS[k]} {v / 1e12:.3f} TFLOP" for k, v in flops.items()),
+        "FLOPs per image (training step): " + ", ".join(f"{WORKLOADS[k]} {v / 1e9:.1f} GFLOP" for k, v in flops.items()),
         "",
         "UNet training step (MFU against the dense bf16 spec):",
         *unet_table(rows),
@@ -101,6 +101,7 @@ def report(rows: list[dict]) -> str:
         *section_rows(rows, "trainer"),
         "", f"Stage-1 step, 256 px batch 8, VAE + LPIPS + PatchGAN (target: ours / diffusers <= {RATIO_TARGET}):",
         *section_rows(rows, "stage1"),
+        "", "Phases that were cut short or skipped:", *(section_rows(rows, "phase") or ["  none"]),
     ]
     failed = [r for r in rows if r.get("error")]
     if failed:

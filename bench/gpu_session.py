@@ -272,7 +272,8 @@ def phase_trainer(s: Session, compiled: bool) -> None:
             estimate = (15 if s.tiny else 90) + (s.compile_estimate if compiled else 0)
             label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager")
             s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(
-                batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny, work_dir=s.out / "work",
+                batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,
+                work_dir=Path(os.environ.get("GPU_SESSION_WORK", "/tmp/gpu_session_work")),
                 steps=s.steps, backend=s.backend), row=label, batch=batch)
             free(s.device)
 
