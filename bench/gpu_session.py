@@ -204,7 +204,6 @@ def attention_options(s: Session, bench: UNetBench, eager: float) -> None:
     rows = [
         ("ours padded 77 + mask (SDPA's choice)", bu.Variant("ours", "padded")),
         ("ours padded 77 + mask, cuDNN attention", bu.Variant("ours", "padded", sdpa_backend="cudnn")),
-        ("ours padded 77 + mask, efficient attention", bu.Variant("ours", "padded", sdpa_backend="efficient")),
         ("ours varied 4-20 tokens, trimmed to 24 + mask", bu.Variant("ours", "varied")),
         ("ours varied, trimmed + mask, cuDNN attention", bu.Variant("ours", "varied", sdpa_backend="cudnn")),
         ("ours trimmed to 12, no mask (flash)", bu.Variant("ours", "trimmed")),
