@@ -154,7 +154,8 @@ def test_trimmed_text_gives_the_same_output():
     with torch.no_grad():
         for full, short in ((padded, trimmed), (even, unmasked)):
             torch.testing.assert_close(unet(x, t, short), unet(x, t, full), rtol=1e-5, atol=1e-6)
-    assert padding_extent(mask) == (5, True) and padding_extent(torch.ones(2, 4)) == (4, False)
+    assert padding_extent(mask) == (5, True) and padding_extent(mask, 8) == (8, True)
+    assert padding_extent(torch.ones(2, 4), 8) == (4, False)
     assert Condition(text=text).trimmed() .text is text  # no mask: nothing to trim
 
 

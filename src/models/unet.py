@@ -110,22 +110,22 @@ class Condition:
         """
         if self.text is None or self.text_mask is None:
             return self
-        keep, padded = padding_extent(self.text_mask)
+        keep, padded = padding_extent(self.text_mask, multiple)
         if not padded:
             return Condition(text=self.text[:, :keep], text_mask=None, labels=self.labels)
-        keep = -(-keep // multiple) * multiple
         text, mask = self.text[:, :keep], self.text_mask[:, :keep]  # (B, <=keep, D), (B, <=keep)
         extra = keep - text.shape[1]  # rounding can go past the stored length: append masked zeros
         return Condition(text=F.pad(text, (0, 0, 0, extra)), text_mask=F.pad(mask, (0, extra)), labels=self.labels)
 
 
-def padding_extent(mask: torch.Tensor) -> tuple[int, bool]:
-    """(keep, padded) of a (B, L) 0-1 padding mask: positions up to the last real token of any row, and whether
-    any row has padding within them."""
+def padding_extent(mask: torch.Tensor, multiple: int = 1) -> tuple[int, bool]:
+    """(keep, padded) of a (B, L) 0-1 padding mask: the positions up to the last real token of any row, rounded up
+    to a multiple of `multiple` when some row has padding within them (then padded is True; keep may exceed L)."""
     real = mask.bool()  # (B, L)
     positions = torch.arange(1, real.shape[1] + 1, device=real.device)  # (L,)
     keep = int((real * positions).amax()) if real.numel() else 0
-    return keep, not bool(real[:, :keep].all())
+    padded = not bool(real[:, :keep].all())
+    return (-(-keep // multiple) * multiple if padded else keep), padded
 
 
 # --------------------------------------------------------------------------------------------------------------
