@@ -103,8 +103,7 @@ def isolated_step(ctx, state, loader, device: torch.device, warmup: int, steps: 
     batch = next(iter(loader))
     mean, std = latent_moments(batch, ctx.vae, ctx.train_cfg.random_flip_p, state.randomness.flip, device)
     z0 = sample_latents(mean, std, state.randomness.noise) * ctx.scaling_factor  # (B, C, h, w)
-    cond = ctx.unet_module.drop_condition(batch_condition(batch, ctx.conditioning, ctx.text_encoder, device),
-                                          ctx.train_cfg.cfg_dropout_prob, state.randomness.noise)
+    cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, device)
     t = ctx.process.sample_timesteps(z0.shape[0], device, state.randomness.noise)
     noise = torch.randn_like(z0)
     z_t, target = ctx.process.add_noise(z0, noise, t), ctx.process.training_target(z0, noise, t)
@@ -112,8 +111,9 @@ def isolated_step(ctx, state, loader, device: torch.device, warmup: int, steps: 
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()
+        dropped = ctx.unet_module.drop_condition(cond, ctx.train_cfg.cfg_dropout_prob, state.randomness.noise)
         with state.precision.autocast():
-            pred = state.unet(z_t, t, cond)
+            pred = state.unet(z_t, t, dropped)
         diffusion_loss(pred, target, ctx.train_cfg.loss_fn).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
