@@ -245,8 +245,9 @@ def free_memory(device: torch.device) -> None:
 
 def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, flops: Optional[int],
             spec: Optional[float], measured: Optional[float], warmup: int, steps: int, optimizer=True,
-            backend: str = "inductor") -> Result:
-    """Time one variant's training step on `batch` (a failure, e.g. out of memory, is recorded, not raised)."""
+            backend: str = "inductor", raise_errors: bool = False) -> Result:
+    """Time one variant's training step on `batch`. A failure (e.g. out of memory) is recorded in the result, or
+    raised after cleaning up with `raise_errors`."""
     result = Result(w.name, variant.label)
     opt = None
     try:
@@ -267,6 +268,8 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
             result.mfu_spec, result.mfu_matmul = mfu(flops, seconds, spec), mfu(flops, seconds, measured)
     except Exception as err:  # noqa: BLE001  (reported in the table, the next measurement goes on)
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if raise_errors:
+            raise
     finally:
         if variant.channels_last:
             model.to(memory_format=torch.contiguous_format)

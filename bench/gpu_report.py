@@ -59,7 +59,7 @@ def unet_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def section_rows(rows: list[dict], section: str) -> list[str]:
+def section_rows(rows: list[dict], section: str, spec: Optional[float] = None) -> list[str]:
     out = []
     for r in rows:
         if r.get("section") != section:
@@ -69,6 +69,17 @@ def section_rows(rows: list[dict], section: str) -> list[str]:
             out.append(f"  {label}: skipped ({r['skipped']})")
         elif r.get("error"):
             out.append(f"  {label}: FAILED {r['error']}")
+        elif "trainer_img_s" in r:
+            out.append(f"  {label}: trainer {r['trainer_img_s']:.1f} img/s ({r['trainer_ms']:.1f} ms/step), isolated UNet "
+                       f"step {r['isolated_img_s']:.1f} img/s ({r['isolated_ms']:.1f} ms); trainer / isolated "
+                       f"{r['ratio']:.3f} (target >= {TRAINER_TARGET}); text {r.get('text_len')} positions, "
+                       f"{r.get('mixed_precision')}")
+        elif "ours_ms" in r:
+            out.append(f"  {label}: ours {r['ours_ms']:.1f} ms, diffusers {r['diffusers_ms']:.1f} ms, ours / diffusers "
+                       f"{r['ratio']:.3f} (target <= {RATIO_TARGET}); {r['flops'] / 1e12:.2f} TFLOP per step, "
+                       f"ours {r['flops'] / r['ours_ms'] / 1e9:.0f} TFLOP/s"
+                       + (f" (MFU {pct(r['flops'] / r['ours_ms'] / 1e9 / spec)})" if spec else "")
+                       + f"; reconstructions agree to {r['gap']:.1e}")
         elif "ms_per_step" in r:
             mem = f", peak {r['peak_mem_gb']:.1f} GiB" if r.get("peak_mem_gb") is not None else ""
             out.append(f"  {label}: {r['ms_per_step']:.1f} ms, {r['img_per_s']:.0f} img/s, MFU {pct(r.get('mfu_spec'))}"
@@ -100,7 +111,7 @@ def report(rows: list[dict]) -> str:
         "", f"Stage-2 trainer from the latent cache (target: >= {TRAINER_TARGET:.0%} of the isolated step's img/s):",
         *section_rows(rows, "trainer"),
         "", f"Stage-1 step, 256 px batch 8, VAE + LPIPS + PatchGAN (target: ours / diffusers <= {RATIO_TARGET}):",
-        *section_rows(rows, "stage1"),
+        *section_rows(rows, "stage1", peak.get("spec_tflops")),
         "", "Phases that were cut short or skipped:", *(section_rows(rows, "phase") or ["  none"]),
     ]
     failed = [r for r in rows if r.get("error")]

@@ -172,7 +172,7 @@ class UNetBench:
         flops = self.workload_flops(key)
         warmup, steps = self.s.steps
         result = bu.measure(model, variant, w, self.batch(key), torch.bfloat16, self.s.device, flops, self.spec,
-                            self.matmul, warmup, steps, backend=self.s.backend)
+                            self.matmul, warmup, steps, backend=self.s.backend, raise_errors=True)
         return result_fields(result, flops, w)
 
 
