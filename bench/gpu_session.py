@@ -117,7 +117,10 @@ class Session:
         return self.record(section, seconds=round(time.time() - start, 1), **{**out, **labels})
 
 
-def free(device: torch.device) -> None:
+def free(device: torch.device, compiled: bool = False) -> None:
+    """Release what a measurement left on the device; compiled code and CUDA-graph pools too when `compiled`."""
+    if compiled:
+        torch._dynamo.reset()
     bu.free_memory(device)
 
 
@@ -125,8 +128,10 @@ def configure(device: torch.device) -> None:
     """What the trainers set on CUDA (src/training/performance.py), plus room for many compiled variants."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = 64
-    torch._dynamo.config.accumulated_cache_size_limit = 512
+    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
+                        ("accumulated_cache_size_limit", 512)):
+        if hasattr(torch._dynamo.config, name):  # the names changed across torch versions
+            setattr(torch._dynamo.config, name, value)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.set_float32_matmul_precision("high")
@@ -256,7 +261,7 @@ def phase_stage1(s: Session, compiled: bool) -> None:
         s.guarded("stage1", estimate, lambda c=compile_ours, cl=channels_last: bv.bench(
             channels, size, batch, steps, s.device, True, torch.bfloat16, c, cl, warmup, "default", spec, measured,
             backend=s.backend), row=label, img_size=size, batch=batch)
-        free(s.device)
+        free(s.device, compiled)
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -274,7 +279,7 @@ def phase_trainer(s: Session, compiled: bool) -> None:
                 batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,
                 work_dir=Path(os.environ.get("GPU_SESSION_WORK", "/tmp/gpu_session_work")),
                 steps=s.steps, backend=s.backend), row=label, batch=batch)
-            free(s.device)
+            free(s.device, compiled)
 
 
 # --------------------------------------------------------------------------------------------------- misc
