@@ -154,6 +154,8 @@ def test_trimmed_text_gives_the_same_output():
     assert unmasked.text.shape == (2, 5, TEXT_DIM) and unmasked.text_mask is None  # nothing padded: no mask
     beyond = Condition(text=text[:, :6], text_mask=mask[:, :6]).trimmed(multiple=8)  # rounding past the end
     assert beyond.text.shape == (2, 8, TEXT_DIM) and beyond.text_mask[:, 6:].sum() == 0 and beyond.text[:, 6:].abs().sum() == 0
+    moved = Condition(text=text[:, :6], text_mask=mask[:, :6]).trimmed(multiple=8, device="cpu")  # the data path's
+    assert torch.equal(moved.text, beyond.text) and torch.equal(moved.text_mask, beyond.text_mask)
     with torch.no_grad():
         for full, short in ((padded, trimmed), (even, unmasked)):
             torch.testing.assert_close(unet(x, t, short), unet(x, t, full), rtol=1e-5, atol=1e-6)

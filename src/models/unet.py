@@ -65,12 +65,12 @@ class Condition:
             return self.labels.shape[0]
         raise ValueError("empty Condition")
 
-    def to(self, device=None, dtype=None) -> "Condition":
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Condition":
         """Move to `device`; `dtype` applies to the text embeddings only (masks and labels keep theirs)."""
         return Condition(
-            text=None if self.text is None else self.text.to(device=device, dtype=dtype),
-            text_mask=None if self.text_mask is None else self.text_mask.to(device=device),
-            labels=None if self.labels is None else self.labels.to(device=device),
+            text=None if self.text is None else self.text.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            text_mask=None if self.text_mask is None else self.text_mask.to(device=device, non_blocking=non_blocking),
+            labels=None if self.labels is None else self.labels.to(device=device, non_blocking=non_blocking),
         )
 
     def full_mask(self) -> Optional[torch.Tensor]:
@@ -100,22 +100,31 @@ class Condition:
             labels = torch.cat([a.labels, b.labels], dim=0)
         return Condition(text=text, text_mask=mask, labels=labels)
 
-    def trimmed(self, multiple: int = 8) -> "Condition":
+    def trimmed(self, multiple: int = 8, device=None) -> "Condition":
         """The same condition without the padding no caption of the batch reaches (the UNet's output is unchanged).
 
         The text is cut after the last real token of the longest caption. When every row is then real, the mask
         is dropped (SDPA can use its flash kernel); otherwise the length is rounded up to a multiple of `multiple`
         (zero tokens, masked), which keeps SDPA's masked kernels aligned and the number of distinct shapes small
-        for torch.compile and CUDA graphs. Meant for CPU tensors in the data path: on a GPU it waits for the device.
+        for torch.compile and CUDA graphs. Meant for CPU tensors in the data path (on a GPU it waits for the
+        device); with `device` the result is copied there without blocking: the cut is a view of the (pinned)
+        batch, and rounding past the stored length pads on the device.
         """
         if self.text is None or self.text_mask is None:
-            return self
+            return self if device is None else self.to(device, non_blocking=True)
         keep, padded = padding_extent(self.text_mask, multiple)
+        stored = min(keep, self.text.shape[1])
+        text, mask = self.text[:, :stored], self.text_mask[:, :stored]  # (B, stored, D), (B, stored): views
+        labels = self.labels
+        if device is not None:
+            text, mask = text.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            labels = None if labels is None else labels.to(device, non_blocking=True)
         if not padded:
-            return Condition(text=self.text[:, :keep], text_mask=None, labels=self.labels)
-        text, mask = self.text[:, :keep], self.text_mask[:, :keep]  # (B, <=keep, D), (B, <=keep)
-        extra = keep - text.shape[1]  # rounding can go past the stored length: append masked zeros
-        return Condition(text=F.pad(text, (0, 0, 0, extra)), text_mask=F.pad(mask, (0, extra)), labels=self.labels)
+            return Condition(text=text, text_mask=None, labels=labels)
+        extra = keep - stored  # rounding past the stored length: append masked zeros
+        if extra:
+            text, mask = F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+        return Condition(text=text, text_mask=mask, labels=labels)
 
 
 def padding_extent(mask: torch.Tensor, multiple: int = 1) -> tuple[int, bool]:

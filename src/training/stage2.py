@@ -256,23 +256,15 @@ def batch_condition(batch: dict, conditioning: str, text_encoder, device,
     if conditioning == "class":
         return Condition(labels=batch["label"].to(device, non_blocking=True))
     if "text_embeds" in batch:
-        cond = Condition(text=batch["text_embeds"], text_mask=batch.get("text_embeds_mask")).trimmed()  # CPU
-        return to_device(cond, device)
+        cond = Condition(text=batch["text_embeds"], text_mask=batch.get("text_embeds_mask"))  # (B, L, D) on the CPU
+        cond = cond.trimmed(device=device)  # cut on the CPU, copied without blocking
+        return Condition(text=cond.text.float(), text_mask=cond.text_mask)
     tokens = text_encoder.tokenize(list(batch["caption"]))  # (B, 77) ids and mask, on the CPU
     keep, padded = padding_extent(tokens["attention_mask"], multiple=8)
     ids, mask = tokens["input_ids"][:, :keep], tokens["attention_mask"][:, :keep]  # (B, L'): the rest is padding
     with torch.no_grad(), autocast():
         hidden, _ = text_encoder.encode_tokens(ids, mask)  # (B, L', D): real tokens' states as at full length
     return Condition(text=hidden.float(), text_mask=mask.to(device, non_blocking=True) if padded else None)
-
-
-def to_device(cond: Condition, device) -> Condition:
-    """A CPU condition on the device (pinned-memory batches copy without blocking); text as float32."""
-    return Condition(
-        text=cond.text.to(device, non_blocking=True).float(),
-        text_mask=None if cond.text_mask is None else cond.text_mask.to(device, non_blocking=True),
-        labels=None if cond.labels is None else cond.labels.to(device, non_blocking=True),
-    )
 
 
 def diffusion_step_loss(
