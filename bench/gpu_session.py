@@ -57,7 +57,7 @@ class Session:
         self.tiny = args.tiny
         self.backend = args.compile_backend
         self.phase = ""
-        self.compile_estimate = self.observed_compile_time() or (8.0 if args.tiny else 150.0)  # seconds
+        self.compile_estimate = self.observed_compile_time() or (8.0 if args.tiny else 60.0)  # seconds, a lower bound
 
     def observed_compile_time(self) -> Optional[float]:
         """The longest compiled measurement an earlier phase took (its compile included), as the estimate."""
@@ -165,10 +165,17 @@ class UNetBench:
             self.batches = {key: bu.make_batch(self.s.workloads()[key], self.s.device)}  # one resident at a time
         return self.batches[key]
 
-    def workload_flops(self, key: str) -> int:
+    def workload_flops(self, key: str) -> Optional[int]:
+        """FLOPs of one step of the workload, counted once; None when counting failed (e.g. out of memory)."""
         if key not in self.flops:
-            self.flops[key] = bu.workload_flops(self.ours, self.s.workloads()[key], self.batch(key), torch.bfloat16,
-                                                self.s.device)
+            try:
+                self.flops[key] = bu.workload_flops(self.ours, self.s.workloads()[key], self.batch(key),
+                                                    torch.bfloat16, self.s.device)
+            except Exception as err:  # noqa: BLE001  (the timings still count without MFU)
+                print(f"counting FLOPs of {key} failed: {type(err).__name__}: {err}", flush=True)
+                self.ours.zero_grad(set_to_none=True)
+                free(self.s.device)
+                self.flops[key] = None
         return self.flops[key]
 
     def run(self, key: str, variant: bu.Variant, compiled: bool = False) -> dict:
@@ -188,7 +195,7 @@ def phase_unet_eager(s: Session) -> None:
              params_m=round(sum(p.numel() for p in bench.ours.parameters()) / 1e6, 1))
     eager = 4 if s.tiny else 20  # seconds per eager measurement, generously
     for key in ("b64", "b16", "64px"):
-        s.guarded("flops", eager, lambda: {"flops_per_img": bench.workload_flops(key) / s.workloads()[key].batch},
+        s.guarded("flops", eager, lambda: {"flops_per_img": (bench.workload_flops(key) or 0) / s.workloads()[key].batch},
                   workload=key)
         s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("ours", "trimmed")), workload=key, row="ours eager")
         s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("diffusers", "padded")), workload=key,
