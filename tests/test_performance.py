@@ -200,10 +200,9 @@ def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
 @pytest.fixture(scope="module")
 def stage2_setup(tmp_path_factory):
     """A tiny text-conditional stage-2 context on `shapes` from images (no cache), and its initial UNet."""
-    import argparse
-
     from accelerate import Accelerator
 
+    import stage2_diffusion_trainer
     from src.config import load_model_config
     from src.training.stage2 import setup_context
     from tests.helpers import make_tiny_clip
@@ -213,8 +212,10 @@ def stage2_setup(tmp_path_factory):
     model_path = write_model_config(d / "ldm.yaml", tiny_unet(str(make_tiny_clip(d / "clip"))), {"shapes": 0.9})
     cfg = Stage2TrainConfig(per_gpu_batch_size=4, num_workers=0, pin_memory=False, shapes_num_images=8,
                             lr_warmup_steps=0, learning_rate=1e-3, weight_decay=0.0)
-    args = argparse.Namespace(dataset="shapes", path_to_dataset=None, path_to_vae_backbone=str(make_vae_file(d / "v")),
-                              model_config=str(model_path), val_prompts=None, cache_latents=None)
+    args = stage2_diffusion_trainer.parse_args([
+        "--working_directory", str(d / "work"), "--training_config", "unused.yaml", "--model_config", str(model_path),
+        "--path_to_vae_backbone", str(make_vae_file(d / "v")), "--dataset", "shapes",
+    ])
     reset_accelerate()
     torch.manual_seed(0)
     ctx, dataset = setup_context(args, Accelerator(cpu=True), cfg, load_model_config(model_path))
