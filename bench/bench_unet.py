@@ -1,132 +1,377 @@
-"""Benchmark (a): one UNet training step, ours against diffusers.UNet2DConditionModel at equal channels.
+"""One UNet training step, ours against diffusers.UNet2DConditionModel with identical weights: time, FLOPs, MFU.
 
-Both networks get the same layout (channels, resnets per level, attention levels, head width, text width),
-the same weights (ours converted by src/models/diffusers_compat.py), the same DiffusionProcess noising and
-target, the same loss and AdamW step. Steps alternate between the two so that load from other processes hits both alike. Prints
-seconds per step for each and the ratio ours / diffusers (below 1 = ours faster). Not part of the test run.
+A step = forward under autocast, MSE to the DiffusionProcess target in fp32, backward, fused AdamW, on the same
+batch for both models (text 77 x text_dim, the first --real_tokens real, the rest padding). FLOPs are counted
+once per workload with torch.utils.flop_counter (forward + backward of the useful work: the real tokens), and
+MFU is reported against the detected GPU's dense bf16 spec and against a bf16 matmul measured in this run.
 
-    .venv/bin/python bench/bench_unet.py                              # CPU-sized default
-    .venv/bin/python bench/bench_unet.py --channels 320 640 1280 1280 --latent_size 32 --batch 8 \
-        --device cuda --dtype bf16                                    # the design's UNet on a GPU
+How our UNet sees the text (--attention):
+    trimmed  (default) what the trainer feeds it: Condition.trimmed() cuts the padding no caption reaches; here
+             every caption has --real_tokens tokens, so the mask goes too and SDPA can use its flash kernel
+    varied   captions of 4 to 20 tokens, trimmed: 24 positions and a mask (the trainer on real captions)
+    padded   all 77 positions with the padding mask (what a padded text encoder output gives)
+    none     all 77 positions, no mask (different output; the speed of an unmasked 77-token step)
+diffusers gets the 77 positions with encoder_attention_mask, or without a mask under --no_mask.
+
+    .venv/bin/python bench/bench_unet.py                                        # CPU-sized default
+    python bench/bench_unet.py --design --latent_size 32 --batch 64 --device cuda --dtype bf16 \\
+        --compile --channels_last                                               # the design's UNet on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import contextlib
+import gc
+import json
 import sys
-import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from mfu import count_flops, matmul_tflops, mfu, mfu_line, spec_peak_tflops, time_per_call  # noqa: E402
 
 from src.config import UNetConfig  # noqa: E402
 from src.diffusion.schedule import DiffusionProcess, diffusion_loss  # noqa: E402
-from src.models.diffusers_compat import unet_config_to_diffusers, unet_state_to_diffusers  # noqa: E402
-from src.models.unet import Condition, build_unet  # noqa: E402
+from src.models.unet import Condition, UNet, build_unet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DESIGN_CHANNELS = [320, 640, 1280, 1280]
+ATTENTION = ("trimmed", "varied", "padded", "none")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@dataclass
+class Workload:
+    batch: int
+    latent_size: int
+    latent_channels: int = 4
+    text_len: int = 77
+    real_tokens: int = 12
+    text_dim: int = 768
+
+    @property
+    def name(self) -> str:
+        return f"{self.latent_size}x{self.latent_size} b{self.batch}"
+
+
+@dataclass
+class Variant:
+    """How one model runs a step."""
+
+    model: str = "ours"  # ours | diffusers
+    attention: str = "trimmed"  # trimmed | padded | none (ours); diffusers: padded | none
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+    gradient_checkpointing: bool = False
+    sdpa_backend: Optional[str] = None  # force one SDPA kernel: flash | efficient | cudnn | math
+    dynamic: bool = False  # compile once for every batch size and latent size (marks those dims dynamic)
+
+    @property
+    def label(self) -> str:
+        parts = [self.model, self.attention]
+        if self.compile:
+            parts.append("compile" if self.compile_mode == "default" else self.compile_mode)
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.gradient_checkpointing:
+            parts.append("grad_ckpt")
+        if self.sdpa_backend:
+            parts.append(f"sdpa={self.sdpa_backend}")
+        if self.dynamic:
+            parts.append("dynamic")
+        return " ".join(parts)
+
+
+@dataclass
+class Result:
+    workload: str
+    variant: str
+    ms_per_step: Optional[float] = None
+    img_per_s: Optional[float] = None
+    tflops: Optional[float] = None
+    mfu_spec: Optional[float] = None
+    mfu_matmul: Optional[float] = None
+    peak_mem_gb: Optional[float] = None
+    error: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+
+def unet_config(channels: list[int], layers_per_block: int = 2, head_dim: int = 64, text_dim: int = 768) -> UNetConfig:
+    """The design's layout (AttnDown x (n-1), Down / Up, AttnUp x (n-1)) at the given widths."""
+    n = len(channels)
+    return UNetConfig(
+        down_block_types=["AttnDown"] * (n - 1) + ["Down"], up_block_types=["Up"] + ["AttnUp"] * (n - 1),
+        unet_channels_per_block=list(channels), unet_residual_layers_per_block=layers_per_block,
+        attention_head_dim=head_dim, time_embed_start_dim=channels[0], time_embed_proj_dim=channels[0] * 4,
+        text_embed_dim=text_dim,
+    )
+
+
+def build_ours(cfg: UNetConfig, latent_channels: int, device: torch.device) -> UNet:
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it runs: seconds instead of a minute for 860 M parameters
+        return build_unet(cfg, latent_channels, "text").train()
+
+
+def build_diffusers_twin(ours: UNet, latent_size: int, device: torch.device):
+    """diffusers.UNet2DConditionModel with our layout and our weights."""
+    from diffusers import UNet2DConditionModel
+
+    from src.models.diffusers_compat import unet_config_to_diffusers, unet_state_to_diffusers
+
+    with torch.device(device):
+        theirs = UNet2DConditionModel(**unet_config_to_diffusers(ours, latent_size))
+    theirs.load_state_dict(unet_state_to_diffusers(ours), strict=True)
+    return theirs.train()
+
+
+@dataclass
+class Batch:
+    xt: torch.Tensor  # (B, C, h, w)
+    t: torch.Tensor  # (B,)
+    target: torch.Tensor  # (B, C, h, w)
+    text: torch.Tensor  # (B, L, D)
+    mask: torch.Tensor  # (B, L)
+
+    def condition(self, attention: str) -> Condition:
+        """The text as our UNet gets it (computed once, before timing)."""
+        if attention == "trimmed":
+            return trimmed_on_device(self.text, self.mask)
+        if attention == "varied":  # captions of 4 to 20 tokens: trimmed to 24 positions, the mask stays
+            g = torch.Generator().manual_seed(1)
+            lengths = torch.randint(4, 21, (self.text.shape[0],), generator=g)  # (B,)
+            mask = (torch.arange(self.text.shape[1])[None] < lengths[:, None]).long()  # (B, L)
+            return trimmed_on_device(self.text * mask[..., None].to(self.text), mask)
+        if attention == "padded":
+            return Condition(text=self.text, text_mask=self.mask)
+        return Condition(text=self.text)
+
+
+def trimmed_on_device(text: torch.Tensor, mask: torch.Tensor) -> Condition:
+    """Condition.trimmed() on the CPU mask (as the data path does), the result on text's device."""
+    cond = Condition(text=text.cpu(), text_mask=mask.cpu()).trimmed()
+    return cond.to(text.device)
+
+
+def make_batch(w: Workload, device: torch.device) -> Batch:
+    g = torch.Generator().manual_seed(0)
+    shape = (w.batch, w.latent_channels, w.latent_size, w.latent_size)
+    x0, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    t = torch.randint(0, 1000, (w.batch,), generator=g)
+    process = DiffusionProcess(1000)
+    text = torch.randn(w.batch, w.text_len, w.text_dim, generator=g)
+    mask = torch.zeros(w.batch, w.text_len, dtype=torch.long)
+    mask[:, : w.real_tokens] = 1  # realistic captions: most of the 77 positions are padding
+    text = text * mask[..., None]  # padding embeddings are zeros (they are masked anyway)
+    xt, target = process.add_noise(x0, noise, t), process.training_target(x0, noise, t)
+    return Batch(*(v.to(device) for v in (xt, t, target, text, mask)))
+
+
+def sdpa_context(backend: Optional[str]):
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return sdpa_kernel([getattr(SDPBackend, names[backend])])
+
+
+def compiled(model, variant: Variant, backend: str = "inductor"):
+    """The model, or torch.compile(model) in the variant's mode (another backend, e.g. aot_eager, takes no mode)."""
+    if not variant.compile:
+        return model
+    from src.config import TrainConfig
+    from src.training.performance import compile_module
+
+    return compile_module(model, TrainConfig(compile=True, compile_mode=variant.compile_mode), backend)
+
+
+def make_forward(model, variant: Variant, batch: Batch, backend: str = "inductor") -> Callable[[], torch.Tensor]:
+    """The model's call on the batch (compiled, channels_last, checkpointed as the variant says)."""
+    fn = compiled(model, variant, backend)
+    if variant.compile and variant.dynamic:
+        for tensor, dims in ((batch.xt, (0, 2, 3)), (batch.t, (0,)), (batch.text, (0,)), (batch.mask, (0,))):
+            for dim in dims:
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    if variant.model == "ours":
+        model.set_gradient_checkpointing(variant.gradient_checkpointing)
+        cond = batch.condition(variant.attention)
+        if variant.compile and variant.dynamic and cond.text is not batch.text:
+            torch._dynamo.maybe_mark_dynamic(cond.text, 0)
+        return lambda: fn(batch.xt, batch.t, cond)
+    if variant.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+    mask = batch.mask if variant.attention == "padded" else None
+    return lambda: fn(batch.xt, batch.t, encoder_hidden_states=batch.text, encoder_attention_mask=mask).sample
+
+
+def make_step(model, forward: Callable[[], torch.Tensor], batch: Batch, dtype: torch.dtype, device: torch.device,
+              optimizer: Optional[torch.optim.Optimizer], cudagraphs: bool, backend: Optional[str]):
+    """forward (autocast) + fp32 MSE + backward + AdamW step, as a closure."""
+
+    def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with sdpa_context(backend), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = forward()
+        loss = diffusion_loss(pred, batch.target, "mse")
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def fused_adamw(model) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, flops: Optional[int],
+            spec: Optional[float], measured: Optional[float], warmup: int, steps: int, optimizer=True,
+            backend: str = "inductor", raise_errors: bool = False) -> Result:
+    """Time one variant's training step on `batch`. A failure (e.g. out of memory) is recorded in the result, or
+    raised after cleaning up with `raise_errors`."""
+    result = Result(w.name, variant.label)
+    opt = None
+    try:
+        free_memory(device)
+        if variant.channels_last:
+            model.to(memory_format=torch.channels_last)
+        opt = fused_adamw(model) if optimizer else None
+        forward = make_forward(model, variant, batch, backend)
+        step = make_step(model, forward, batch, dtype, device, opt,
+                         variant.compile and "reduce-overhead" in variant.compile_mode, variant.sdpa_backend)
+        seconds = time_per_call(step, device, warmup, steps)
+        result.ms_per_step = 1000 * seconds
+        result.img_per_s = w.batch / seconds
+        if device.type == "cuda":
+            result.peak_mem_gb = torch.cuda.max_memory_allocated(device) / 2**30
+        if flops:
+            result.tflops = flops / seconds / 1e12
+            result.mfu_spec, result.mfu_matmul = mfu(flops, seconds, spec), mfu(flops, seconds, measured)
+    except Exception as err:  # noqa: BLE001  (reported in the table, the next measurement goes on)
+        result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        if raise_errors:
+            raise
+    finally:
+        if variant.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+        if opt is not None:
+            del opt
+        model.zero_grad(set_to_none=True)
+        free_memory(device)
+    return result
+
+
+def workload_flops(ours: UNet, w: Workload, batch: Batch, dtype, device) -> int:
+    """FLOPs of one training step of the useful work (text trimmed to the real tokens), counted once."""
+    step = make_step(ours, make_forward(ours, Variant(), batch), batch, dtype, device, None, False, None)
+    flops = count_flops(step)
+    ours.zero_grad(set_to_none=True)
+    return flops
+
+
+def format_result(r: Result, ratio_to: Optional[float] = None) -> str:
+    if r.error:
+        return f"{r.workload:12s} {r.variant:45s} FAILED {r.error}"
+    line = f"{r.workload:12s} {r.variant:45s} {r.ms_per_step:8.1f} ms {r.img_per_s:8.1f} img/s"
+    if r.tflops is not None:
+        line += f" {r.tflops:7.1f} TFLOP/s"
+    if r.mfu_spec is not None:
+        line += f"  MFU {100 * r.mfu_spec:5.1f} %"
+    if r.mfu_matmul is not None:
+        line += f" ({100 * r.mfu_matmul:5.1f} % of matmul)"
+    if r.peak_mem_gb is not None:
+        line += f"  {r.peak_mem_gb:5.1f} GiB"
+    if ratio_to:
+        line += f"  ours/diffusers {r.ms_per_step / ratio_to:.3f}"
+    return line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--design", action="store_true", help=f"the design's channels {DESIGN_CHANNELS} (860 M parameters)")
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128, 128])
     p.add_argument("--layers_per_block", type=int, default=2)
     p.add_argument("--head_dim", type=int, default=64)
     p.add_argument("--text_dim", type=int, default=768)
     p.add_argument("--text_len", type=int, default=77)
+    p.add_argument("--real_tokens", type=int, default=12, help="real caption tokens; the rest is padding")
     p.add_argument("--latent_channels", type=int, default=4)
     p.add_argument("--latent_size", type=int, default=16)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10, help="timed steps per model")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="autocast dtype (weights stay fp32)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: CPU time is a clean measure)")
-    return p.parse_args()
+    p.add_argument("--compile", action="store_true", help="torch.compile our UNet")
+    p.add_argument("--compile_mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    p.add_argument("--channels_last", action="store_true", help="NHWC weights and activations for our UNet")
+    p.add_argument("--no_mask", action="store_true", help="both models: the 77 positions unmasked")
+    p.add_argument("--attention", choices=ATTENTION, default="trimmed", help="how our UNet sees the text (above)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--no_diffusers", action="store_true", help="time our UNet only")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
 
 
-def build_pair(args):
-    from diffusers import UNet2DConditionModel
-
-    n = len(args.channels)
-    cfg = UNetConfig(
-        down_block_types=["AttnDown"] * (n - 1) + ["Down"], up_block_types=["Up"] + ["AttnUp"] * (n - 1),
-        unet_channels_per_block=args.channels, unet_residual_layers_per_block=args.layers_per_block,
-        attention_head_dim=args.head_dim, time_embed_start_dim=args.channels[0],
-        time_embed_proj_dim=args.channels[0] * 4, text_embed_dim=args.text_dim,
-    )
-    torch.manual_seed(0)
-    ours = build_unet(cfg, args.latent_channels, "text")
-    theirs = UNet2DConditionModel(**unet_config_to_diffusers(ours, args.latent_size))
-    theirs.load_state_dict(unet_state_to_diffusers(ours), strict=True)
-    return ours, theirs
-
-
-def main() -> None:
-    args = parse_args()
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.design:
+        args.channels = DESIGN_CHANNELS
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    ours, theirs = build_pair(args)
-    ours.to(device).train()
-    theirs.to(device).train()
-    process = DiffusionProcess(1000)
-    g = torch.Generator().manual_seed(0)
-    shape = (args.batch, args.latent_channels, args.latent_size, args.latent_size)
-    x0 = torch.randn(shape, generator=g).to(device)
-    noise = torch.randn(shape, generator=g).to(device)
-    t = torch.randint(0, 1000, (args.batch,), generator=g).to(device)
-    text = torch.randn(args.batch, args.text_len, args.text_dim, generator=g).to(device)
-    mask = torch.ones(args.batch, args.text_len, dtype=torch.long)
-    mask[:, 12:] = 0  # realistic caption lengths: most of the 77 positions are padding
-    mask = mask.to(device)
-    xt, target = process.add_noise(x0, noise, t), process.training_target(x0, noise, t)
-    cond = Condition(text=text, text_mask=mask)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+    w = Workload(args.batch, args.latent_size, args.latent_channels, args.text_len, args.real_tokens, args.text_dim)
+    ours = build_ours(unet_config(args.channels, args.layers_per_block, args.head_dim, args.text_dim),
+                      args.latent_channels, device)
+    theirs = None if args.no_diffusers else build_diffusers_twin(ours, args.latent_size, device)
+    spec, name = spec_peak_tflops(device)
+    measured = matmul_tflops(device)
+    batch = make_batch(w, device)
+    flops = workload_flops(ours, w, batch, dtype, device)
+    attention = "none" if args.no_mask else args.attention
+    ours_variant = Variant("ours", attention, args.compile, args.compile_mode, args.channels_last, args.gradient_checkpointing)
+    results = [measure(ours, ours_variant, w, batch, dtype, device, flops, spec, measured, args.warmup, args.steps)]
+    if theirs is not None:
+        twin = Variant("diffusers", "none" if args.no_mask else "padded", gradient_checkpointing=args.gradient_checkpointing)
+        results.append(measure(theirs, twin, w, batch, dtype, device, flops, spec, measured, args.warmup, args.steps))
 
-    forwards = {
-        "ours": lambda: ours(xt, t, cond),
-        "diffusers": lambda: theirs(xt, t, encoder_hidden_states=text, encoder_attention_mask=mask).sample,
-    }
-    optims = {"ours": torch.optim.AdamW(ours.parameters(), 1e-4), "diffusers": torch.optim.AdamW(theirs.parameters(), 1e-4)}
-    dtype = DTYPES[args.dtype]
-
-    def step(name: str) -> tuple[float, float]:
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        sync()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = forwards[name]()
-        loss = diffusion_loss(pred, target, "mse")
-        loss.backward()
-        optims[name].step()
-        optims[name].zero_grad(set_to_none=True)
-        sync()
-        return time.perf_counter() - start, time.process_time() - cpu_start
-
-    times = {"ours": [], "diffusers": []}
-    cpu_times = {"ours": [], "diffusers": []}
-    for i in range(args.warmup + args.steps):
-        for name in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-            elapsed, cpu = step(name)
-            if i >= args.warmup:
-                times[name].append(elapsed)
-                cpu_times[name].append(cpu)
-
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_theirs = sum(p.numel() for p in theirs.parameters())
-    print(f"device={device} dtype={args.dtype} threads={args.threads} channels={args.channels} "
-          f"layers={args.layers_per_block} head_dim={args.head_dim} batch={args.batch} "
-          f"latent={args.latent_channels}x{args.latent_size}x{args.latent_size} text={args.text_len}x{args.text_dim}")
-    print(f"parameters: ours {n_ours / 1e6:.2f} M, diffusers {n_theirs / 1e6:.2f} M")
-    med = {k: statistics.median(v) for k, v in times.items()}
-    cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
-    for name in ("ours", "diffusers"):
-        print(f"{name:10s} {med[name] * 1000:8.1f} ms wall, {cpu[name] * 1000:8.1f} ms CPU / training step "
-              f"(median of {args.steps})")
-    print(f"ratio ours / diffusers: wall {med['ours'] / med['diffusers']:.3f}, "
-          f"CPU time {cpu['ours'] / cpu['diffusers']:.3f}  (< 1: ours faster; on a shared CPU trust CPU time)")
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"device {name}, dtype {args.dtype}, channels {args.channels}, {n_params / 1e6:.0f} M parameters, "
+          f"latent {args.latent_channels}x{w.latent_size}x{w.latent_size}, batch {w.batch}, "
+          f"text {w.text_len}x{w.text_dim} ({w.real_tokens} real)")
+    print(f"FLOPs per step {flops / 1e12:.3f} TFLOP ({flops / w.batch / 1e12:.3f} per image); "
+          f"peak: spec {spec or 'unknown'} TFLOP/s, measured bf16 matmul {measured:.1f} TFLOP/s")
+    diffusers_ms = results[1].ms_per_step if len(results) > 1 and not results[1].error else None
+    print(format_result(results[0], diffusers_ms))
+    for r in results[1:]:
+        print(format_result(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "flops": flops, "spec_tflops": spec,
+                                               "matmul_tflops": measured, "device": name,
+                                               "results": [asdict(r) for r in results]}, indent=2))
 
 
 if __name__ == "__main__":

@@ -144,6 +144,11 @@ class TrainConfig:
     random_flip_p: float = 0.5
     interpolation: Literal["bilinear", "bicubic", "lanczos", "nearest"] = "bicubic"
     shapes_num_images: int = 50000  # size of the built-in `shapes` dataset (ignored by file datasets)
+    # speed (src/training/performance.py); none of these changes what is computed beyond rounding
+    compile: bool = False  # torch.compile the networks the step trains (stage 1 also its LPIPS)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # NHWC memory format for convolutions and their inputs
+    allow_tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (cudnn.benchmark is always on)
 
 
 @dataclass

@@ -86,10 +86,19 @@ class Upsample2D(nn.Module):
         return self.conv(x)  # (B, C, H * factor, W * factor)
 
 
+def attention_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A (B, L) 0-1 padding mask as SDPA's boolean (B, 1, 1, L) (True = attend); 4-d masks and None pass through."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask.bool()[:, None, None, :]
+
+
 class Attention(nn.Module):
     """Multi-head attention over token sequences (self-attention, or cross-attention when `context` is given).
 
-    `mask` is a (B, L_ctx) boolean/0-1 tensor marking real (1) and padding (0) context tokens.
+    `mask` marks real (1 / True) and padding (0 / False) context tokens: (B, L_ctx) 0-1, or already the boolean
+    (B, 1, 1, L_ctx) that SDPA takes (`attention_mask`, built once per forward by the caller). Without a mask
+    SDPA can pick its fastest (flash) kernel; self-attention never takes one.
     """
 
     def __init__(
@@ -122,9 +131,7 @@ class Attention(nn.Module):
         q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
         k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, d)
         v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)  # (B, h, L, d)
-        attn_mask = None
-        if mask is not None:
-            attn_mask = mask.bool()[:, None, None, :]  # (B, 1, 1, L): True = attend
+        attn_mask = attention_mask(mask)  # (B, 1, 1, L) or None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, -1)  # (B, N, h*d)
         return self.to_out(out)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from src.config import UNetConfig
-from src.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from src.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, attention_mask, group_norm
 
 CONDITIONINGS = ("none", "class", "text")
 DOWN_TYPES = ("AttnDown", "Down")
@@ -65,12 +65,12 @@ class Condition:
             return self.labels.shape[0]
         raise ValueError("empty Condition")
 
-    def to(self, device=None, dtype=None) -> "Condition":
+    def to(self, device=None, dtype=None, non_blocking: bool = False) -> "Condition":
         """Move to `device`; `dtype` applies to the text embeddings only (masks and labels keep theirs)."""
         return Condition(
-            text=None if self.text is None else self.text.to(device=device, dtype=dtype),
-            text_mask=None if self.text_mask is None else self.text_mask.to(device=device),
-            labels=None if self.labels is None else self.labels.to(device=device),
+            text=None if self.text is None else self.text.to(device=device, dtype=dtype, non_blocking=non_blocking),
+            text_mask=None if self.text_mask is None else self.text_mask.to(device=device, non_blocking=non_blocking),
+            labels=None if self.labels is None else self.labels.to(device=device, non_blocking=non_blocking),
         )
 
     def full_mask(self) -> Optional[torch.Tensor]:
@@ -99,6 +99,42 @@ class Condition:
         if a.labels is not None:
             labels = torch.cat([a.labels, b.labels], dim=0)
         return Condition(text=text, text_mask=mask, labels=labels)
+
+    def trimmed(self, multiple: int = 8, device=None) -> "Condition":
+        """The same condition without the padding no caption of the batch reaches (the UNet's output is unchanged).
+
+        The text is cut after the last real token of the longest caption. When every row is then real, the mask
+        is dropped (SDPA can use its flash kernel); otherwise the length is rounded up to a multiple of `multiple`
+        (zero tokens, masked), which keeps SDPA's masked kernels aligned and the number of distinct shapes small
+        for torch.compile and CUDA graphs. Meant for CPU tensors in the data path (on a GPU it waits for the
+        device); with `device` the result is copied there without blocking: the cut is a view of the (pinned)
+        batch, and rounding past the stored length pads on the device.
+        """
+        if self.text is None or self.text_mask is None:
+            return self if device is None else self.to(device, non_blocking=True)
+        keep, padded = padding_extent(self.text_mask, multiple)
+        stored = min(keep, self.text.shape[1])
+        text, mask = self.text[:, :stored], self.text_mask[:, :stored]  # (B, stored, D), (B, stored): views
+        labels = self.labels
+        if device is not None:
+            text, mask = text.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            labels = None if labels is None else labels.to(device, non_blocking=True)
+        if not padded:
+            return Condition(text=text, text_mask=None, labels=labels)
+        extra = keep - stored  # rounding past the stored length: append masked zeros
+        if extra:
+            text, mask = F.pad(text, (0, 0, 0, extra)), F.pad(mask, (0, extra))
+        return Condition(text=text, text_mask=mask, labels=labels)
+
+
+def padding_extent(mask: torch.Tensor, multiple: int = 1) -> tuple[int, bool]:
+    """(keep, padded) of a (B, L) 0-1 padding mask: the positions up to the last real token of any row, rounded up
+    to a multiple of `multiple` when some row has padding within them (then padded is True; keep may exceed L)."""
+    real = mask.bool()  # (B, L)
+    positions = torch.arange(1, real.shape[1] + 1, device=real.device)  # (L,)
+    keep = int((real * positions).amax()) if real.numel() else 0
+    padded = not bool(real[:, :keep].all())
+    return (-(-keep // multiple) * multiple if padded else keep), padded
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -424,8 +460,7 @@ class UNet(nn.Module):
         """The learned "no condition" for a batch: the null text token, or the null class; None if unconditional."""
         if self.conditioning == "text":
             text = self.null_text_embedding[None].expand(batch_size, -1, -1)  # (B, 1, D)
-            mask = torch.ones(batch_size, 1, dtype=torch.long, device=text.device)  # (B, 1)
-            return Condition(text=text, text_mask=mask)
+            return Condition(text=text)  # one real token: no mask
         if self.conditioning == "class":
             device = self.class_embedding.weight.device
             return Condition(labels=torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device))
@@ -434,7 +469,9 @@ class UNet(nn.Module):
     def drop_condition(self, cond: Optional[Condition], prob: float,
                        generator: Optional[torch.Generator] = None) -> Optional[Condition]:
         """Swap each sample's condition for the null one with probability `prob` (classifier-free guidance
-        training, Ho & Salimans 2022). A dropped text becomes [null token, masked zeros ...] of the same length."""
+        training, Ho & Salimans 2022). A dropped text becomes the null token repeated over the whole length, all
+        real: attending to L copies of one token gives exactly what attending to it once gives, so the null
+        condition adds no padding mask (a batch without padding keeps SDPA's fast unmasked kernel)."""
         if cond is None or self.conditioning == "none":
             return cond
         # no early exit at prob 0: the null token then still takes part in the graph (with zero gradient), which
@@ -446,14 +483,12 @@ class UNet(nn.Module):
         if self.conditioning == "class":
             null = torch.full_like(cond.labels, self.num_classes)
             return Condition(labels=torch.where(drop, null, cond.labels))
-        text, mask = cond.text, cond.full_mask()  # (B, L, D), (B, L)
-        null_text = F.pad(self.null_text_embedding.to(text.dtype)[None], (0, 0, 0, text.shape[1] - 1))  # (1, L, D)
-        null_mask = torch.zeros_like(mask[:1])  # (1, L)
-        null_mask[:, 0] = 1
-        return Condition(
-            text=torch.where(drop[:, None, None], null_text, text),
-            text_mask=torch.where(drop[:, None], null_mask, mask),
-        )
+        text = cond.text  # (B, L, D)
+        null_text = self.null_text_embedding.to(text.dtype)[None].expand(1, text.shape[1], -1)  # (1, L, D)
+        mask = None
+        if cond.text_mask is not None:
+            mask = torch.where(drop[:, None], torch.ones_like(cond.text_mask), cond.text_mask)  # (B, L)
+        return Condition(text=torch.where(drop[:, None, None], null_text, text), text_mask=mask)
 
     def _embed(self, t: torch.Tensor, cond: Optional[Condition], dtype: torch.dtype) -> torch.Tensor:
         temb = self.time_proj(t).to(dtype)  # (B, start_dim)
@@ -484,7 +519,7 @@ class UNet(nn.Module):
             if cond is None or cond.text is None:
                 raise ValueError("a text-conditional UNet needs cond.text (use null_condition() for none)")
             context = cond.text.to(dtype)  # (B, L, D)
-            mask = cond.text_mask  # (B, L) or None
+            mask = attention_mask(cond.text_mask)  # (B, 1, 1, L) bool, built once for every cross-attention; or None
 
         h = self.conv_in(x.to(dtype))  # (B, c0, h, w); samplers hand in float32 even to a bf16/fp16 UNet
         skips = [h]

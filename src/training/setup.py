@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 
 from ..config import TrainConfig
 from ..data import DATASET_NAMES
+from .performance import configure_backends
 from .trackers import add_tracker_args, start_trackers, tracker_accelerator_kwargs
 
 logger = logging.getLogger("ldm")
@@ -59,6 +60,7 @@ def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     )
     setup_logging(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
+    configure_backends(cfg)  # TF32, cudnn.benchmark (CUDA only)
     return accelerator
 
 

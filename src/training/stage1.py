@@ -32,6 +32,7 @@ from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
 from .optim import Trainable, guarded_update
+from .performance import compile_autoencoder, compile_in_place, to_memory_format
 from .precision import MixedPrecision
 from .setup import build_trainable, every, gradient_sync, step_events
 from .trackers import log_image
@@ -93,25 +94,28 @@ def build_stage1(
     device = accelerator.device
     perceptual = build_perceptual_loss(cfg)  # first: a missing weights file stops the run before the big models
     if perceptual is not None:
-        perceptual = perceptual.to(device)
+        perceptual = compile_in_place(to_memory_format(perceptual.to(device), cfg), cfg)
     loss_fn = AutoencoderLoss(cfg, perceptual)
-    vae = build_autoencoder(model_cfg.vae).to(device)
+    vae = to_memory_format(build_autoencoder(model_cfg.vae).to(device), cfg)
     total = cfg.total_training_iterations
     vae_opt = build_trainable("autoencoder", vae, cfg, device, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
                               cfg.weight_decay, cfg.lr_scheduler, cfg.lr_warmup_steps, total)
     disc = disc_opt = None
     if cfg.use_patchgan:
         disc = sync_batchnorm_if_distributed(build_discriminator(cfg), accelerator.num_processes, device).to(device)
+        disc = to_memory_format(disc, cfg)
         disc_opt = build_trainable(
             "discriminator", disc, cfg, device, cfg.disc_learning_rate, (cfg.disc_adam_beta1, cfg.disc_adam_beta2),
             cfg.disc_weight_decay, cfg.disc_lr_scheduler, cfg.disc_lr_warmup_steps, max(1, total - cfg.disc_start),
         )
     forward_state = ForwardState([m for m in (vae, disc) if m is not None])
+    compile_autoencoder(vae, cfg)  # in place: every block but the decoder's output layer (the adaptive weight's)
+    compile_in_place(disc, cfg)
     vae = accelerator.prepare(vae)
     if disc is not None:
         disc = accelerator.prepare(disc)
     rank_seed = cfg.seed + accelerator.process_index
-    flip_gen = torch.Generator().manual_seed(rank_seed)
+    flip_gen = torch.Generator(device=device).manual_seed(rank_seed + 1_000_003)  # its own stream, on the device
     noise_gen = torch.Generator(device=device).manual_seed(rank_seed)
     guard = NonFiniteGuard(LOSS_TERMS + GRAD_TERMS, cfg.max_nonfinite_steps, device)
     precision = MixedPrecision.from_accelerator(accelerator)

@@ -30,8 +30,8 @@ from ..config import ModelConfig, Stage2TrainConfig, UNetConfig, VAEConfig, to_d
 from ..data import CONDITIONING, build_dataset
 from ..data.image_folder import DatasetError
 from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
-from ..models.unet import Condition, UNet
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
+from ..models.unet import Condition, UNet, padding_extent
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
 from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
@@ -41,6 +41,7 @@ from .images import save_image_grid
 from .latent_cache import weights_fingerprint
 from .metrics import MetricWindow
 from .optim import Trainable, guarded_update
+from .performance import compile_module, mark_step, mark_text_dynamic, to_memory_format
 from .precision import MixedPrecision
 from .setup import every, gradient_sync, step_events
 from .trackers import log_image
@@ -193,7 +194,7 @@ def cache_identity(
 
 @dataclass
 class StepRandomness:
-    """The generators of the training step: flips on the CPU, everything else on the training device."""
+    """The generators of the training step, both on the training device (no host round trip per step)."""
 
     flip: torch.Generator
     noise: torch.Generator
@@ -202,7 +203,7 @@ class StepRandomness:
     def create(cls, seed: int, rank: int, device) -> "StepRandomness":
         base = seed * 1_000_003 + rank * 7919
         return cls(
-            flip=torch.Generator().manual_seed(base + 1),
+            flip=torch.Generator(device=device).manual_seed(base + 1),
             noise=torch.Generator(device=device).manual_seed(base + 2),
         )
 
@@ -211,25 +212,28 @@ class StepRandomness:
 
 
 def flip_mask(batch_size: int, p: float, generator: torch.Generator) -> torch.Tensor:
-    """(B,) bool: which images of the batch are mirrored (as src.data.transforms.random_flip draws them)."""
+    """(B,) bool on the generator's device: which images of the batch are mirrored (as
+    src.data.transforms.random_flip draws them)."""
     if p <= 0:
-        return torch.zeros(batch_size, dtype=torch.bool)
-    return torch.rand(batch_size, generator=generator, device="cpu") < p
+        return torch.zeros(batch_size, dtype=torch.bool, device=generator.device)
+    return torch.rand(batch_size, generator=generator, device=generator.device) < p
 
 
-def latent_moments(batch: dict, vae: Autoencoder, flip_p: float, generator: torch.Generator, device):
-    """(mean, std), each (B, C, h, w), of the batch's (randomly mirrored) images, encoded now or read from the
-    cache's 'moments' (B, V, 2, C, h, w), V = 2 holding the mirrored image's moments at index 1."""
+def latent_moments(batch: dict, vae: Autoencoder, flip_p: float, generator: torch.Generator, device,
+                   autocast=contextlib.nullcontext):
+    """(mean, std), each (B, C, h, w), of the batch's (randomly mirrored) images, encoded now (the frozen VAE under
+    `autocast()`) or read from the cache's 'moments' (B, V, 2, C, h, w), V = 2 holding the mirrored image's
+    moments at index 1."""
     if "moments" in batch:
-        moments = batch["moments"].to(device)  # (B, V, 2, C, h, w)
+        moments = batch["moments"].to(device, non_blocking=True)  # (B, V, 2, C, h, w)
         flip = flip_mask(moments.shape[0], flip_p, generator).to(device)
         view = flip.long() if moments.shape[1] == 2 else torch.zeros_like(flip, dtype=torch.long)
         chosen = moments[torch.arange(moments.shape[0], device=device), view]  # (B, 2, C, h, w)
         return chosen[:, 0], chosen[:, 1]
-    images = batch["image"].to(device)  # (B, 3, H, W)
+    images = batch["image"].to(device, non_blocking=True)  # (B, 3, H, W)
     flip = flip_mask(images.shape[0], flip_p, generator).to(device)[:, None, None, None]
     images = torch.where(flip, images.flip(-1), images)
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         mean, std = vae.latent_moments(images)
     return mean.float(), std.float()
 
@@ -240,21 +244,27 @@ def sample_latents(mean: torch.Tensor, std: torch.Tensor, generator: torch.Gener
     return mean + std * eps
 
 
-def batch_condition(batch: dict, conditioning: str, text_encoder, device) -> Optional[Condition]:
-    """The batch's condition: captions encoded by the frozen text encoder, pre-encoded / cached text embeddings
-    (padded, with 'text_embeds_mask'), class labels, or None."""
+def batch_condition(batch: dict, conditioning: str, text_encoder, device,
+                    autocast=contextlib.nullcontext) -> Optional[Condition]:
+    """The batch's condition: captions encoded by the frozen text encoder (under `autocast()`), pre-encoded /
+    cached text embeddings (padded by the loader, with 'text_embeds_mask'), class labels, or None.
+
+    Text is cut on the CPU to the longest caption of the batch (Condition.trimmed): the UNet's output is the same,
+    its cross-attention runs over ~16 positions instead of 77, and without padding left it takes no mask."""
     if conditioning == "none":
         return None
     if conditioning == "class":
-        return Condition(labels=batch["label"].to(device))
+        return Condition(labels=batch["label"].to(device, non_blocking=True))
     if "text_embeds" in batch:
-        text = batch["text_embeds"].to(device).float()  # (B, L, D)
-        mask = batch.get("text_embeds_mask")
-        mask = torch.ones(text.shape[:2], dtype=torch.long) if mask is None else mask
-        return Condition(text=text, text_mask=mask.to(device))
-    with torch.no_grad():
-        hidden, mask = text_encoder.encode(list(batch["caption"]))  # (B, L, D), (B, L)
-    return Condition(text=hidden.to(device).float(), text_mask=mask.to(device))
+        cond = Condition(text=batch["text_embeds"], text_mask=batch.get("text_embeds_mask"))  # (B, L, D) on the CPU
+        cond = cond.trimmed(device=device)  # cut on the CPU, copied without blocking
+        return Condition(text=cond.text.float(), text_mask=cond.text_mask)
+    tokens = text_encoder.tokenize(list(batch["caption"]))  # (B, 77) ids and mask, on the CPU
+    keep, padded = padding_extent(tokens["attention_mask"], multiple=8)
+    ids, mask = tokens["input_ids"][:, :keep], tokens["attention_mask"][:, :keep]  # (B, L'): the rest is padding
+    with torch.no_grad(), autocast():
+        hidden, _ = text_encoder.encode_tokens(ids, mask)  # (B, L', D): real tokens' states as at full length
+    return Condition(text=hidden.float(), text_mask=mask.to(device, non_blocking=True) if padded else None)
 
 
 def diffusion_step_loss(
@@ -267,6 +277,8 @@ def diffusion_step_loss(
     noise = offset_noise(z0.shape, cfg.noise_offset, generator).to(z0)  # (B, C, h, w)
     z_t = process.add_noise(z0, noise, t)
     cond = unet_module.drop_condition(cond, cfg.cfg_dropout_prob, generator)
+    if cfg.compile and cond is not None:
+        mark_text_dynamic(cond.text, cond.text_mask)  # one compiled graph for every caption length
     with autocast():
         pred = unet(z_t, t, cond)
     weights = process.min_snr_weights(t, cfg.snr_gamma) if cfg.snr_gamma is not None else None  # (B,)
@@ -274,12 +286,13 @@ def diffusion_step_loss(
 
 
 def batch_loss(batch: dict, ctx: "Stage2Context", unet, randomness: StepRandomness,
-               autocast=contextlib.nullcontext) -> torch.Tensor:
-    """The loss of one batch, from images or from the latent cache: the same draws in the same order."""
+               autocast=contextlib.nullcontext, frozen_autocast=contextlib.nullcontext) -> torch.Tensor:
+    """The loss of one batch, from images or from the latent cache: the same draws in the same order.
+    `autocast`: the UNet's mixed precision; `frozen_autocast`: the frozen VAE's and text encoder's."""
     device = ctx.device
-    mean, std = latent_moments(batch, ctx.vae, ctx.train_cfg.random_flip_p, randomness.flip, device)
+    mean, std = latent_moments(batch, ctx.vae, ctx.train_cfg.random_flip_p, randomness.flip, device, frozen_autocast)
     z0 = sample_latents(mean, std, randomness.noise) * ctx.scaling_factor  # (B, C, h, w), ~unit variance
-    cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, device)
+    cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, device, frozen_autocast)
     return diffusion_step_loss(unet, ctx.unet_module, ctx.process, z0, cond, ctx.train_cfg, randomness.noise, autocast)
 
 
@@ -498,7 +511,7 @@ def build_training_state(accelerator, ctx: Stage2Context) -> Stage2State:
     from .setup import build_trainable
 
     cfg, device = ctx.train_cfg, accelerator.device
-    unet = ctx.unet_module.to(device)
+    unet = to_memory_format(ctx.unet_module.to(device), cfg)
     trainable = build_trainable("unet", unet, cfg, device, cfg.learning_rate, (cfg.adam_beta1, cfg.adam_beta2),
                                 cfg.weight_decay, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.total_training_iterations)
     unet = accelerator.prepare(unet)
@@ -506,6 +519,7 @@ def build_training_state(accelerator, ctx: Stage2Context) -> Stage2State:
     ema = EMA(ctx.unet_module, cfg.ema_decay, cfg.ema_warmup).to(device)
     randomness = StepRandomness.create(cfg.seed, accelerator.process_index, device)
     guard = NonFiniteGuard(("loss", "grad_norm/unet"), cfg.max_nonfinite_steps, device)
+    unet = compile_module(unet, cfg)  # what the step calls; the EMA, checkpoints and validation use the module
     return Stage2State(unet, trainable, ema, MixedPrecision.from_accelerator(accelerator), guard, randomness)
 
 
@@ -526,11 +540,14 @@ def train_step(accelerator, ctx: Stage2Context, state: Stage2State, batches) -> 
     is not finite on any process, none of it (guard.py). Device ops only: returns the logged values and
     `skipped`, () bool."""
     accum = ctx.train_cfg.gradient_accumulation_steps
+    # the frozen encoders run in bf16 too; under fp16 they stay fp32 (their activations can exceed its range)
+    frozen = state.precision.autocast if state.precision.dtype == torch.bfloat16 else contextlib.nullcontext
     losses = []
     for i in range(accum):
         batch = next(batches)
+        mark_step()  # CUDA graphs (compile_mode: reduce-overhead): a new step begins
         with gradient_sync(accelerator, [state.unet], sync=i == accum - 1):
-            loss = batch_loss(batch, ctx, state.unet, state.randomness, state.precision.autocast)
+            loss = batch_loss(batch, ctx, state.unet, state.randomness, state.precision.autocast, frozen)
             state.precision.backward(loss / accum)
         losses.append(loss.detach().float())
     losses = torch.stack(losses)  # (accum,)

@@ -1,0 +1,353 @@
+"""Issue 10's target table in one GPU session: run by bench/gpu_session.sh, one phase per process.
+
+    python3 bench/gpu_session.py --phase unet_eager --out $OUT --deadline <epoch s>   # one phase
+    python3 bench/gpu_session.py --report --out $OUT                                  # table.txt, results.json
+    python bench/gpu_session.py --device cpu --tiny --out /tmp/dry --phase all         # dry run of every phase
+
+Every measurement appends one JSON line to $OUT/results.jsonl as soon as it is taken, so a phase that fails or
+runs out of time keeps what it measured; a measurement that raises is recorded with its error and the next one
+goes on. Before each measurement the phase checks that its estimated cost fits before --deadline, and records
+it as skipped otherwise. Phases, in order of value:
+
+    unet_eager            design UNet (860 M), 32x32 b64, 32x32 b16, 64x64 b32: FLOPs; ours eager, diffusers eager
+                          (same weights); attention options; channels_last; gradient checkpointing memory vs speed
+    unet_compiled         torch.compile reduce-overhead (CUDA graphs) + channels_last, compiled once for all three
+                          workloads (batch and latent size dynamic), then timed on each
+    stage1_eager          stage-1 step at 256 px b8 (VAE + LPIPS + PatchGAN, G and D updates), ours vs diffusers twin
+    trainer_eager         the stage-2 trainer from the latent cache, img/s beside the isolated UNet step (b64, b16)
+    stage1_compiled       the stage-1 step with our side compiled and channels_last
+    unet_compiled_static  torch.compile default mode, static shapes: 32x32 b64, then b16 (what CUDA graphs add)
+    trainer_compiled      the trainer with compile: True (reduce-overhead), b64 and b16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_unet as bu  # noqa: E402
+from mfu import matmul_tflops, spec_peak_tflops  # noqa: E402
+
+PHASES = ["unet_eager", "unet_compiled", "stage1_eager", "trainer_eager", "stage1_compiled", "unet_compiled_static",
+          "trainer_compiled"]
+
+
+class Session:
+    """Results file, deadline and sizes shared by the phases."""
+
+    def __init__(self, args):
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = self.out / "results.jsonl"
+        self.deadline = args.deadline or time.time() + 3600
+        self.device = torch.device(args.device)
+        self.tiny = args.tiny
+        self.backend = args.compile_backend
+        self.phase = ""
+        self.compile_estimate = self.observed_compile_time() or (8.0 if args.tiny else 60.0)  # seconds, a lower bound
+
+    def observed_compile_time(self) -> Optional[float]:
+        """The longest compiled measurement an earlier phase took (its compile included), as the estimate."""
+        if not self.results.is_file():
+            return None
+        rows = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+        seconds = [r["seconds"] for r in rows if r.get("section") == "compile_time"]
+        return max(seconds) if seconds else None
+
+    # sizes: the design's on a GPU, a few-second stand-in for the CPU dry run
+    @property
+    def channels(self) -> list[int]:
+        return [32, 64] if self.tiny else bu.DESIGN_CHANNELS
+
+    def unet_cfg(self):
+        if self.tiny:
+            return bu.unet_config([32, 64], layers_per_block=1, head_dim=16, text_dim=32)
+        return bu.unet_config(bu.DESIGN_CHANNELS)
+
+    def workloads(self) -> dict[str, bu.Workload]:
+        if self.tiny:
+            return {"b64": bu.Workload(4, 8, text_dim=32), "b16": bu.Workload(2, 8, text_dim=32),
+                    "64px": bu.Workload(2, 16, text_dim=32)}
+        return {"b64": bu.Workload(64, 32), "b16": bu.Workload(16, 32), "64px": bu.Workload(32, 64)}
+
+    @property
+    def steps(self) -> tuple[int, int]:
+        return (1, 2) if self.tiny else (3, 8)  # (warm-up, timed)
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def fits(self, estimate: float) -> bool:
+        return self.left() > estimate
+
+    def record(self, section: str, **fields) -> dict:
+        row = {"phase": self.phase, "section": section, "time": round(time.time(), 1), **fields}
+        with open(self.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        shown = {k: v for k, v in fields.items() if k != "traceback"}
+        print(f"[{self.phase}] {section}: {json.dumps(shown)}", flush=True)
+        return row
+
+    def guarded(self, section: str, estimate: float, fn: Callable[[], Optional[dict]], **labels) -> Optional[dict]:
+        """Run fn() if `estimate` seconds fit before the deadline; record its dict, its error or the skip."""
+        if not self.fits(estimate):
+            self.record(section, skipped=f"{self.left():.0f} s left, needs ~{estimate:.0f} s", **labels)
+            return None
+        start = time.time()
+        try:
+            out = fn() or {}
+        except Exception as err:  # noqa: BLE001  (one failure must not stop the others)
+            self.record(section, error=f"{type(err).__name__}: {str(err)[:300]}",
+                        traceback=traceback.format_exc()[-2000:], seconds=round(time.time() - start, 1), **labels)
+            free(self.device)
+            return None
+        return self.record(section, seconds=round(time.time() - start, 1), **{**out, **labels})
+
+
+def free(device: torch.device, compiled: bool = False) -> None:
+    """Release what a measurement left on the device; compiled code and CUDA-graph pools too when `compiled`."""
+    if compiled:
+        torch._dynamo.reset()
+    bu.free_memory(device)
+
+
+def configure(device: torch.device) -> None:
+    """What the trainers set on CUDA (src/training/performance.py), plus room for many compiled variants."""
+    import torch._dynamo
+
+    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
+                        ("accumulated_cache_size_limit", 512)):
+        if hasattr(torch._dynamo.config, name):  # the names changed across torch versions
+            setattr(torch._dynamo.config, name, value)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+# --------------------------------------------------------------------------------------------------- UNet phases
+
+
+def result_fields(r: bu.Result, flops: Optional[int], w: bu.Workload) -> dict:
+    if r.error:
+        raise RuntimeError(r.error)
+    d = asdict(r)
+    d.update(batch=w.batch, latent=w.latent_size, flops_per_img=flops / w.batch if flops else None)
+    return d
+
+
+class UNetBench:
+    """Our design UNet (and, on demand, the diffusers twin) on the device, with FLOPs per workload."""
+
+    def __init__(self, s: Session, with_diffusers: bool):
+        self.s = s
+        self.ours = bu.build_ours(s.unet_cfg(), 4, s.device)
+        self.theirs = bu.build_diffusers_twin(self.ours, 32, s.device) if with_diffusers else None
+        self.spec, self.name = spec_peak_tflops(s.device)
+        self.matmul = matmul_tflops(s.device)
+        self.flops: dict[str, int] = {}
+        self.batches: dict[str, bu.Batch] = {}
+
+    def batch(self, key: str) -> bu.Batch:
+        if key not in self.batches:
+            self.batches = {key: bu.make_batch(self.s.workloads()[key], self.s.device)}  # one resident at a time
+        return self.batches[key]
+
+    def workload_flops(self, key: str) -> Optional[int]:
+        """FLOPs of one step of the workload, counted once; None when counting failed (e.g. out of memory)."""
+        if key not in self.flops:
+            try:
+                self.flops[key] = bu.workload_flops(self.ours, self.s.workloads()[key], self.batch(key),
+                                                    torch.bfloat16, self.s.device)
+            except Exception as err:  # noqa: BLE001  (the timings still count without MFU)
+                print(f"counting FLOPs of {key} failed: {type(err).__name__}: {err}", flush=True)
+                self.ours.zero_grad(set_to_none=True)
+                free(self.s.device)
+                self.flops[key] = None
+        return self.flops[key]
+
+    def run(self, key: str, variant: bu.Variant, compiled: bool = False) -> dict:
+        w = self.s.workloads()[key]
+        model = self.ours if variant.model == "ours" else self.theirs
+        flops = self.workload_flops(key)
+        warmup, steps = self.s.steps
+        result = bu.measure(model, variant, w, self.batch(key), torch.bfloat16, self.s.device, flops, self.spec,
+                            self.matmul, warmup, steps, backend=self.s.backend, raise_errors=True)
+        return result_fields(result, flops, w)
+
+
+def phase_unet_eager(s: Session) -> None:
+    s.guarded("env", 30, lambda: env_info(s))
+    bench = UNetBench(s, with_diffusers=True)
+    s.record("peak", device=bench.name, spec_tflops=bench.spec, matmul_tflops=round(bench.matmul, 1),
+             params_m=round(sum(p.numel() for p in bench.ours.parameters()) / 1e6, 1))
+    eager = 4 if s.tiny else 20  # seconds per eager measurement, generously
+    for key in ("b64", "b16", "64px"):
+        s.guarded("flops", eager, lambda: {"flops_per_img": (bench.workload_flops(key) or 0) / s.workloads()[key].batch},
+                  workload=key)
+        s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("ours", "trimmed")), workload=key, row="ours eager")
+        s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("diffusers", "padded")), workload=key,
+                  row="diffusers eager")
+        if key == "b64":
+            attention_options(s, bench, eager)
+            s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("ours", "trimmed", channels_last=True)),
+                      workload=key, row="ours eager channels_last")
+        s.guarded("checkpointing", eager,
+                  lambda: bench.run(key, bu.Variant("ours", "trimmed", gradient_checkpointing=True)), workload=key,
+                  row="ours eager gradient_checkpointing")
+
+
+def attention_options(s: Session, bench: UNetBench, eager: float) -> None:
+    """Cross-attention to padded text at 32x32 b64: what each way of handing SDPA the text costs."""
+    key = "b64"
+    s.guarded("attention", eager, lambda: same_output(bench, key), workload=key, row="max |padded - trimmed| (bf16)")
+    rows = [
+        ("ours padded 77 + mask (SDPA's choice)", bu.Variant("ours", "padded")),
+        ("ours padded 77 + mask, cuDNN attention", bu.Variant("ours", "padded", sdpa_backend="cudnn")),
+        ("ours varied 4-20 tokens, trimmed to 24 + mask", bu.Variant("ours", "varied")),
+        ("ours varied, trimmed + mask, cuDNN attention", bu.Variant("ours", "varied", sdpa_backend="cudnn")),
+        ("ours trimmed to 12, no mask (flash)", bu.Variant("ours", "trimmed")),
+        ("ours 77 unmasked (reference, other output)", bu.Variant("ours", "none")),
+        ("diffusers 77 unmasked (reference, other output)", bu.Variant("diffusers", "none")),
+    ]
+    for label, variant in rows:
+        s.guarded("attention", eager, lambda v=variant: bench.run(key, v), workload=key, row=label)
+
+
+@torch.no_grad()
+def same_output(bench: UNetBench, key: str) -> dict:
+    """Our UNet's output with the padded text + mask against the trimmed text (the trainer's path)."""
+    b = bench.batch(key)
+    with torch.autocast(bench.s.device.type, dtype=torch.bfloat16):
+        padded = bench.ours(b.xt, b.t, b.condition("padded")).float()
+        trimmed = bench.ours(b.xt, b.t, b.condition("trimmed")).float()
+        varied_full = bu.Condition(text=b.condition("varied").text, text_mask=b.condition("varied").full_mask())
+    return {"max_abs_diff": (padded - trimmed).abs().max().item(), "output_std": padded.std().item(),
+            "varied_len": varied_full.text.shape[1]}
+
+
+def phase_unet_compiled(s: Session, mode: str, dynamic: bool, keys: tuple[str, ...]) -> None:
+    """Compile our UNet once (the first measurement pays for it), then time it on each workload."""
+    bench = UNetBench(s, with_diffusers=False)
+    label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last"
+    for i, key in enumerate(keys):
+        variant = bu.Variant("ours", "trimmed", compile=True, compile_mode=mode, channels_last=True, dynamic=dynamic)
+        first = i == 0 or not dynamic  # static shapes recompile per workload
+        row = s.guarded("unet", s.compile_estimate if first else 30, lambda v=variant: bench.run(key, v),
+                        workload=key, row=label)
+        if first and row and row.get("seconds"):
+            s.record("compile_time", workload=key, row=label, seconds=row["seconds"])
+
+
+# --------------------------------------------------------------------------------------------------- stage 1
+
+
+def phase_stage1(s: Session, compiled: bool) -> None:
+    import bench_vae as bv
+
+    channels, size, batch = ([32, 32], 32, 2) if s.tiny else ([128, 256, 512, 512], 256, 8)
+    spec, _ = spec_peak_tflops(s.device)
+    measured = matmul_tflops(s.device)
+    warmup, steps = s.steps
+    variants = [(True, True, "ours compile channels_last")] if compiled else \
+        [(False, False, "ours eager"), (False, True, "ours eager channels_last")]
+    for compile_ours, channels_last, label in variants:
+        estimate = s.compile_estimate if compile_ours else (5 if s.tiny else 40)
+        s.guarded("stage1", estimate, lambda c=compile_ours, cl=channels_last: bv.bench(
+            channels, size, batch, steps, s.device, True, torch.bfloat16, c, cl, warmup, "default", spec, measured,
+            backend=s.backend), row=label, img_size=size, batch=batch)
+        free(s.device, compiled)
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+
+
+def phase_trainer(s: Session, compiled: bool) -> None:
+    import bench_stage2_step as bt
+
+    batches = [2] if s.tiny else [64, 16]
+    for batch in batches:
+        for mode in (["reduce-overhead"] if compiled else ["default"]):
+            estimate = (15 if s.tiny else 90) + (s.compile_estimate if compiled else 0)
+            label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager")
+            s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(
+                batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,
+                work_dir=Path(os.environ.get("GPU_SESSION_WORK", "/tmp/gpu_session_work")),
+                steps=s.steps, backend=s.backend), row=label, batch=batch)
+            free(s.device, compiled)
+
+
+# --------------------------------------------------------------------------------------------------- misc
+
+
+def env_info(s: Session) -> dict:
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(s.device)}
+    if s.device.type == "cuda":
+        props = torch.cuda.get_device_properties(s.device)
+        info.update(name=props.name, memory_gb=round(props.total_memory / 2**30, 1), sm=props.multi_processor_count,
+                    cudnn=torch.backends.cudnn.version())
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        info["diffusers"] = None
+    info["cpus"] = os.cpu_count()
+    return info
+
+
+def run_phase(s: Session, phase: str) -> None:
+    s.phase = phase
+    configure(s.device)
+    if phase == "unet_eager":
+        phase_unet_eager(s)
+    elif phase == "stage1_eager":
+        phase_stage1(s, compiled=False)
+    elif phase == "trainer_eager":
+        phase_trainer(s, compiled=False)
+    elif phase == "unet_compiled":
+        phase_unet_compiled(s, "reduce-overhead", True, ("b64", "b16", "64px"))
+    elif phase == "stage1_compiled":
+        phase_stage1(s, compiled=True)
+    elif phase == "unet_compiled_static":
+        phase_unet_compiled(s, "default", False, ("b64", "b16"))
+    elif phase == "trainer_compiled":
+        phase_trainer(s, compiled=True)
+    else:
+        raise SystemExit(f"unknown phase {phase!r}; one of {PHASES}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", default=None, help=f"one of {PHASES}, or 'all'")
+    p.add_argument("--report", action="store_true", help="write table.txt and results.json from results.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--deadline", type=float, default=None, help="epoch seconds by which the phase must end")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tiny", action="store_true", help="CPU dry run: tiny models, same code paths")
+    p.add_argument("--compile_backend", default="inductor", help="aot_eager: a dry run without inductor's compile time")
+    args = p.parse_args(argv)
+    s = Session(args)
+    if args.phase:
+        for phase in (PHASES if args.phase == "all" else [args.phase]):
+            run_phase(s, phase)
+    if args.report:
+        from gpu_report import write_report
+
+        write_report(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Speed settings of a training run: CUDA backend flags, torch.compile and the channels_last memory format.
+
+    configure_backends(cfg)                    # TF32 and cudnn.benchmark on CUDA (process-wide)
+    to_memory_format(module, cfg)              # NHWC weights when channels_last: True
+    unet_step = compile_module(unet, cfg)      # torch.compile(unet, mode=compile_mode) when compile: True
+    compile_autoencoder(vae, cfg)              # in place: every block of the VAE but the decoder's output layer
+
+The training YAMLs of both stages carry the keys (`compile`, `compile_mode`, `channels_last`, `allow_tf32`); none
+changes what is computed beyond floating-point rounding (TF32 rounds fp32 matmul inputs to a 10-bit mantissa).
+`compile_mode: reduce-overhead` adds CUDA graphs: the step then replays one recorded graph per input shape,
+which removes the host's launch overhead at small batches; `mark_step` tells the graphs where a step begins.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+def configure_backends(cfg: TrainConfig) -> None:
+    """On CUDA: TF32 tensor cores for fp32 matmuls and convolutions (allow_tf32), cuDNN's autotuner on."""
+    if not torch.cuda.is_available():
+        return
+    torch.set_float32_matmul_precision("high" if cfg.allow_tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    torch.backends.cudnn.benchmark = True  # conv shapes are fixed within a run: pick the fastest algorithm once
+
+
+def to_memory_format(module: Optional[nn.Module], cfg: TrainConfig) -> Optional[nn.Module]:
+    """`module` with channels_last (NHWC) 4-d weights when cfg.channels_last; convolutions then take and return
+    NHWC activations (their inputs are converted by the first conv). In place; returns the module."""
+    if module is not None and cfg.channels_last:
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def compile_kwargs(cfg: TrainConfig, backend: str = "inductor") -> dict:
+    """torch.compile's arguments for cfg.compile_mode; another `backend` (benches' CPU dry runs) takes no mode."""
+    if backend != "inductor":
+        return {"backend": backend}
+    return {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+
+
+def compile_module(module: nn.Module, cfg: TrainConfig, backend: str = "inductor"):
+    """torch.compile(module) when cfg.compile, else the module itself.
+
+    The compiled wrapper is what the training step calls; the plain module stays the one that is saved, averaged
+    (EMA) and sampled from, so checkpoints keep their keys and validation never waits for a recompile."""
+    if not cfg.compile:
+        return module
+    logger.info("torch.compile(%s, mode=%s): the first steps compile", type(module).__name__, cfg.compile_mode)
+    return torch.compile(module, **compile_kwargs(cfg, backend))
+
+
+def compile_autoencoder(vae: nn.Module, cfg: TrainConfig, backend: str = "inductor") -> nn.Module:
+    """Compile the autoencoder's encoder and decoder blocks in place, leaving the decoder's output layer eager.
+
+    The adaptive GAN weight differentiates the losses with respect to that last layer only. Inside a compiled
+    graph that gradient would run the graph's whole backward (every parameter's gradient) twice more per step;
+    outside it, autograd stops at the layer. State-dict keys are unchanged."""
+    if not cfg.compile:
+        return vae
+    kwargs = compile_kwargs(cfg, backend)
+    vae.encoder.compile(**kwargs)
+    decoder = vae.decoder
+    decoder.mid_block.compile(**kwargs)
+    for block in decoder.up_blocks:
+        block.compile(**kwargs)
+    return vae
+
+
+def compile_in_place(module: Optional[nn.Module], cfg: TrainConfig, backend: str = "inductor") -> Optional[nn.Module]:
+    """module.compile() (keys and parameters unchanged) when cfg.compile; for the discriminator and LPIPS."""
+    if module is not None and cfg.compile:
+        module.compile(**compile_kwargs(cfg, backend))
+    return module
+
+
+def mark_step() -> None:
+    """Start of a training step for CUDA graphs (compile_mode: reduce-overhead): the previous step's graph
+    outputs may be overwritten from here on. Harmless otherwise."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def mark_text_dynamic(text: Optional[torch.Tensor], mask: Optional[torch.Tensor] = None) -> None:
+    """Compile one graph for every caption length: the text's length varies from batch to batch."""
+    for tensor in (text, mask):
+        if tensor is not None:
+            torch._dynamo.maybe_mark_dynamic(tensor, 1)

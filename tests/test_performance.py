@@ -1,0 +1,296 @@
+"""The speed settings change speed only: compiled and eager models agree, channels_last agrees with contiguous,
+the trimmed cross-attention text gives the UNet's output unchanged, and the speed keys are checked.
+
+torch.compile runs with the backend in LDM_TEST_COMPILE_BACKEND (default aot_eager: dynamo's graph capture and
+AOTAutograd's joint forward/backward graph, in seconds). With `inductor` the same tests also check inductor's
+generated kernels; a cold inductor compile of these tiny models takes minutes on a 2-core machine, so CI keeps
+aot_eager (run it with LDM_TEST_COMPILE_BACKEND=inductor after touching model code).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from src.config import ConfigError, Stage1TrainConfig, Stage2TrainConfig, UNetConfig, VAEConfig, load_config
+from src.models.unet import Condition, build_unet, padding_extent
+from src.models.vae import build_autoencoder
+from src.training.performance import compile_autoencoder, compile_module, to_memory_format
+
+BACKEND = os.environ.get("LDM_TEST_COMPILE_BACKEND", "aot_eager")
+TEXT_DIM = 8
+
+
+def tiny_unet_cfg(levels: int = 2) -> UNetConfig:
+    """Two levels (a down- and an upsampler), self- and cross-attention at the first; one level for the compiled
+    tests (the smallest graph with every kind of block but the resamplers)."""
+    return UNetConfig(
+        down_block_types=["AttnDown", "Down"][:levels], up_block_types=["Up", "AttnUp"][-levels:],
+        mid_block_types="Mid", unet_channels_per_block=[8, 16][:levels], unet_residual_layers_per_block=1,
+        attention_head_dim=8, time_embed_start_dim=8, time_embed_proj_dim=16, text_embed_dim=TEXT_DIM,
+        groupnorm_groups=4,
+    )
+
+
+TINY_VAE = VAEConfig(img_size=8, vae_channels_per_block=[8], residual_layers_per_block=1, groupnorm_groups=4)
+
+
+def unet_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 8, 8, generator=g)  # (B, C, h, w)
+    t = torch.tensor([3, 700])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]])  # (B, L): padding in both rows
+    text = torch.randn(2, 6, TEXT_DIM, generator=g) * mask[..., None]
+    return x, t, Condition(text=text, text_mask=mask)
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name, **tol)
+
+
+def speed_cfg(**keys) -> Stage2TrainConfig:
+    return Stage2TrainConfig(**keys)
+
+
+# ------------------------------------------------------------------------------------------------ compiled
+
+
+@pytest.fixture(scope="module")
+def unets():
+    """(eager, compiled) tiny UNets with the same weights; the compiled one is traced once for every test."""
+    torch.manual_seed(0)
+    eager = build_unet(tiny_unet_cfg(levels=1), 4, "text")
+    twin = copy.deepcopy(eager)
+    compiled = compile_module(twin, speed_cfg(compile=True), backend=BACKEND)
+    return eager, twin, compiled
+
+
+def test_compile_key_wraps_the_unet_and_leaves_the_module_alone(unets):
+    eager, twin, compiled = unets
+    assert compile_module(eager, speed_cfg(compile=False)) is eager
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is twin
+    assert list(twin.state_dict()) == list(eager.state_dict())  # checkpoints keep their keys
+
+
+def test_compiled_unet_matches_eager_outputs_and_gradients(unets):
+    eager, twin, compiled = unets
+    x, t, cond = unet_inputs()
+    out_eager, out_compiled = eager(x, t, cond), compiled(x, t, cond)
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-5)
+    out_eager.square().mean().backward()
+    out_compiled.square().mean().backward()
+    assert_same_grads(grads(eager), grads(twin), rtol=1e-4, atol=1e-6)
+    eager.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+
+
+def test_compiled_autoencoder_keeps_the_last_layer_eager_and_matches():
+    torch.manual_seed(0)
+    eager = build_autoencoder(TINY_VAE)
+    compiled = compile_autoencoder(copy.deepcopy(eager), Stage1TrainConfig(compile=True), backend=BACKEND)
+    assert compiled.encoder._compiled_call_impl is not None and compiled.decoder.up_blocks[0]._compiled_call_impl is not None
+    assert compiled.decoder._compiled_call_impl is None  # its output layer stays outside every graph
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    results = []
+    for model in (eager, compiled):
+        out = model(x, generator=torch.Generator().manual_seed(2))
+        loss = (out.reconstruction - x).abs().mean() + 1e-3 * out.posterior.kl().mean()
+        # the adaptive GAN weight's gradient at the last layer, then the full backward
+        last = torch.autograd.grad(loss, model.last_layer(), retain_graph=True)[0]
+        loss.backward()
+        results.append((out.reconstruction.detach(), last, grads(model)))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert_same_grads(results[0][2], results[1][2], rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ channels_last
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text")
+    vae = build_autoencoder(TINY_VAE)
+    for model, run in ((unet, lambda m: m(*unet_inputs())),
+                       (vae, lambda m: m(torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                         sample=False).reconstruction)):
+        nhwc = to_memory_format(copy.deepcopy(model), speed_cfg(channels_last=True))
+        conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+        out_a, out_b = run(model), run(nhwc)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+        out_a.square().mean().backward()
+        out_b.square().mean().backward()
+        assert_same_grads(grads(model), grads(nhwc), rtol=1e-4, atol=1e-6)
+    assert to_memory_format(unet, speed_cfg(channels_last=False)).conv_in.weight.is_contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def test_trimmed_text_gives_the_same_output():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text").eval()
+    x, t, _ = unet_inputs()
+    g = torch.Generator().manual_seed(3)
+    text = torch.randn(2, 20, TEXT_DIM, generator=g)  # 20 stored positions, as a padded encoder output
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[0, :3], mask[1, :5] = 1, 1
+    padded = Condition(text=text, text_mask=mask)
+    trimmed = padded.trimmed(multiple=8)
+    assert trimmed.text.shape == (2, 8, TEXT_DIM) and trimmed.text_mask.tolist() == mask[:, :8].tolist()
+    even = Condition(text=text, text_mask=torch.cat([torch.ones(2, 5), torch.zeros(2, 15)], 1).long())
+    unmasked = even.trimmed(multiple=8)
+    assert unmasked.text.shape == (2, 5, TEXT_DIM) and unmasked.text_mask is None  # nothing padded: no mask
+    beyond = Condition(text=text[:, :6], text_mask=mask[:, :6]).trimmed(multiple=8)  # rounding past the end
+    assert beyond.text.shape == (2, 8, TEXT_DIM) and beyond.text_mask[:, 6:].sum() == 0 and beyond.text[:, 6:].abs().sum() == 0
+    moved = Condition(text=text[:, :6], text_mask=mask[:, :6]).trimmed(multiple=8, device="cpu")  # the data path's
+    assert torch.equal(moved.text, beyond.text) and torch.equal(moved.text_mask, beyond.text_mask)
+    with torch.no_grad():
+        for full, short in ((padded, trimmed), (even, unmasked)):
+            torch.testing.assert_close(unet(x, t, short), unet(x, t, full), rtol=1e-5, atol=1e-6)
+    assert padding_extent(mask) == (5, True) and padding_extent(mask, 8) == (8, True)
+    assert padding_extent(torch.ones(2, 4), 8) == (4, False)
+    assert Condition(text=text).trimmed() .text is text  # no mask: nothing to trim
+
+
+def test_dropped_condition_adds_no_padding_mask():
+    torch.manual_seed(0)
+    unet = build_unet(tiny_unet_cfg(), 4, "text").eval()
+    x, t, _ = unet_inputs()
+    cond = Condition(text=torch.randn(2, 6, TEXT_DIM))  # no padding
+    dropped = unet.drop_condition(cond, 1.0)
+    assert dropped.text_mask is None  # the null token fills the row: SDPA keeps its unmasked kernel
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, dropped), unet(x, t, unet.null_condition(2)), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ keys
+
+
+@pytest.mark.parametrize("cls", [Stage1TrainConfig, Stage2TrainConfig])
+def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
+    path = tmp_path / "t.yaml"
+    path.write_text("compile: true\ncompile_mode: reduce-overhead\nchannels_last: true\nallow_tf32: false\n")
+    cfg = load_config(path, cls)
+    assert (cfg.compile, cfg.compile_mode, cfg.channels_last, cfg.allow_tf32) == (True, "reduce-overhead", True, False)
+    path.write_text("channel_last: true\n")
+    with pytest.raises(ConfigError, match="'channels_last'"):
+        load_config(path, cls)
+    path.write_text("compile_mode: fastest\n")
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(path, cls)
+    path.write_text("compile: 1\n")
+    with pytest.raises(ConfigError, match="true/false"):
+        load_config(path, cls)
+
+
+# ------------------------------------------------------------------------------------------------ trainers
+
+
+@pytest.fixture(scope="module")
+def stage2_setup(tmp_path_factory):
+    """A tiny text-conditional stage-2 context on `shapes` from images (no cache), and its initial UNet."""
+    from accelerate import Accelerator
+
+    import stage2_diffusion_trainer
+    from src.config import load_model_config
+    from src.training.stage2 import setup_context
+    from tests.helpers import make_tiny_clip
+    from tests.stage2_helpers import make_vae_file, tiny_unet, write_model_config
+
+    d = tmp_path_factory.mktemp("perf_stage2")
+    model_path = write_model_config(d / "ldm.yaml", tiny_unet(str(make_tiny_clip(d / "clip"))), {"shapes": 0.9})
+    cfg = Stage2TrainConfig(per_gpu_batch_size=4, num_workers=0, pin_memory=False, shapes_num_images=8,
+                            lr_warmup_steps=0, learning_rate=1e-3, weight_decay=0.0)
+    args = stage2_diffusion_trainer.parse_args([
+        "--working_directory", str(d / "work"), "--training_config", "unused.yaml", "--model_config", str(model_path),
+        "--path_to_vae_backbone", str(make_vae_file(d / "v")), "--dataset", "shapes",
+    ])
+    reset_accelerate()
+    torch.manual_seed(0)
+    ctx, dataset = setup_context(args, Accelerator(cpu=True), cfg, load_model_config(model_path))
+    return ctx, dataset, copy.deepcopy(ctx.unet_module)
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def build_stage2(setup, **keys):
+    """(accelerator, ctx, state) from the shared context: the initial UNet again, training keys `keys`."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from src.training.stage2 import build_training_state
+
+    ctx, _, initial = setup
+    reset_accelerate()
+    accelerator = Accelerator(cpu=True)
+    ctx.train_cfg = dataclasses.replace(ctx.train_cfg, **{"compile": False, "channels_last": False, **keys})
+    ctx.unet_module = copy.deepcopy(initial)
+    return accelerator, ctx, build_training_state(accelerator, ctx)
+
+
+def test_one_stage2_step_under_bf16_matches_fp32(stage2_setup):
+    """One stage-2 step from images, the frozen VAE and text encoder under bf16 autocast too: the loss within 2 %
+    and the gradient norm within 5 % of fp32, and not equal to them (autocast ran)."""
+    from src.data.loader import collate
+    from src.training.precision import MixedPrecision
+    from src.training.stage2 import latent_moments, train_step
+
+    dataset = stage2_setup[1]
+    results = []
+    for mode in ("no", "bf16"):
+        accelerator, ctx, state = build_stage2(stage2_setup)
+        state.precision = MixedPrecision(mode, torch.device("cpu"))
+        batch = collate([dataset[i] for i in range(4)])
+        logs, skipped = train_step(accelerator, ctx, state, iter([batch]))
+        assert not bool(skipped)
+        results.append({k: float(logs[k]) for k in ("loss", "grad_norm")})
+    fp32, bf16 = results
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02) and bf16["loss"] != fp32["loss"]
+    assert bf16["grad_norm"] == pytest.approx(fp32["grad_norm"], rel=0.05)
+    # the frozen VAE itself: bf16 moments within bf16's rounding of fp32's
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    mean32, _ = latent_moments(batch, ctx.vae, 0.5, gen(), "cpu")
+    mean16, _ = latent_moments(batch, ctx.vae, 0.5, gen(), "cpu", MixedPrecision("bf16", torch.device("cpu")).autocast)
+    assert not torch.equal(mean16, mean32)
+    torch.testing.assert_close(mean16, mean32, rtol=0.05, atol=0.02)
+
+
+def test_stage2_trainer_honours_compile_and_channels_last(stage2_setup):
+    _, ctx, state = build_stage2(stage2_setup, compile=True, channels_last=True)
+    assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule)  # the step calls the compiled UNet
+    assert not isinstance(ctx.unet_module, torch._dynamo.eval_frame.OptimizedModule)  # saved / EMA: the module
+    assert ctx.unet_module.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    _, ctx, state = build_stage2(stage2_setup)
+    assert state.unet is ctx.unet_module and ctx.unet_module.conv_in.weight.is_contiguous()
+
+
+def test_stage1_trainer_honours_compile_and_channels_last():
+    from accelerate import Accelerator
+
+    from src.config import ModelConfig
+    from src.training.stage1 import build_stage1
+
+    cfg = Stage1TrainConfig(use_lpips=False, disc_start_dim=8, disc_depth=2, compile=True, channels_last=True)
+    state, _ = build_stage1(Accelerator(cpu=True), ModelConfig(vae=TINY_VAE), cfg)
+    assert state.vae.encoder._compiled_call_impl is not None and state.vae.decoder.conv_out._compiled_call_impl is None
+    assert state.disc._compiled_call_impl is not None
+    assert state.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
+    state, _ = build_stage1(Accelerator(cpu=True), ModelConfig(vae=TINY_VAE), Stage1TrainConfig(use_lpips=False))
+    assert state.vae.encoder._compiled_call_impl is None and state.vae.decoder.conv_out.weight.is_contiguous()
