@@ -124,3 +124,18 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenize(prompts)
         return self.encode_tokens(tokens["input_ids"], tokens["attention_mask"])
+
+    def tokenize_trimmed(self, prompts: list[str], multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(input_ids, attention_mask, padded) on the CPU, cut after the longest prompt's last real token (rounded
+        up to `multiple`): (B, L') each; padded says whether any padding is left in them."""
+        from .unet import padding_extent
+
+        tokens = self.tokenize(prompts)
+        keep, padded = padding_extent(tokens["attention_mask"], multiple)
+        return tokens["input_ids"][:, :keep], tokens["attention_mask"][:, :keep], padded
+
+    def encode_trimmed(self, prompts: list[str], multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `encode`, on the trimmed tokens: (B, L', D), (B, L'). The real tokens' states are those of full-length
+        padding (padding is masked out of attention), and a short caption costs ~16 positions, not max_length."""
+        ids, mask, _ = self.tokenize_trimmed(prompts, multiple)
+        return self.encode_tokens(ids, mask)

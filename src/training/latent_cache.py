@@ -147,7 +147,8 @@ def build_latent_cache(
     """Encode `dataset` into `cache_dir` (every process its share), then mark the cache complete.
 
     vae: has latent_moments(x) -> (mean, std), each (B, C, h, w). encode_text: captions -> (hidden, mask), used
-    when the dataset yields captions; datasets with pre-encoded 'text_embeds' are stored as they are.
+    when the dataset yields captions (each distinct caption is encoded once: only its real tokens are stored);
+    datasets with pre-encoded 'text_embeds' are stored as they are.
     """
     cache_dir = Path(cache_dir)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -171,6 +172,7 @@ def build_latent_cache(
     index_out: list[np.ndarray] = []
     label_out: list[np.ndarray] = []
     offsets = [0]
+    captions_seen: dict[str, np.ndarray] = {}  # caption -> its real tokens' states: each distinct caption encoded once
     text_file = open(shard / "text.f32", "wb") if conditioning == "text" else None
     from tqdm.auto import tqdm
 
@@ -197,13 +199,11 @@ def build_latent_cache(
             if conditioning == "class":
                 label_out.append(batch["label"].numpy())
             if conditioning == "text":
-                hidden, mask = _batch_text(batch, encode_text, device)
-                for i in range(b):
-                    real = hidden[i][mask[i].bool()].float().cpu().numpy()  # (L_i, D) real tokens only
+                for real in _batch_text(batch, encode_text, captions_seen):  # (L_i, D) real tokens only
                     text_file.write(real.tobytes())
                     tokens += real.shape[0]
                     offsets.append(tokens)
-                text_dim = hidden.shape[-1]
+                    text_dim = real.shape[-1]
     finally:
         bar.close()
         if text_file is not None:
@@ -229,18 +229,27 @@ def build_latent_cache(
     accelerator.wait_for_everyone()
 
 
-def _batch_text(batch: dict, encode_text: Optional[TextEncodeFn], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden (B, L, D), mask (B, L)) of a batch: pre-encoded 'text_embeds' as they are, else encoded captions."""
+def _real_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    """(B, L, D) states and (B, L) mask -> B float32 arrays (L_i, D) of the real tokens."""
+    return [h[m.bool()].float().cpu().numpy() for h, m in zip(hidden, mask)]
+
+
+def _batch_text(batch: dict, encode_text: Optional[TextEncodeFn], seen: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The real tokens' states (L_i, D) of each item: pre-encoded 'text_embeds' as they are, else the captions
+    encoded, each distinct caption once (`seen` remembers them across batches)."""
     if "text_embeds" in batch:
         hidden = batch["text_embeds"]
         mask = batch.get("text_embeds_mask")
         if mask is None:
             mask = torch.ones(hidden.shape[:2], dtype=torch.long)
-        return hidden, mask
+        return _real_tokens(hidden, mask)
     if encode_text is None:
         raise LatentCacheError("the dataset yields captions but no text encoder was given to the cache")
-    hidden, mask = encode_text(list(batch["caption"]))
-    return hidden, mask
+    captions = list(batch["caption"])
+    new = list(dict.fromkeys(c for c in captions if c not in seen))
+    if new:
+        seen.update(zip(new, _real_tokens(*encode_text(new))))
+    return [seen[c] for c in captions]
 
 
 # ----------------------------------------------------------------------------------------------------- reading

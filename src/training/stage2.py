@@ -31,7 +31,7 @@ from ..data import CONDITIONING, build_dataset
 from ..data.image_folder import DatasetError
 from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
-from ..models.unet import Condition, UNet, padding_extent
+from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
 from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
@@ -259,12 +259,10 @@ def batch_condition(batch: dict, conditioning: str, text_encoder, device,
         cond = Condition(text=batch["text_embeds"], text_mask=batch.get("text_embeds_mask"))  # (B, L, D) on the CPU
         cond = cond.trimmed(device=device)  # cut on the CPU, copied without blocking
         return Condition(text=cond.text.float(), text_mask=cond.text_mask)
-    tokens = text_encoder.tokenize(list(batch["caption"]))  # (B, 77) ids and mask, on the CPU
-    keep, padded = padding_extent(tokens["attention_mask"], multiple=8)
-    ids, mask = tokens["input_ids"][:, :keep], tokens["attention_mask"][:, :keep]  # (B, L'): the rest is padding
+    ids, mask, padded = text_encoder.tokenize_trimmed(list(batch["caption"]))  # (B, L') on the CPU
     with torch.no_grad(), autocast():
-        hidden, _ = text_encoder.encode_tokens(ids, mask)  # (B, L', D): real tokens' states as at full length
-    return Condition(text=hidden.float(), text_mask=mask.to(device, non_blocking=True) if padded else None)
+        hidden, mask = text_encoder.encode_tokens(ids, mask)  # (B, L', D): real tokens' states as at full length
+    return Condition(text=hidden.float(), text_mask=mask if padded else None)
 
 
 def diffusion_step_loss(
@@ -476,7 +474,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
         )
         dataset = open_or_build_latent_cache(
             accelerator, args.cache_latents, dataset, vae, identity, train_cfg.random_flip_p > 0, conditioning,
-            text_encoder.encode if text_encoder is not None else None,
+            text_encoder.encode_trimmed if text_encoder is not None else None,
             batch_size=train_cfg.per_gpu_batch_size, num_workers=train_cfg.num_workers,
         )
     return ctx, dataset
