@@ -106,3 +106,19 @@ def test_wrong_files_and_no_flags_are_clear_errors(models, tmp_path):
     done = subprocess.run([sys.executable, "inference_ldm.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "needs at least --path_to_weights" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_dpm_solver_and_guidance_rescale_through_the_cli(models, tmp_path):
+    """--sampler dpmpp_2m (default 20 steps) and --guidance_rescale reach the sampler (its accuracy against
+    diffusers and the data distribution: tests/test_recipe_levers.py); a rescale outside [0, 1] is refused."""
+    def run(out, *flags):
+        inference_ldm.main(["--path_to_weights", str(models["text"]), "--text_conditional", "--prompt",
+                            "a red circle on a blue background", "--num_images", "2", "--seed", "7",
+                            "--output", str(tmp_path / out), *flags])
+        return _pixels(tmp_path / out, 2).astype(np.int64)
+
+    dpm = run("dpm", "--sampler", "dpmpp_2m")
+    assert not np.array_equal(dpm, run("ddim", "--num_steps", "20"))
+    assert not np.array_equal(dpm, run("rescaled", "--sampler", "dpmpp_2m", "--guidance_rescale", "0.7"))
+    with pytest.raises(SystemExit):
+        inference_ldm.main(["--path_to_weights", str(models["text"]), "--prompt", "a", "--guidance_rescale", "2"])

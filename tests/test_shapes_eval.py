@@ -118,3 +118,24 @@ def test_reads_soft_noisy_shapes_as_a_generator_draws_them():
                                     + noise.normal(0, 10, (32, 32, 3)), 0, 255).astype(np.uint8)) for im in images]
     result = score(expected, soft)
     assert result["shape"] >= 0.97 and result["clean"] >= 0.95
+
+
+def test_evaluate_shapes_sources_bound_the_diffusion_model(tmp_path):
+    """--source renders scores the evaluator itself (all right); --source reconstructions scores an autoencoder
+    (here an untrained one, which loses the shapes): the flags need only a stage-1 file."""
+    import json
+
+    import evaluate_shapes
+    from src.config import VAEConfig
+    from tests.stage2_helpers import make_vae_file
+
+    vae = make_vae_file(tmp_path / "vae.safetensors", vae_cfg=VAEConfig(
+        img_size=32, latent_channels=4, residual_layers_per_block=1, vae_channels_per_block=[8, 16],
+        groupnorm_groups=4, attention_layers=1))
+    scores = {}
+    for source in ("renders", "reconstructions"):
+        evaluate_shapes.main(["--path_to_weights", str(vae), "--source", source, "--num_prompts", "24",
+                              "--device", "cpu", "--output", str(tmp_path / source)])
+        scores[source] = json.loads((tmp_path / source / "results.json").read_text())
+    assert all(scores["renders"][k] == 1.0 for k in ("shape_color", "background_color", "shape", "clean"))
+    assert scores["reconstructions"]["clean"] < 0.5 and scores["reconstructions"]["source"].startswith("autoencoder")
