@@ -3,7 +3,7 @@
     values.update(periodic_fid(args, accelerator, ctx, ema.shadow, step))     # in train_loop, before logging
 
 Every `fid_eval_freq` steps (keys of the training config; either at 0 turns it off) the EMA UNet draws
-`fid_num_samples` images with the validation sampler (DDIM val_sampler_steps, guidance val_guidance_scale, seeds
+`fid_num_samples` images with the validation sampler (val_sampler, val_sampler_steps, guidance val_guidance_scale, seeds
 fixed by the config's seed, so evaluations differ only by the weights). Each sample is conditioned like one
 reference image: the reference is the same number of training images (a fixed random subset), and sample i takes
 image i's caption, pre-encoded text or class label. The reference statistics are cached in
@@ -71,8 +71,8 @@ def evaluate_fid(args, accelerator, ctx: Stage2Context, ema_unet: UNet, step: in
         cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, ctx.device)
         uncond = ema_unet.null_condition(len(positions))
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed + k)
-        z = pipe.sample_latents(len(positions), cond, uncond, "ddim", num_steps, cfg.val_guidance_scale,
-                                generator=generator)  # (b, C, h, w)
+        z = pipe.sample_latents(len(positions), cond, uncond, cfg.val_sampler, num_steps, cfg.val_guidance_scale,
+                                generator=generator, guidance_rescale=cfg.val_guidance_rescale)  # (b, C, h, w)
         return inception(pipe.decode(z)), torch.tensor(positions)
 
     fake = map_batches(len(indices), cfg.per_gpu_batch_size, one_batch, accelerator, desc=f"FID at step {step}")
