@@ -139,3 +139,13 @@ def test_evaluate_shapes_sources_bound_the_diffusion_model(tmp_path):
         scores[source] = json.loads((tmp_path / source / "results.json").read_text())
     assert all(scores["renders"][k] == 1.0 for k in ("shape_color", "background_color", "shape", "clean"))
     assert scores["reconstructions"]["clean"] < 0.5 and scores["reconstructions"]["source"].startswith("autoencoder")
+
+
+@pytest.mark.parametrize("color,background", [("yellow", "orange"), ("orange", "yellow"), ("purple", "blue")])
+def test_low_contrast_pairs_read_back_when_soft(color, background):
+    """The closest palette pairs (87 and 119 apart in RGB) still give a mask when a decoder softens their edge."""
+    rng = random.Random(9)
+    for shape in SHAPES:
+        img = render(color, shape, background, 32, rng).filter(ImageFilter.GaussianBlur(1.0))
+        reading = read_image(img)
+        assert (reading.color, reading.shape, reading.background, reading.clean) == (color, shape, background, True)

@@ -15,8 +15,8 @@ For each generated image:
      Coverage under ALPHA_FLOOR, or outside a disc of COVERAGE_RADIUS equivalent radii, is dropped, so faint noise
      far from the shape (weighted by |z|^4) cannot swamp the moments.
   5. clean = the image is what the dataset draws: exactly one foreground region (8-connected, specks under
-     MIN_REGION pixels ignored), whose interior is one palette colour (at least CLEAN_FRACTION of its pixels snap
-     to the shape colour), on a uniform background (at least CLEAN_FRACTION of the pixels two or more pixels away
+     MIN_REGION pixels ignored), whose body is one palette colour (at least CLEAN_FRACTION of the pixels of coverage
+     above SOLID_COVERAGE snap to the shape colour), on a uniform background (at least CLEAN_FRACTION of the pixels two or more pixels away
      from the shape snap to the background colour), and at least CLEAN_FRACTION of all pixels are blends of those
      two colours (within BLEND_TOLERANCE of the segment between them: edges may be soft, but not a third colour).
      A mosaic of patches, two shapes, a two-coloured shape or a blank image is not clean.
@@ -37,10 +37,11 @@ from ..data.shapes import COLORS, SHAPES, render, sample_attributes
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([COLORS[n] for n in _NAMES], dtype=np.float64)  # (K, 3)
-MASK_THRESHOLD = 80.0  # RGB distance from the background that counts as "shape"
+MASK_THRESHOLD = 80.0  # RGB distance from the background that counts as "shape" (at most; see _shape_mask)
 ALPHA_FLOOR = 0.15  # coverage below this is background noise, not shape (step 4)
 COVERAGE_RADIUS = 2.0  # shape moments use coverage within this many equivalent-disc radii of the centroid
 MIN_REGION = 3  # connected foreground regions smaller than this (pixels) are specks, not regions
+SOLID_COVERAGE = 0.8  # pixels this far along from background to shape colour are the shape's body, not its edge
 BLEND_TOLERANCE = 40.0  # RGB distance from the background-to-shape colour segment still counted as a blend
 CLEAN_FRACTION = 0.95  # share of shape / background pixels that must snap to the one expected palette colour
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -82,12 +83,14 @@ def is_clean(arr: np.ndarray, mask: np.ndarray, color: Optional[str], background
     areas = np.bincount(labels.ravel())[1:]  # (n,) pixels per region
     if color is None or (areas >= MIN_REGION).sum() != 1:
         return False
-    shape_px = arr[_interior(mask)]  # the shape away from the edge's blend
+    alpha = coverage(arr, background_rgb, shape_rgb)  # (H, W)
+    solid = alpha > SOLID_COVERAGE
+    shape_px = arr[solid] if solid.sum() >= 4 else arr[_interior(mask)]  # the shape away from the edge's blend
     outside = arr[~_dilate(_dilate(mask))]  # the background away from the edge's blend
     shape_ok = (nearest_color_index(shape_px) == _NAMES.index(color)).mean() >= CLEAN_FRACTION
     background_ok = len(outside) > 0 and (nearest_color_index(outside) == _NAMES.index(background)).mean() >= CLEAN_FRACTION
-    alpha = coverage(arr, background_rgb, shape_rgb)[..., None]  # (H, W, 1)
-    off_blend = np.sqrt(((arr - (background_rgb + alpha * (shape_rgb - background_rgb))) ** 2).sum(-1))  # (H, W)
+    blend = background_rgb + alpha[..., None] * (shape_rgb - background_rgb)  # (H, W, 3)
+    off_blend = np.sqrt(((arr - blend) ** 2).sum(-1))  # (H, W)
     blend_ok = (off_blend <= BLEND_TOLERANCE).mean() >= CLEAN_FRACTION
     return bool(shape_ok and background_ok and blend_ok)
 
@@ -156,7 +159,12 @@ def classify_shape(alpha: np.ndarray) -> Optional[str]:
 
 
 def _shape_mask(arr: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
-    return np.sqrt(((arr - background_rgb) ** 2).sum(-1)) > MASK_THRESHOLD  # (H, W)
+    """(H, W): pixels farther from the background than MASK_THRESHOLD, or than half the way to the palette colour
+    nearest the background's (yellow and orange are only 87 apart: a shape of one on the other is cut at 44)."""
+    own = _PALETTE[nearest_color_index(background_rgb[None])[0]]
+    others = np.sqrt(((_PALETTE - own) ** 2).sum(-1))
+    threshold = min(MASK_THRESHOLD, 0.5 * others[others > 0].min())
+    return np.sqrt(((arr - background_rgb) ** 2).sum(-1)) > threshold
 
 
 def read_image(img: Image.Image) -> Reading:
@@ -165,8 +173,7 @@ def read_image(img: Image.Image) -> Reading:
     bg_rgb = np.median(_border(arr), axis=0)
     background = nearest_color(bg_rgb)
     mask = _shape_mask(arr, bg_rgb)
-    inner = _erode(mask)
-    pixels = arr[inner] if inner.sum() >= 4 else arr[mask]
+    pixels = arr[_interior(mask)]
     color = shape = None
     if len(pixels):
         shape_rgb = np.median(pixels, axis=0)
