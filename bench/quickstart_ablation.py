@@ -28,6 +28,7 @@ BASE_CONFIG = ROOT / "configs" / "quickstart" / "stage2_diffusion_train.yaml"
 # name -> overrides of the shipped training config (each lever switched against what the demo ships)
 VARIANTS: dict[str, dict] = {
     "shipped": {},
+    "design_recipe": {"prediction_type": "epsilon", "snr_gamma": None},  # the design's eps + uniform weights
     "no_min_snr": {"snr_gamma": None},
     "min_snr_1": {"snr_gamma": 1.0},
     "epsilon": {"prediction_type": "epsilon", "rescale_betas_zero_snr": False},

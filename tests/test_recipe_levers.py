@@ -12,6 +12,7 @@ from src.diffusion.schedule import DiffusionProcess, diffusion_loss, offset_nois
 from src.models.unet import Condition
 from src.training.stage2 import Stage2SetupError, build_process, diffusion_step_loss
 from tests.gaussian_toy import MU, STD, gaussian_eps_denoiser, gaussian_v_denoiser
+from tests.test_performance import stage2_setup  # noqa: F401  (the tiny stage-2 context, a fixture)
 
 # ------------------------------------------------------------------------------------------ zero terminal SNR
 
@@ -198,3 +199,47 @@ def test_new_keys_are_read_and_misspelt_ones_rejected(tmp_path):
     for bad in ({"snr_gamma": 0.0}, {"noise_offset": -0.1}, {"val_guidance_rescale": 1.5}):
         with pytest.raises(Stage2SetupError):
             build_process(Stage2TrainConfig(**bad))
+
+
+def test_validation_grid_honours_val_sampler_and_guidance_rescale(stage2_setup, tmp_path, monkeypatch):
+    """The stage-2 validation grid samples with val_sampler / val_sampler_steps / val_guidance_rescale: the latents it
+    decodes are the pipeline's for those settings, and each setting changes them."""
+    import copy
+    import dataclasses
+
+    from src.pipeline import LatentDiffusion
+    from src.training.stage2 import validation_grid
+
+    decoded = []  # the latents each grid decodes
+    decode = LatentDiffusion.decode
+    monkeypatch.setattr(LatentDiffusion, "decode", lambda self, z: decoded.append(z.clone()) or decode(self, z))
+
+    ctx, _, initial = stage2_setup
+    unet = copy.deepcopy(initial)  # its output layer starts at zero: every sampler would agree on eps = 0
+    generator = torch.Generator().manual_seed(0)
+    for p in unet.parameters():
+        p.data = 0.05 * torch.randn(p.shape, generator=generator)
+    saved = ctx.train_cfg, ctx.process, ctx.unet_module  # the fixture is shared: put them back
+    # v-prediction keeps x0 near the data's scale under a random UNet (eps: x0 ~ x_T / sqrt(alpha_bar_T), ~100 x)
+    ctx.process = process = build_process(dataclasses.replace(saved[0], prediction_type="v_prediction"))
+    ctx.unet_module = unet
+    settings = (("ddim", 0.0), ("dpmpp_2m", 0.0), ("dpmpp_2m", 0.7))
+    try:
+        for sampler, rescale in settings:
+            ctx.train_cfg = dataclasses.replace(saved[0], val_sampler=sampler, val_sampler_steps=4,
+                                                val_guidance_scale=3.0, val_guidance_rescale=rescale)
+            assert validation_grid(ctx, unet, 0, tmp_path / f"{sampler}_{rescale}").is_file()
+    finally:
+        ctx.train_cfg, ctx.process, ctx.unet_module = saved
+
+    pipe = LatentDiffusion(ctx.vae, unet, process, ctx.conditioning, ctx.scaling_factor, ctx.text_encoder)
+    cond = ctx.val_text
+    for (sampler, rescale), grid_z in zip(settings, decoded):
+        z = pipe.sample_latents(cond.batch_size, cond, unet.null_condition(cond.batch_size), sampler, 4, 3.0,
+                                generator=torch.Generator().manual_seed(saved[0].seed), guidance_rescale=rescale)
+        torch.testing.assert_close(grid_z, z)
+    scale = decoded[0].abs().mean()
+    assert (decoded[0] - decoded[1]).abs().mean() > 1e-2 * scale  # the sampler
+    # the guidance rescale: small here (a random UNet's conditional and null predictions have nearly the same std),
+    # yet ~40 x the 1e-5 that assert_close above lets through
+    assert (decoded[1] - decoded[2]).abs().mean() > 1e-4 * scale
