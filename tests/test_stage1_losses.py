@@ -64,6 +64,7 @@ def test_generator_loss_before_disc_start_is_rec_plus_weighted_kl():
     expected = (x - out.reconstruction).abs().mean() + 0.1 * out.posterior.kl().mean()
     torch.testing.assert_close(loss, expected)
     assert "gen_loss" not in logs
+    assert "lpips_loss" not in logs  # the perceptual term is off: no all-zero curve in the logs
 
 
 def test_generator_loss_after_disc_start_adds_adaptive_gan_term_without_training_disc():

@@ -110,7 +110,9 @@ class AutoencoderLoss(nn.Module):
         rec = reconstruction_loss(x, x_hat, cfg.reconstruction_loss_fn)
         lpips = self.perceptual_loss(x, x_hat)
         nll = rec + cfg.lpips_weight * lpips
-        logs = {"rec_loss": rec.detach(), "lpips_loss": lpips.detach()}
+        logs = {"rec_loss": rec.detach()}
+        if self.perceptual is not None:  # no all-zero curve when the perceptual term is off
+            logs["lpips_loss"] = lpips.detach()
         if out.posterior is not None:
             kl = out.posterior.kl().mean()
             loss = nll + cfg.kl_weight * kl
