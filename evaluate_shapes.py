@@ -43,9 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="sampling noise")
     p.add_argument("--exclude_prompts", default="sample_text_cond_prompts.txt",
                    help="prompts seen during training sampling; never used for evaluation")
-    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    # the defaults are the demo's (scripts/quickstart.sh), so a plain call reproduces its evaluation
+    p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
     p.add_argument("--num_steps", type=int, default=None, help="default: DDIM 50, DPM-Solver++ 20")
-    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--guidance_scale", type=float, default=2.0)
     p.add_argument("--guidance_rescale", type=float, default=0.0, help="Lin et al. 2024 eq. 16 (0 = off)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
