@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 1 alone, offline, on CPU: train the tiny quickstart VAE on the built-in `shapes` dataset (32 px,
-# 4x8x8 latents, ~600 steps) with the same flags as the design document's command, then say where the
-# reconstruction grids and the model file are. Knobs: PYTHON, DEMO_OUT (default outputs/demo_stage1).
+# 4x8x8 latents, 2000 steps, about three minutes) with the same flags as the design document's command, then say
+# where the reconstruction grids and the model file are. Knobs: PYTHON, DEMO_OUT (default outputs/demo_stage1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
