@@ -9,6 +9,14 @@ from src.data.shapes import CAPTION_TEMPLATES, COLORS, SHAPES
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state, so that the next Accelerator() in this process starts afresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 def _corpus() -> list[str]:
     words = list(COLORS) + SHAPES
     lines = [t.replace("{", "").replace("}", "") for t in CAPTION_TEMPLATES]

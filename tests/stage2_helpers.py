@@ -17,6 +17,7 @@ from src.models.serialization import save_models
 from src.models.unet import build_unet
 from src.models.vae import build_autoencoder
 from src.pipeline import save_stage2_model, stage2_metadata
+from tests.helpers import reset_accelerate
 
 TINY_VAE = VAEConfig(
     img_size=16, latent_channels=4, residual_layers_per_block=1, vae_channels_per_block=[8, 16],
@@ -58,6 +59,20 @@ def make_stage2_file(path, conditioning: str, unet_cfg: UNetConfig, dataset: str
     return save_stage2_model(path, unet, vae, meta)
 
 
+def make_conditioning_models(folder) -> dict[str, Path]:
+    """One tiny stage-2 model.safetensors per conditioning: "text" (shapes, a tiny CLIP), "class" (imagenet) and
+    "none" (celebahq), under `folder`."""
+    from tests.helpers import make_tiny_clip
+
+    d = Path(folder)
+    clip = make_tiny_clip(d / "clip")
+    return {
+        "text": make_stage2_file(d / "text.safetensors", "text", tiny_unet(str(clip)), "shapes", str(clip)),
+        "class": make_stage2_file(d / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet"),
+        "none": make_stage2_file(d / "none.safetensors", "none", tiny_unet(), "celebahq"),
+    }
+
+
 def write_model_config(path, unet: UNetConfig, scaling: dict[str, float], vae_cfg: VAEConfig = TINY_VAE) -> Path:
     data = to_dict(ModelConfig(vae=vae_cfg, unet=unet, scaling_constants=scaling))
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
@@ -91,12 +106,9 @@ def make_image_folders(root, num_classes: int = 3, per_class: int = 4, size: int
 
 def run_trainer(argv: list[str]) -> None:
     """Run stage2_diffusion_trainer.main in this process, with accelerate's process-wide state reset first."""
-    from accelerate.state import AcceleratorState, GradientState
-
     import stage2_diffusion_trainer
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     stage2_diffusion_trainer.main(argv)
 
 

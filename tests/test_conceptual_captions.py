@@ -376,10 +376,9 @@ def _run_in_process(module_name: str, argv: list[str]) -> None:
     """Run a trainer's main(argv) in this process, with accelerate's process-wide state reset first."""
     import importlib
 
-    from accelerate.state import AcceleratorState, GradientState
+    from tests.helpers import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     importlib.import_module(module_name).main(argv)
 
 

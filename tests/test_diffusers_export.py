@@ -18,8 +18,7 @@ from examples.diffusers_sampling import sample_text, sample_unet
 from src.config import VAEConfig
 from src.diffusers_export import ExportError, ExportPlan, write_plan
 from src.pipeline import load_pipeline
-from tests.helpers import make_tiny_clip
-from tests.stage2_helpers import make_stage2_file, tiny_unet
+from tests.stage2_helpers import make_conditioning_models, make_stage2_file, tiny_unet
 
 PROMPTS = ["a red circle on a blue background", "a white square"]  # different token counts
 
@@ -27,13 +26,7 @@ PROMPTS = ["a red circle on a blue background", "a white square"]  # different t
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("export_models")
-    clip = make_tiny_clip(d / "clip")
-    return {
-        "text": make_stage2_file(d / "text.safetensors", "text", tiny_unet(str(clip)), "shapes", str(clip)),
-        "class": make_stage2_file(d / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet"),
-        "none": make_stage2_file(d / "none.safetensors", "none", tiny_unet(), "celebahq"),
-        "dir": d,
-    }
+    return {**make_conditioning_models(d), "dir": d}
 
 
 def _export(model, out: Path, *extra) -> Path:

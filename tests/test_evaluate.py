@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,17 +21,10 @@ from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWei
 from src.evaluation.reconstruction import psnr, ssim
 from src.models.lpips import VGG16_IMAGENET_FILE, vgg16_trunk
 from tests.eval_helpers import make_random_inception_file
-from tests.helpers import make_tiny_clip
+from tests.helpers import make_tiny_clip, reset_accelerate
 from tests.stage2_helpers import make_vae_file, run_trainer, tiny_unet, trainer_argv, write_model_config, write_train_config
 
 STEPS = 4
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,7 @@ def test_fid_keys_are_typed_and_a_misspelt_one_is_rejected(tmp_path):
 def test_evaluate_ldm_writes_fid_kid_and_a_grid_reusing_the_reference_training_cached(trained, tmp_path):
     """Same images (2 shapes of the training seed) and same Inception as the training run's periodic FID: the
     reference statistics are read back from its cache, so this run only samples."""
-    _reset_accelerate()
+    reset_accelerate()
     result = evaluate_ldm.main([
         "--path_to_weights", str(trained["model"]), "--num_samples", "2", "--num_reference", "2",
         "--batch_size", "2", "--num_steps", "2", "--guidance_scale", "2", "--seed", "5",
@@ -104,7 +96,7 @@ def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
 
 def test_missing_inception_weights_stop_evaluate_ldm_with_the_file_and_url(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
-    _reset_accelerate()
+    reset_accelerate()
     with pytest.raises(InceptionWeightsError) as err:
         evaluate_ldm.main(["--path_to_weights", str(trained["model"]), "--output", str(tmp_path / "out")])
     msg = str(err.value)
@@ -129,7 +121,7 @@ def test_evaluate_vae_reports_rfid_psnr_ssim_lpips_with_weights_from_torch_home(
     torch.manual_seed(0)
     torch.save({f"features.{k}": v for k, v in vgg16_trunk().state_dict().items()}, hub / VGG16_IMAGENET_FILE)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    _reset_accelerate()
+    reset_accelerate()
     result = evaluate_vae.main([
         "--path_to_weights", str(trained["vae"]), "--dataset", "shapes", "--num_images", "2", "--batch_size", "2",
         "--num_workers", "0", "--stats_cache", str(tmp_path / "cache"), "--output", str(tmp_path / "out"),

@@ -16,12 +16,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def tiny_stage1(accum: int = 2, **overrides):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     from src.training.stage1 import build_stage1
+    from tests.helpers import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     cfg = Stage1TrainConfig(use_lpips=False, disc_start=0, disc_start_dim=8, disc_depth=2, lr_warmup_steps=2,
                             disc_lr_warmup_steps=2, total_training_iterations=10, gradient_accumulation_steps=accum,
                             learning_rate=1e-3, max_nonfinite_steps=3, **overrides)

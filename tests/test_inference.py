@@ -13,21 +13,14 @@ from PIL import Image
 
 import inference_ldm
 from src.pipeline import PipelineError, load_pipeline
-from tests.helpers import make_tiny_clip
-from tests.stage2_helpers import make_stage2_file, tiny_unet
+from tests.stage2_helpers import make_conditioning_models
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inference_models")
-    clip = make_tiny_clip(d / "clip")
-    return {
-        "text": make_stage2_file(d / "text.safetensors", "text", tiny_unet(str(clip)), "shapes", str(clip)),
-        "class": make_stage2_file(d / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet"),
-        "none": make_stage2_file(d / "none.safetensors", "none", tiny_unet(), "celebahq"),
-    }
+    return make_conditioning_models(tmp_path_factory.mktemp("inference_models"))
 
 
 def _pixels(folder: Path, n: int) -> np.ndarray:

@@ -80,10 +80,9 @@ def signals_caught():
 
 def run_main(module: str, argv) -> None:
     """A trainer's main in this process, with accelerate's process-wide state reset first."""
-    from accelerate.state import AcceleratorState, GradientState
+    from tests.helpers import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     mod = importlib.import_module(module)
     mod.main(mod.parse_args(argv) if module == "lpips_trainer" else argv)
 

@@ -19,6 +19,7 @@ from src.config import ConfigError, Stage1TrainConfig, Stage2TrainConfig, UNetCo
 from src.models.unet import Condition, build_unet, padding_extent
 from src.models.vae import build_autoencoder
 from src.training.performance import compile_autoencoder, compile_module, to_memory_format
+from tests.helpers import reset_accelerate
 
 BACKEND = os.environ.get("LDM_TEST_COMPILE_BACKEND", "aot_eager")
 TEXT_DIM = 8
@@ -195,38 +196,6 @@ def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
 
 
 # ------------------------------------------------------------------------------------------------ trainers
-
-
-@pytest.fixture(scope="module")
-def stage2_setup(tmp_path_factory):
-    """A tiny text-conditional stage-2 context on `shapes` from images (no cache), and its initial UNet."""
-    from accelerate import Accelerator
-
-    import stage2_diffusion_trainer
-    from src.config import load_model_config
-    from src.training.stage2 import setup_context
-    from tests.helpers import make_tiny_clip
-    from tests.stage2_helpers import make_vae_file, tiny_unet, write_model_config
-
-    d = tmp_path_factory.mktemp("perf_stage2")
-    model_path = write_model_config(d / "ldm.yaml", tiny_unet(str(make_tiny_clip(d / "clip"))), {"shapes": 0.9})
-    cfg = Stage2TrainConfig(per_gpu_batch_size=4, num_workers=0, pin_memory=False, shapes_num_images=8,
-                            lr_warmup_steps=0, learning_rate=1e-3, weight_decay=0.0)
-    args = stage2_diffusion_trainer.parse_args([
-        "--working_directory", str(d / "work"), "--training_config", "unused.yaml", "--model_config", str(model_path),
-        "--path_to_vae_backbone", str(make_vae_file(d / "v")), "--dataset", "shapes",
-    ])
-    reset_accelerate()
-    torch.manual_seed(0)
-    ctx, dataset = setup_context(args, Accelerator(cpu=True), cfg, load_model_config(model_path))
-    return ctx, dataset, copy.deepcopy(ctx.unet_module)
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def build_stage2(setup, **keys):

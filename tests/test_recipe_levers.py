@@ -12,7 +12,6 @@ from src.diffusion.schedule import DiffusionProcess, diffusion_loss, offset_nois
 from src.models.unet import Condition
 from src.training.stage2 import Stage2SetupError, build_process, diffusion_step_loss
 from tests.gaussian_toy import MU, STD, gaussian_eps_denoiser, gaussian_v_denoiser
-from tests.test_performance import stage2_setup  # noqa: F401  (the tiny stage-2 context, a fixture)
 
 # ------------------------------------------------------------------------------------------ zero terminal SNR
 

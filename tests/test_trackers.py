@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from src.training.trackers import TrackerChoiceError, add_tracker_args, tracker_names
 from tests.stage2_helpers import make_flat_folder, make_vae_file, run_trainer, tiny_unet, trainer_argv
+from tests.helpers import reset_accelerate
 from tests.stage2_helpers import write_model_config, write_train_config
 from tests.test_stage1_trainer import stage1_args, write_configs
 
@@ -54,12 +55,9 @@ def wait_for_records(path: Path, names: list[bytes], timeout: float = 20.0) -> b
 
 
 def run_stage1(argv: list[str]) -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
     import stage1_vae_trainer
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     stage1_vae_trainer.main(argv)
 
 
@@ -144,13 +142,11 @@ def test_a_resumed_run_replaces_the_tensorboard_events_after_its_checkpoint(tmp_
     """The first attempt logged steps 1-4 and stopped; resumed from the step-2 checkpoint, steps 3-5 are logged
     again: TensorBoard shows one curve, 1-2 from the first attempt and 3-5 from the second."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
 
     from src.training.trackers import start_trackers, tracker_accelerator_kwargs
 
     for start, values in ((0, {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}), (2, {3: 30.0, 4: 40.0, 5: 50.0})):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         accelerator = Accelerator(cpu=True, **tracker_accelerator_kwargs(flags("--report_to", "tensorboard"), tmp_path))
         start_trackers(accelerator, "run", None, tmp_path, {}, start_step=start)
         for step, value in values.items():
