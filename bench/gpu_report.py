@@ -20,7 +20,24 @@ def load(out: Path) -> list[dict]:
     path = out / "results.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return merge([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+
+
+def merge(rows: list[dict]) -> list[dict]:
+    """One row per measurement when a session resumed an earlier one (gpu_session.sh PREVIOUS=...): a row that was
+    skipped or failed is replaced by the same measurement taken later, in the earlier row's place."""
+    def key(r: dict) -> tuple:
+        return r.get("phase") if r.get("section") == "phase" else None, r.get("section"), r.get("workload"), r.get("row")
+
+    good = lambda r: not r.get("skipped") and not r.get("error")  # noqa: E731
+    merged: dict[tuple, dict] = {}
+    for r in rows:
+        k = key(r)
+        if r.get("section") in ("env", "peak", "compile_time"):
+            k = (*k, len(merged))  # kept as they are
+        if k not in merged or good(r) or not good(merged[k]):
+            merged[k] = r
+    return list(merged.values())
 
 
 def pct(x: Optional[float]) -> str:
@@ -90,6 +107,17 @@ def section_rows(rows: list[dict], section: str, spec: Optional[float] = None) -
     return out
 
 
+def profile_rows(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        if r.get("section") != "profile" or not r.get("top"):
+            continue
+        out.append(f"  {r.get('workload')} {r.get('row')}: {r['device_ms_per_step']} ms of device time per step")
+        out += [f"    {t['share']:6.1%} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:5d} calls  {t['op'][:70]}"
+                for t in r["top"]]
+    return out or ["  not run"]
+
+
 def report(rows: list[dict]) -> str:
     env = next((r for r in rows if r.get("section") == "env" and not r.get("error")), {})
     peak = next((r for r in rows if r.get("section") == "peak"), {})
@@ -112,6 +140,7 @@ def report(rows: list[dict]) -> str:
         *section_rows(rows, "trainer"),
         "", f"Stage-1 step, 256 px batch 8, VAE + LPIPS + PatchGAN (target: ours / diffusers <= {RATIO_TARGET}):",
         *section_rows(rows, "stage1", peak.get("spec_tflops")),
+        "", "Where the eager step's device time goes (torch.profiler, self time per operator):", *profile_rows(rows),
         "", "Phases that were cut short or skipped:", *(section_rows(rows, "phase") or ["  none"]),
     ]
     failed = [r for r in rows if r.get("error")]

@@ -58,13 +58,21 @@ class Session:
         self.backend = args.compile_backend
         self.phase = ""
         self.compile_estimate = self.observed_compile_time() or (8.0 if args.tiny else 60.0)  # seconds, a lower bound
+        self.done = self.measured_rows()
+
+    def rows(self) -> list[dict]:
+        if not self.results.is_file():
+            return []
+        return [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
+
+    def measured_rows(self) -> dict[tuple, dict]:
+        """Rows already measured in this results file (an earlier call's, resumed): (section, workload, row) -> row."""
+        return {(r.get("section"), r.get("workload"), r.get("row")): r for r in self.rows()
+                if not r.get("skipped") and not r.get("error") and r.get("section") not in ("phase", "env", "peak")}
 
     def observed_compile_time(self) -> Optional[float]:
         """The longest compiled measurement an earlier phase took (its compile included), as the estimate."""
-        if not self.results.is_file():
-            return None
-        rows = [json.loads(line) for line in self.results.read_text().splitlines() if line.strip()]
-        seconds = [r["seconds"] for r in rows if r.get("section") == "compile_time"]
+        seconds = [r["seconds"] for r in self.rows() if r.get("section") == "compile_time"]
         return max(seconds) if seconds else None
 
     # sizes: the design's on a GPU, a few-second stand-in for the CPU dry run
@@ -102,7 +110,12 @@ class Session:
         return row
 
     def guarded(self, section: str, estimate: float, fn: Callable[[], Optional[dict]], **labels) -> Optional[dict]:
-        """Run fn() if `estimate` seconds fit before the deadline; record its dict, its error or the skip."""
+        """Run fn() if `estimate` seconds fit before the deadline; record its dict, its error or the skip. A row an
+        earlier call measured (same section, workload and row) is returned as it was, not measured again."""
+        done = self.done.get((section, labels.get("workload"), labels.get("row")))
+        if done is not None:
+            print(f"[{self.phase}] {section}: {labels} measured earlier ({done.get('phase')}), kept", flush=True)
+            return done
         if not self.fits(estimate):
             self.record(section, skipped=f"{self.left():.0f} s left, needs ~{estimate:.0f} s", **labels)
             return None
@@ -157,8 +170,17 @@ class UNetBench:
         self.theirs = bu.build_diffusers_twin(self.ours, 32, s.device) if with_diffusers else None
         self.spec, self.name = spec_peak_tflops(s.device)
         self.matmul = matmul_tflops(s.device)
-        self.flops: dict[str, int] = {}
+        self.flops: dict[str, int] = {r["workload"]: int(r["flops_per_img"] * s.workloads()[r["workload"]].batch)
+                                      for (section, *_), r in s.done.items() if section == "flops"}
         self.batches: dict[str, bu.Batch] = {}
+        self.step_s: dict[str, float] = {}  # seconds per step last measured on each workload
+
+    def estimate(self, key: str, first: float) -> float:
+        """Seconds a measurement on `key` needs: `first` before any step there ran (cuDNN autotunes new shapes),
+        then warm-up + timed steps at the observed step time, twice over, plus model moves and clean-up."""
+        if key not in self.step_s:
+            return first
+        return 3 + 2 * sum(self.s.steps) * self.step_s[key]
 
     def batch(self, key: str) -> bu.Batch:
         if key not in self.batches:
@@ -185,6 +207,8 @@ class UNetBench:
         warmup, steps = self.s.steps
         result = bu.measure(model, variant, w, self.batch(key), torch.bfloat16, self.s.device, flops, self.spec,
                             self.matmul, warmup, steps, backend=self.s.backend, raise_errors=True)
+        if result.ms_per_step and not variant.compile:
+            self.step_s[key] = max(self.step_s.get(key, 0.0), result.ms_per_step / 1000)
         return result_fields(result, flops, w)
 
 
@@ -193,37 +217,70 @@ def phase_unet_eager(s: Session) -> None:
     bench = UNetBench(s, with_diffusers=True)
     s.record("peak", device=bench.name, spec_tflops=bench.spec, matmul_tflops=round(bench.matmul, 1),
              params_m=round(sum(p.numel() for p in bench.ours.parameters()) / 1e6, 1))
-    eager = 4 if s.tiny else 20  # seconds per eager measurement, generously
-    for key in ("b64", "b16", "64px"):
-        s.guarded("flops", eager, lambda: {"flops_per_img": (bench.workload_flops(key) or 0) / s.workloads()[key].batch},
+    first = 4 if s.tiny else 35  # seconds for the first step on a workload: cuDNN autotunes its shapes
+    keys = os.environ.get("UNET_KEYS", "b64 b16 64px").split()
+    for key in keys:
+        s.guarded("flops", first, lambda: {"flops_per_img": (bench.workload_flops(key) or 0) / s.workloads()[key].batch},
                   workload=key)
-        s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("ours", "trimmed")), workload=key, row="ours eager")
-        s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("diffusers", "padded")), workload=key,
-                  row="diffusers eager")
+        rows = [("ours eager", bu.Variant("ours", "trimmed")),
+                ("ours eager, cuDNN attention", bu.Variant("ours", "trimmed", sdpa_backend="cudnn")),
+                ("diffusers eager", bu.Variant("diffusers", "padded"))]
+        for label, variant in rows:
+            s.guarded("unet", bench.estimate(key, first) * (1.3 if variant.model == "diffusers" else 1),
+                      lambda v=variant: bench.run(key, v), workload=key, row=label)
         if key == "b64":
-            attention_options(s, bench, eager)
-            s.guarded("unet", eager, lambda: bench.run(key, bu.Variant("ours", "trimmed", channels_last=True)),
-                      workload=key, row="ours eager channels_last")
-        s.guarded("checkpointing", eager,
+            s.guarded("profile", bench.estimate(key, first) + 5, lambda: profile(bench, key), workload=key,
+                      row="ours eager, cuDNN attention: device time by operator")
+            attention_options(s, bench)
+            s.guarded("unet", bench.estimate(key, first), lambda: bench.run(key, bu.Variant("ours", "trimmed",
+                      channels_last=True)), workload=key, row="ours eager channels_last")
+        s.guarded("checkpointing", 1.5 * bench.estimate(key, first),
                   lambda: bench.run(key, bu.Variant("ours", "trimmed", gradient_checkpointing=True)), workload=key,
                   row="ours eager gradient_checkpointing")
 
 
-def attention_options(s: Session, bench: UNetBench, eager: float) -> None:
+def profile(bench: UNetBench, key: str, steps: int = 2) -> dict:
+    """Where one eager step's device time goes: the operators with the most self time (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    w, b = bench.s.workloads()[key], bench.batch(key)
+    variant = bu.Variant("ours", "trimmed", sdpa_backend="cudnn" if bench.s.device.type == "cuda" else None)
+    step = bu.make_step(bench.ours, bu.make_forward(bench.ours, variant, b), b, torch.bfloat16, bench.s.device,
+                        None, False, variant.sdpa_backend)
+    step()  # warm
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.s.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if bench.s.device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if bench.s.device.type == "cuda" else "self_cpu_time_total"
+    # operators only: a kernel's time is also the self device time of the operator that launched it
+    ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    ops = sorted(ops, key=lambda e: getattr(e, attr, 0), reverse=True)
+    total = sum(getattr(e, attr, 0) for e in ops) or 1
+    top = [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1000 / steps, 2),
+            "share": round(getattr(e, attr) / total, 3), "calls_per_step": e.count // steps} for e in ops[:15]]
+    bench.ours.zero_grad(set_to_none=True)
+    free(bench.s.device)
+    return {"device_ms_per_step": round(total / 1000 / steps, 1), "batch": w.batch, "top": top}
+
+
+def attention_options(s: Session, bench: UNetBench) -> None:
     """Cross-attention to padded text at 32x32 b64: what each way of handing SDPA the text costs."""
     key = "b64"
-    s.guarded("attention", eager, lambda: same_output(bench, key), workload=key, row="max |padded - trimmed| (bf16)")
+    s.guarded("attention", bench.estimate(key, 35), lambda: same_output(bench, key), workload=key,
+              row="max |padded - trimmed| (bf16)")
     rows = [
         ("ours padded 77 + mask (SDPA's choice)", bu.Variant("ours", "padded")),
         ("ours padded 77 + mask, cuDNN attention", bu.Variant("ours", "padded", sdpa_backend="cudnn")),
         ("ours varied 4-20 tokens, trimmed to 24 + mask", bu.Variant("ours", "varied")),
         ("ours varied, trimmed + mask, cuDNN attention", bu.Variant("ours", "varied", sdpa_backend="cudnn")),
-        ("ours trimmed to 12, no mask (flash)", bu.Variant("ours", "trimmed")),
         ("ours 77 unmasked (reference, other output)", bu.Variant("ours", "none")),
         ("diffusers 77 unmasked (reference, other output)", bu.Variant("diffusers", "none")),
     ]
     for label, variant in rows:
-        s.guarded("attention", eager, lambda v=variant: bench.run(key, v), workload=key, row=label)
+        s.guarded("attention", bench.estimate(key, 35), lambda v=variant: bench.run(key, v), workload=key, row=label)
 
 
 @torch.no_grad()
@@ -264,7 +321,7 @@ def phase_stage1(s: Session, compiled: bool) -> None:
     variants = [(True, True, "ours compile channels_last")] if compiled else \
         [(False, False, "ours eager"), (False, True, "ours eager channels_last")]
     for compile_ours, channels_last, label in variants:
-        estimate = s.compile_estimate if compile_ours else (5 if s.tiny else 40)
+        estimate = s.compile_estimate if compile_ours else (5 if s.tiny else 25)
         s.guarded("stage1", estimate, lambda c=compile_ours, cl=channels_last: bv.bench(
             channels, size, batch, steps, s.device, True, torch.bfloat16, c, cl, warmup, "default", spec, measured,
             backend=s.backend), row=label, img_size=size, batch=batch)
@@ -277,10 +334,10 @@ def phase_stage1(s: Session, compiled: bool) -> None:
 def phase_trainer(s: Session, compiled: bool) -> None:
     import bench_stage2_step as bt
 
-    batches = [2] if s.tiny else [64, 16]
+    batches = [2] if s.tiny else [int(b) for b in os.environ.get("TRAINER_BATCHES", "64 16").split()]
     for batch in batches:
         for mode in (["reduce-overhead"] if compiled else ["default"]):
-            estimate = (15 if s.tiny else 90) + (s.compile_estimate if compiled else 0)
+            estimate = (15 if s.tiny else 60) + (s.compile_estimate if compiled else 0)
             label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager")
             s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(
                 batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,

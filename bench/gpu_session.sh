@@ -11,7 +11,9 @@
 # Each phase runs in its own process under `timeout`, within its share of the budget, so a crash or a slow
 # compile costs that phase only; the compiled UNet may not eat the time kept for the eager stage-1 and trainer
 # phases after it. Environment: BUDGET_S (seconds for the phases, default 330), PHASES (a subset, in order),
-# CAP_<phase> (seconds one phase may take). CPU dry run of every code path:
+# CAP_<phase> (seconds one phase may take), UNET_KEYS (workloads of unet_eager, in order: "b64 b16 64px"),
+# TRAINER_BATCHES ("64 16"), PREVIOUS (an earlier session's results.jsonl: its measured rows are kept and not
+# measured again; the report merges both). CPU dry run of every code path:
 #     TINY=1 OUT=/tmp/dry PYTHON=.venv/bin/python bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -30,6 +32,9 @@ fi
 export LDM_PROGRESS_INTERVAL=1000000 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
   TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
 export GPU_SESSION_WORK=${GPU_SESSION_WORK:-/tmp/gpu_session_work}  # caches, VAE files: never under $OUT
+if [ -n "${PREVIOUS:-}" ]; then  # resume an earlier session: what it measured is kept, not measured again
+  cat "$PREVIOUS" >> "$OUT/results.jsonl"
+fi
 deadline=$((start + BUDGET))
 { echo "gpu_session: $(date -u), budget ${BUDGET} s, phases: $PHASES"; nvidia-smi -L 2>/dev/null; } | tee -a "$OUT/log.txt"
 
