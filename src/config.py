@@ -149,6 +149,8 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     channels_last: bool = False  # NHWC memory format for convolutions and their inputs
     allow_tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (cudnn.benchmark is always on)
+    # the SDPA kernel the step's attention tries first (the others follow where it cannot run); auto: SDPA's choice
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
 
 
 @dataclass

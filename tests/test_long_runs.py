@@ -239,7 +239,7 @@ def test_one_mixed_precision_step_matches_fp32(dtype):
     5 % of fp32, not equal to them (autocast did run)."""
     from src.training.precision import MixedPrecision
     from src.training.stage1 import train_step
-    from tests.test_guard import images, tiny_stage1
+    from tests.stage1_helpers import images, tiny_stage1
 
     results = []
     for mode in ("no", "bf16" if dtype == torch.bfloat16 else "fp16"):

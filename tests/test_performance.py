@@ -193,6 +193,76 @@ def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
     path.write_text("compile: 1\n")
     with pytest.raises(ConfigError, match="true/false"):
         load_config(path, cls)
+    path.write_text("attention_backend: cudnn\n")
+    assert load_config(path, cls).attention_backend == "cudnn"
+    path.write_text("attention_backend: cudnn_attention\n")
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(path, cls)
+
+
+# ------------------------------------------------------------------------------------------------ attention kernels
+
+
+def first_sdpa_kernel() -> int:
+    """The kernel SDPA tries first right now (torch's private getter: the public API only sets the order)."""
+    return torch._C._get_sdp_priority_order()[0]
+
+
+def first_kernel_seen_by(module: torch.nn.Module, run) -> list[int]:
+    """SDPA's first-choice kernel at each forward call of `module` while run() executes."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(first_sdpa_kernel()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.mark.parametrize("preferred", ["cudnn", "efficient", "math", "flash"])
+def test_attention_kernels_put_the_preferred_kernel_first_and_keep_the_others(preferred):
+    from torch.nn.attention import SDPBackend
+
+    from src.training.performance import attention_kernels
+
+    default = torch._C._get_sdp_priority_order()
+    names = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH", "flash": "FLASH_ATTENTION"}
+    q = torch.randn(2, 2, 16, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    with attention_kernels(preferred):
+        assert first_sdpa_kernel() == getattr(SDPBackend, names[preferred]).value
+        # every kernel stays enabled, so what SDPA's own choice runs still runs (here on the CPU)
+        torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, q, q), expected)
+    assert torch._C._get_sdp_priority_order() == default
+    with attention_kernels("auto"):
+        assert torch._C._get_sdp_priority_order() == default
+
+
+def test_trainers_run_the_forward_under_the_attention_backend_key(stage2_setup):
+    """Both stages' training steps call their network with the configured kernel first, and put SDPA's order back."""
+    from torch.nn.attention import SDPBackend
+
+    from src.data.loader import collate
+    from src.training.stage2 import train_step
+    from tests.stage1_helpers import images, tiny_stage1
+
+    default = first_sdpa_kernel()
+    batch = collate([stage2_setup[1][i] for i in range(2)])
+    losses = {}
+    for key in ("auto", "cudnn"):
+        accelerator, ctx, state = build_stage2(stage2_setup, attention_backend=key)
+        seen = first_kernel_seen_by(ctx.unet_module, lambda: losses.setdefault(
+            key, float(train_step(accelerator, ctx, state, iter([batch]))[0]["loss"])))
+        assert seen == [default if key == "auto" else SDPBackend.CUDNN_ATTENTION.value]
+    assert losses["auto"] == losses["cudnn"]  # on a CPU the same kernel runs
+    assert first_sdpa_kernel() == default
+
+    from src.training.stage1 import train_step as stage1_step
+
+    accelerator, state, loss_fn, cfg = tiny_stage1(accum=1, attention_backend="efficient")
+    seen = first_kernel_seen_by(state.vae, lambda: stage1_step(accelerator, state, loss_fn, iter([images(0)]), cfg))
+    assert seen and set(seen) == {SDPBackend.EFFICIENT_ATTENTION.value}
+    assert first_sdpa_kernel() == default
 
 
 # ------------------------------------------------------------------------------------------------ trainers

@@ -4,8 +4,10 @@
     to_memory_format(module, cfg)              # NHWC weights when channels_last: True
     unet_step = compile_module(unet, cfg)      # torch.compile(unet, mode=compile_mode) when compile: True
     compile_autoencoder(vae, cfg)              # in place: every block of the VAE but the decoder's output layer
+    with attention_kernels(cfg.attention_backend): ...   # SDPA tries that kernel first in the step's forward
 
-The training YAMLs of both stages carry the keys (`compile`, `compile_mode`, `channels_last`, `allow_tf32`); none
+The training YAMLs of both stages carry the keys (`compile`, `compile_mode`, `channels_last`, `allow_tf32`,
+`attention_backend`); none
 changes what is computed beyond floating-point rounding (TF32 rounds fp32 matmul inputs to a 10-bit mantissa).
 `compile_mode: reduce-overhead` adds CUDA graphs: the step then replays one recorded graph per input shape,
 which removes the host's launch overhead at small batches; `mark_step` tells the graphs where a step begins.
@@ -13,6 +15,7 @@ which removes the host's launch overhead at small batches; `mark_step` tells the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -31,6 +34,27 @@ def configure_backends(cfg: TrainConfig) -> None:
     torch.set_float32_matmul_precision("high" if cfg.allow_tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.benchmark = True  # conv shapes are fixed within a run: pick the fastest algorithm once
+
+
+# SDPA's kernels, in the order tried after the preferred one
+_SDPA_ORDER = ("flash", "efficient", "cudnn", "math")
+_SDPA_NAMES = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+               "math": "MATH"}
+
+
+def attention_kernels(preferred: str):
+    """A context in which scaled_dot_product_attention tries the `preferred` kernel first; where it cannot run (a
+    CPU, a mask or head size it does not take) the others follow in SDPA's order, so nothing fails that `auto`
+    runs. `auto`: SDPA's own choice. The backward pass uses the kernel the forward chose.
+
+    Measured on an H200 (README, "Speed on a GPU"): cuDNN attention made the design UNet's bf16 training step
+    13 % faster at 32x32 batch 64 and 12 % at batch 16 than SDPA's own choice (flash), equal at 64x64."""
+    if preferred == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [preferred] + [name for name in _SDPA_ORDER if name != preferred]
+    return sdpa_kernel([getattr(SDPBackend, _SDPA_NAMES[name]) for name in order], set_priority=True)
 
 
 def to_memory_format(module: Optional[nn.Module], cfg: TrainConfig) -> Optional[nn.Module]:

@@ -32,7 +32,7 @@ from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
 from .optim import Trainable, guarded_update
-from .performance import compile_autoencoder, compile_in_place, to_memory_format
+from .performance import attention_kernels, compile_autoencoder, compile_in_place, to_memory_format
 from .precision import MixedPrecision
 from .setup import build_trainable, every, gradient_sync, step_events
 from .trackers import log_image
@@ -161,7 +161,7 @@ def micro_batch(
     accum = cfg.gradient_accumulation_steps
     vae_module: Autoencoder = unwrap(state.vae)
     x = random_flip(images, cfg.random_flip_p, state.flip_gen)  # (B, 3, H, W)
-    with state.precision.autocast():
+    with state.precision.autocast(), attention_kernels(cfg.attention_backend):
         out = state.vae(x, generator=state.noise_gen)
         disc_module = unwrap(state.disc) if gan else None
         loss, logs = loss_fn.generator_loss(

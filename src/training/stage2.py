@@ -41,7 +41,7 @@ from .images import save_image_grid
 from .latent_cache import weights_fingerprint
 from .metrics import MetricWindow
 from .optim import Trainable, guarded_update
-from .performance import compile_module, mark_step, mark_text_dynamic, to_memory_format
+from .performance import attention_kernels, compile_module, mark_step, mark_text_dynamic, to_memory_format
 from .precision import MixedPrecision
 from .setup import every, gradient_sync, step_events
 from .trackers import log_image
@@ -277,7 +277,7 @@ def diffusion_step_loss(
     cond = unet_module.drop_condition(cond, cfg.cfg_dropout_prob, generator)
     if cfg.compile and cond is not None:
         mark_text_dynamic(cond.text, cond.text_mask)  # one compiled graph for every caption length
-    with autocast():
+    with autocast(), attention_kernels(cfg.attention_backend):
         pred = unet(z_t, t, cond)
     weights = process.min_snr_weights(t, cfg.snr_gamma) if cfg.snr_gamma is not None else None  # (B,)
     return diffusion_loss(pred, process.training_target(z0, noise, t), cfg.loss_fn, weights)
