@@ -70,7 +70,7 @@ class Variant:
     compile_mode: str = "default"
     channels_last: bool = False
     gradient_checkpointing: bool = False
-    sdpa_backend: Optional[str] = None  # force one SDPA kernel: flash | efficient | cudnn | math
+    sdpa_backend: Optional[str] = None  # the SDPA kernel tried first (attention_backend): flash | efficient | cudnn | math
     dynamic: bool = False  # compile once for every batch size and latent size (marks those dims dynamic)
 
     @property
@@ -175,12 +175,10 @@ def make_batch(w: Workload, device: torch.device) -> Batch:
 
 
 def sdpa_context(backend: Optional[str]):
-    if backend is None:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """The trainer's `attention_backend` key: SDPA tries `backend` first, the other kernels stay behind it."""
+    from src.training.performance import attention_kernels
 
-    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
-    return sdpa_kernel([getattr(SDPBackend, names[backend])])
+    return attention_kernels(backend or "auto")
 
 
 def compiled(model, variant: Variant, backend: str = "inductor"):

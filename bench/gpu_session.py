@@ -9,15 +9,21 @@ runs out of time keeps what it measured; a measurement that raises is recorded w
 goes on. Before each measurement the phase checks that its estimated cost fits before --deadline, and records
 it as skipped otherwise. Phases, in order of value:
 
-    unet_eager            design UNet (860 M), 32x32 b64, 32x32 b16, 64x64 b32: FLOPs; ours eager, diffusers eager
-                          (same weights); attention options; channels_last; gradient checkpointing memory vs speed
-    unet_compiled         torch.compile reduce-overhead (CUDA graphs) + channels_last, compiled once for all three
-                          workloads (batch and latent size dynamic), then timed on each
+    unet_eager            design UNet (860 M), 32x32 b64, 32x32 b16, 64x64 b32: FLOPs; ours eager (SDPA's kernel, cuDNN
+                          attention first, + channels_last), diffusers eager (same weights); attention options at b64;
+                          a per-operator profile; gradient checkpointing memory vs speed
+    unet_compiled_static  torch.compile default mode (what `compile: True` trains with) + channels_last + cuDNN
+                          attention, static shapes: 32x32 b64, then b16
     stage1_eager          stage-1 step at 256 px b8 (VAE + LPIPS + PatchGAN, G and D updates), ours vs diffusers twin
     trainer_eager         the stage-2 trainer from the latent cache, img/s beside the isolated UNet step (b64, b16)
+    unet_compiled         torch.compile reduce-overhead (CUDA graphs), compiled once for all three workloads (batch
+                          and latent size dynamic), then timed on each
     stage1_compiled       the stage-1 step with our side compiled and channels_last
-    unet_compiled_static  torch.compile default mode, static shapes: 32x32 b64, then b16 (what CUDA graphs add)
     trainer_compiled      the trainer with compile: True (reduce-overhead), b64 and b16
+
+On the H200 (2026-11-27) the design UNet's first compiled step had not finished after 94 s (reduce-overhead,
+dynamic): give the compiled phases minutes (CAP_unet_compiled_static=300), and resume the eager rows with
+PREVIOUS=bench/results/h200_2026-11-27.jsonl on the same kind of GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_unet as bu  # noqa: E402
 from mfu import matmul_tflops, spec_peak_tflops  # noqa: E402
 
-PHASES = ["unet_eager", "unet_compiled", "stage1_eager", "trainer_eager", "stage1_compiled", "unet_compiled_static",
+PHASES = ["unet_eager", "unet_compiled_static", "stage1_eager", "trainer_eager", "unet_compiled", "stage1_compiled",
           "trainer_compiled"]
 
 
@@ -224,6 +230,8 @@ def phase_unet_eager(s: Session) -> None:
                   workload=key)
         rows = [("ours eager", bu.Variant("ours", "trimmed")),
                 ("ours eager, cuDNN attention", bu.Variant("ours", "trimmed", sdpa_backend="cudnn")),
+                ("ours eager, channels_last + cuDNN attention (GPU config without compile)",
+                 bu.Variant("ours", "trimmed", channels_last=True, sdpa_backend="cudnn")),
                 ("diffusers eager", bu.Variant("diffusers", "padded"))]
         for label, variant in rows:
             s.guarded("unet", bench.estimate(key, first) * (1.3 if variant.model == "diffusers" else 1),
@@ -296,11 +304,13 @@ def same_output(bench: UNetBench, key: str) -> dict:
 
 
 def phase_unet_compiled(s: Session, mode: str, dynamic: bool, keys: tuple[str, ...]) -> None:
-    """Compile our UNet once (the first measurement pays for it), then time it on each workload."""
+    """Compile our UNet once (the first measurement pays for it), then time it on each workload; channels_last and
+    cuDNN attention first, as the GPU config trains."""
     bench = UNetBench(s, with_diffusers=False)
-    label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last"
+    label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last + cuDNN attention"
     for i, key in enumerate(keys):
-        variant = bu.Variant("ours", "trimmed", compile=True, compile_mode=mode, channels_last=True, dynamic=dynamic)
+        variant = bu.Variant("ours", "trimmed", compile=True, compile_mode=mode, channels_last=True, dynamic=dynamic,
+                             sdpa_backend="cudnn")
         first = i == 0 or not dynamic  # static shapes recompile per workload
         row = s.guarded("unet", s.compile_estimate if first else 30, lambda v=variant: bench.run(key, v),
                         workload=key, row=label)

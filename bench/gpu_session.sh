@@ -22,9 +22,9 @@ OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET_S:-330}
-PHASES=${PHASES:-"unet_eager unet_compiled stage1_eager trainer_eager stage1_compiled unet_compiled_static trainer_compiled"}
-declare -A CAP=([unet_eager]=100 [stage1_eager]=50 [trainer_eager]=80)
-declare -A RESERVE=([unet_compiled]=100)  # seconds kept for the phases after it (stage1_eager, trainer_eager)
+PHASES=${PHASES:-"unet_eager unet_compiled_static stage1_eager trainer_eager unet_compiled stage1_compiled trainer_compiled"}
+declare -A CAP=([unet_eager]=150 [stage1_eager]=40 [trainer_eager]=72)
+declare -A RESERVE=([unet_compiled_static]=110)  # seconds kept for the phases after it (stage1_eager, trainer_eager)
 EXTRA=()
 if [ -n "${TINY:-}" ]; then
   EXTRA=(--tiny --device "${DEVICE:-cpu}" --compile_backend "${BACKEND:-aot_eager}")
