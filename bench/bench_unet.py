@@ -15,13 +15,12 @@ diffusers gets the 77 positions with encoder_attention_mask, or without a mask u
 
     .venv/bin/python bench/bench_unet.py                                        # CPU-sized default
     python bench/bench_unet.py --design --latent_size 32 --batch 64 --device cuda --dtype bf16 \\
-        --compile --channels_last                                               # the design's UNet on a GPU
+        --compile --channels_last --attention_backend cudnn                     # the design's UNet on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys
@@ -327,6 +326,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_mask", action="store_true", help="both models: the 77 positions unmasked")
     p.add_argument("--attention", choices=ATTENTION, default="trimmed", help="how our UNet sees the text (above)")
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--attention_backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
+                   help="the SDPA kernel our UNet tries first (the training key of the same name)")
     p.add_argument("--no_diffusers", action="store_true", help="time our UNet only")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
@@ -350,7 +351,8 @@ def main(argv=None) -> None:
     batch = make_batch(w, device)
     flops = workload_flops(ours, w, batch, dtype, device)
     attention = "none" if args.no_mask else args.attention
-    ours_variant = Variant("ours", attention, args.compile, args.compile_mode, args.channels_last, args.gradient_checkpointing)
+    ours_variant = Variant("ours", attention, args.compile, args.compile_mode, args.channels_last, args.gradient_checkpointing,
+                           None if args.attention_backend == "auto" else args.attention_backend)
     results = [measure(ours, ours_variant, w, batch, dtype, device, flops, spec, measured, args.warmup, args.steps)]
     if theirs is not None:
         twin = Variant("diffusers", "none" if args.no_mask else "padded", gradient_checkpointing=args.gradient_checkpointing)

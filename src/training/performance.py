@@ -1,4 +1,5 @@
-"""Speed settings of a training run: CUDA backend flags, torch.compile and the channels_last memory format.
+"""Speed settings of a training run: CUDA backend flags, torch.compile, the channels_last memory format and the
+attention kernel.
 
     configure_backends(cfg)                    # TF32 and cudnn.benchmark on CUDA (process-wide)
     to_memory_format(module, cfg)              # NHWC weights when channels_last: True
@@ -7,8 +8,8 @@
     with attention_kernels(cfg.attention_backend): ...   # SDPA tries that kernel first in the step's forward
 
 The training YAMLs of both stages carry the keys (`compile`, `compile_mode`, `channels_last`, `allow_tf32`,
-`attention_backend`); none
-changes what is computed beyond floating-point rounding (TF32 rounds fp32 matmul inputs to a 10-bit mantissa).
+`attention_backend`); none changes what is computed beyond floating-point rounding (TF32 rounds fp32 matmul
+inputs to a 10-bit mantissa; attention kernels differ in their rounding).
 `compile_mode: reduce-overhead` adds CUDA graphs: the step then replays one recorded graph per input shape,
 which removes the host's launch overhead at small batches; `mark_step` tells the graphs where a step begins.
 """
@@ -36,8 +37,8 @@ def configure_backends(cfg: TrainConfig) -> None:
     torch.backends.cudnn.benchmark = True  # conv shapes are fixed within a run: pick the fastest algorithm once
 
 
-# SDPA's kernels, in the order tried after the preferred one
-_SDPA_ORDER = ("flash", "efficient", "cudnn", "math")
+# SDPA's kernels in its default order (torch 2.11-2.14), tried in this order after the preferred one
+_SDPA_ORDER = ("flash", "efficient", "math", "cudnn")
 _SDPA_NAMES = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
                "math": "MATH"}
 
