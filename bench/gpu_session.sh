@@ -12,8 +12,8 @@
 # compile costs that phase only; the compiled UNet may not eat the time kept for the eager stage-1 and trainer
 # phases after it. Environment: BUDGET_S (seconds for the phases, default 330), PHASES (a subset, in order),
 # CAP_<phase> (seconds one phase may take), UNET_KEYS (workloads of unet_eager, in order: "b64 b16 64px"),
-# TRAINER_BATCHES ("64 16"), PREVIOUS (an earlier session's results.jsonl: its measured rows are kept and not
-# measured again; the report merges both). CPU dry run of every code path:
+# TRAINER_BATCHES ("64 16"), PREVIOUS (an earlier session's results.jsonl, taken on a GPU of the same name: its
+# measured rows are kept and not measured again; the report merges both). CPU dry run of every code path:
 #     TINY=1 OUT=/tmp/dry PYTHON=.venv/bin/python bash bench/gpu_session.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -33,7 +33,19 @@ export LDM_PROGRESS_INTERVAL=1000000 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFER
   TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline
 export GPU_SESSION_WORK=${GPU_SESSION_WORK:-/tmp/gpu_session_work}  # caches, VAE files: never under $OUT
 if [ -n "${PREVIOUS:-}" ]; then  # resume an earlier session: what it measured is kept, not measured again
-  cat "$PREVIOUS" >> "$OUT/results.jsonl"
+  same=$("$PY" - "$PREVIOUS" <<'PY'
+import json, sys, torch
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+before = {r.get("name") for r in rows if r.get("section") == "env" and r.get("name")}
+now = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+print("yes" if now is not None and before == {now} else f"no: {sorted(before)} measured, this is {now}")
+PY
+)
+  if [ "$same" = "yes" ]; then
+    cat "$PREVIOUS" >> "$OUT/results.jsonl"
+  else
+    echo "PREVIOUS=$PREVIOUS not resumed ($same): every row is measured again" | tee -a "$OUT/log.txt"
+  fi
 fi
 deadline=$((start + BUDGET))
 { echo "gpu_session: $(date -u), budget ${BUDGET} s, phases: $PHASES"; nvidia-smi -L 2>/dev/null; } | tee -a "$OUT/log.txt"
