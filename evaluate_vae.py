@@ -6,7 +6,8 @@
 Each image is encoded and decoded (posterior mode: deterministic), then compared with the original: PSNR and SSIM
 on the uint8 images, LPIPS with our network and the official v0.1 weights (or --lpips_checkpoint, a file written
 by lpips_trainer.py), and rFID = FID between the reconstructions and the originals. The originals' statistics
-are cached (--stats_cache), like evaluate_ldm.py's reference. Writes --output/results.json and grid.png
+are cached (--stats_cache), like evaluate_ldm.py's reference; --skip_rfid leaves rFID out (no Inception weights
+needed). Writes --output/results.json and grid.png
 (originals on odd rows, reconstructions below them). The work is split over the processes of `accelerate launch`.
 """
 
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: $TORCH_HOME/hub/checkpoints)")
     p.add_argument("--lpips_checkpoint", default=None, help="LPIPS file of lpips_trainer.py instead of the official")
     p.add_argument("--stats_cache", default=str(DEFAULT_STATS_CACHE), help="folder of cached reference statistics")
+    p.add_argument("--skip_rfid", action="store_true", help="PSNR, SSIM and LPIPS only: no Inception network (its "
+                   "weights need not exist) and no reference statistics")
     p.add_argument("--output", default="outputs/evaluate_vae", help="folder for results.json and grid.png")
     args = p.parse_args(argv)
     if args.num_images < 2 or args.batch_size < 1:
@@ -75,10 +78,12 @@ def build_lpips(checkpoint):
 
 
 def summarise(rows: torch.Tensor, reference, count: int) -> dict:
-    """rFID from the reconstructions' features against the originals'; mean and std of the per-image metrics."""
-    features = rows[:, :FEATURE_DIM].numpy()
-    scores = rows[:, FEATURE_DIM:FEATURE_DIM + len(METRIC_NAMES)].double().numpy()
-    result = {"rfid": fid_from_stats(stats_from_features(features), reference), "num_images": count}
+    """rFID from the reconstructions' features against the originals' (None without a reference: --skip_rfid);
+    mean and std of the per-image metrics."""
+    dim = FEATURE_DIM if reference is not None else 0  # rows: [features,] scores
+    scores = rows[:, dim:dim + len(METRIC_NAMES)].double().numpy()
+    rfid = fid_from_stats(stats_from_features(rows[:, :dim].numpy()), reference) if reference is not None else None
+    result = {"rfid": rfid, "num_images": count}
     for i, name in enumerate(METRIC_NAMES):
         result[name], result[f"{name}_std"] = float(np.mean(scores[:, i])), float(np.std(scores[:, i]))
     return result
@@ -100,21 +105,23 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     device = accelerator.device
-    inception = load_inception(args.inception_weights, device)  # missing weights stop the run before any work
+    # missing weights stop the run before any work
+    inception = None if args.skip_rfid else load_inception(args.inception_weights, device)
     lpips = build_lpips(args.lpips_checkpoint).to(device)
     vae = load_autoencoder(args.path_to_weights, "cpu").to(device).float().eval().requires_grad_(False)
     cfg = TrainConfig(interpolation=args.interpolation, shapes_num_images=args.num_images,
                       seed=HELD_OUT_SHAPES_SEED_OFFSET)  # shapes: images drawn apart from any training seed
     source = ImageSource(args.dataset, args.path_to_dataset, vae.config.img_size, cfg, args.num_images)
     dataset = source.build()
-    entry = cache_entry(source, dataset, inception.identity, args.stats_cache)
-    reference = entry.load()  # the originals' statistics; None: computed in the same pass as the reconstructions
+    entry = None if inception is None else cache_entry(source, dataset, inception.identity, args.stats_cache)
+    reference = None if entry is None else entry.load()  # the originals' statistics; None: computed below
     indices = select_indices(len(dataset), args.num_images)
+    with_originals = entry is not None and reference is None
     rows, skipped = dataset_features(
-        dataset, indices, lambda x: reconstruction_rows(vae, x, inception, lpips, with_originals=reference is None),
+        dataset, indices, lambda x: reconstruction_rows(vae, x, inception, lpips, with_originals=with_originals),
         args.batch_size, args.num_workers, accelerator, desc="reconstructions")
-    status = "cached" if reference is not None else "computed"
-    if reference is None:
+    status = "not used (--skip_rfid)" if entry is None else "cached" if reference is not None else "computed"
+    if with_originals:
         reference = stats_from_features(rows[:, FEATURE_DIM + len(METRIC_NAMES):].numpy(), keep=KID_MAX_FEATURES)
         entry.store(reference, accelerator)
     if not accelerator.is_main_process:
@@ -122,13 +129,14 @@ def main(argv=None) -> dict:
         return {}
     result = {**summarise(rows, reference, len(rows)), "skipped_unreadable": skipped, "model": str(args.path_to_weights),
               "reference": describe(source), "reference_statistics": status, "image_size": vae.config.img_size,
-              "inception_weights": str(inception.weights_path)}
+              "inception_weights": None if inception is None else str(inception.weights_path)}
     result["lpips_weights"] = args.lpips_checkpoint or "official v0.1 (lpips package) + ImageNet VGG16"
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     save_pairs(vae, dataset, indices, out / "grid.png")
-    print(f"rFID {result['rfid']:.3f}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  "
+    rfid = "rFID -" if result["rfid"] is None else f"rFID {result['rfid']:.3f}"
+    print(f"{rfid}  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  "
           f"LPIPS {result['lpips']:.4f}  ({result['num_images']} images of {describe(source)})")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     accelerator.wait_for_everyone()

@@ -131,3 +131,27 @@ def test_evaluate_vae_reports_rfid_psnr_ssim_lpips_with_weights_from_torch_home(
     assert 0 < result["psnr"] < 40 and -1 <= result["ssim"] < 0.99 and result["lpips"] > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == pytest.approx(result)
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)  # originals over recons
+
+
+def test_evaluate_vae_skip_rfid_needs_no_inception_and_gives_the_same_scores(trained, tmp_path, monkeypatch):
+    """--skip_rfid: no Inception file anywhere, no reference statistics; PSNR, SSIM and LPIPS as in a full run."""
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in vgg16_trunk().state_dict().items()}, hub / VGG16_IMAGENET_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    argv = ["--path_to_weights", str(trained["vae"]), "--dataset", "shapes", "--num_images", "3", "--batch_size", "2",
+            "--num_workers", "0", "--stats_cache", str(tmp_path / "cache")]
+    reset_accelerate()
+    with pytest.raises(InceptionWeightsError):
+        evaluate_vae.main(argv + ["--output", str(tmp_path / "full")])
+    reset_accelerate()
+    result = evaluate_vae.main(argv + ["--output", str(tmp_path / "scores"), "--skip_rfid"])
+    assert result["rfid"] is None and result["inception_weights"] is None and result["num_images"] == 3
+    assert not (tmp_path / "cache").exists()  # no reference statistics were computed or stored
+    (hub / INCEPTION_FILE).symlink_to(trained["inception"])
+    reset_accelerate()
+    full = evaluate_vae.main(argv + ["--output", str(tmp_path / "full")])
+    assert math.isfinite(full["rfid"])
+    for name in ("psnr", "ssim", "lpips", "psnr_std", "ssim_std", "lpips_std"):
+        assert result[name] == pytest.approx(full[name], rel=1e-6, abs=1e-7), name

@@ -11,6 +11,8 @@ LPIPS is our network (src/models/lpips.py) on the [-1, 1] images.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -44,14 +46,18 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruction_rows(
-    vae: Autoencoder, images: torch.Tensor, inception: nn.Module, lpips: nn.Module, with_originals: bool = False
+    vae: Autoencoder, images: torch.Tensor, inception: Optional[nn.Module], lpips: nn.Module,
+    with_originals: bool = False,
 ) -> torch.Tensor:
     """(B, D + 3 [+ D]): Inception features of the reconstructions, PSNR, SSIM and LPIPS against the originals,
-    and with `with_originals` the originals' features too (one Inception pass over both)."""
+    and with `with_originals` the originals' features too (one Inception pass over both). Without `inception`
+    (no rFID): (B, 3), the scores alone."""
     images = images.to(vae.decoder.conv_in.weight.device).float()  # (B, 3, H, W)
     recon = reconstruct(vae, images)
     x01, y01 = to_uint8(images).float() / 255.0, to_uint8(recon).float() / 255.0
     scores = torch.stack([psnr(y01, x01), ssim(y01, x01), lpips(recon, images).view(-1)], dim=1)  # (B, 3)
+    if inception is None:
+        return scores.float().cpu()
     features = inception(torch.cat([recon, images]) if with_originals else recon).float().cpu()  # (B or 2B, D)
     b = images.shape[0]
     parts = [features[:b], scores.float().cpu()] + ([features[b:]] if with_originals else [])
