@@ -9,8 +9,9 @@ encoder (a one-layer CLIPTextModel with a tokenizer trained on the shapes captio
 
 Timing: the loader is wrapped so that the time between handing out batch `warmup` and batch `warmup + steps`
 (the device synchronised at both) covers exactly `steps` whole trainer steps; the run stops there, before the
-final checkpoint. The isolated step then times the same UNet (compiled the same way) on one batch of the same
-shapes: forward under autocast, the MSE, backward and the optimizer's step, nothing else.
+final checkpoint; a window in which torch.compile built a graph is timed again. The isolated step then times the
+same UNet (compiled the same way, same attention kernel) on one batch of the same shapes: forward under autocast,
+the MSE, backward and the optimizer's step, nothing else.
 
     python bench/bench_stage2_step.py --batch 64 --device cuda --mixed_precision bf16 [--compile --compile_mode reduce-overhead]
     .venv/bin/python bench/bench_stage2_step.py --tiny --batch 4 --device cpu       # a few seconds on a CPU
@@ -38,23 +39,37 @@ class StopBench(Exception):
     """Raised by the timed loader once the measured steps are done."""
 
 
-class TimedBatches:
-    """Wraps the trainer's loader: records the time at batch `start` and `start + steps`, then stops the run."""
+def compiled_graphs() -> int:
+    """Graphs torch.compile has produced in this process so far."""
+    from torch._dynamo.utils import counters
 
-    def __init__(self, loader, start: int, steps: int, device: torch.device):
-        self.loader, self.start, self.steps, self.device = loader, start, steps, device
+    return counters["stats"]["unique_graphs"]
+
+
+class TimedBatches:
+    """Wraps the trainer's loader: records the time at batch `start` and `start + steps`, then stops the run. A
+    window in which torch.compile built a new graph (e.g. the first batch whose captions need no mask) is not a
+    step time: the window starts again, up to `retries` times, and `recompiled` counts those windows."""
+
+    def __init__(self, loader, start: int, steps: int, device: torch.device, retries: int = 3):
+        self.loader, self.start, self.steps, self.device, self.retries = loader, start, steps, device, retries
         self.seconds = None
+        self.recompiled = 0
 
     def __iter__(self):
-        t0 = None
+        t0, graphs, start = None, 0, self.start
         for i, batch in enumerate(self.loader):
-            if i == self.start:
+            if i == start + self.steps:
                 synchronize(self.device)
-                t0 = time.perf_counter()
-            if i == self.start + self.steps:
+                if compiled_graphs() != graphs and self.recompiled < self.retries:
+                    self.recompiled += 1
+                    start = i  # time a fresh window from here
+                else:
+                    self.seconds = time.perf_counter() - t0
+                    raise StopBench
+            if i == start:
                 synchronize(self.device)
-                self.seconds = time.perf_counter() - t0
-                raise StopBench
+                t0, graphs = time.perf_counter(), compiled_graphs()
             yield batch
 
 
@@ -98,6 +113,7 @@ def train_config(work: Path, batch: int, images: int, compiled: bool, mode: str,
 def isolated_step(ctx, state, loader, device: torch.device, warmup: int, steps: int) -> float:
     """Seconds per UNet step alone on one batch of the trainer's shapes (forward, MSE, backward, optimizer)."""
     from src.diffusion.schedule import diffusion_loss
+    from src.training.performance import attention_kernels
     from src.training.stage2 import batch_condition, latent_moments, sample_latents
 
     batch = next(iter(loader))
@@ -112,7 +128,7 @@ def isolated_step(ctx, state, loader, device: torch.device, warmup: int, steps: 
     def step():
         torch.compiler.cudagraph_mark_step_begin()
         dropped = ctx.unet_module.drop_condition(cond, ctx.train_cfg.cfg_dropout_prob, state.randomness.noise)
-        with state.precision.autocast():
+        with state.precision.autocast(), attention_kernels(ctx.train_cfg.attention_backend):  # as the trainer
             pred = state.unet(z_t, t, dropped)
         diffusion_loss(pred, target, ctx.train_cfg.loss_fn).backward()
         optimizer.step()
@@ -168,6 +184,7 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     isolated_s = isolated_step(ctx, state, loader, accelerator.device, warmup, timed)
     out = {"trainer_img_s": batch / trainer_s, "isolated_img_s": batch / isolated_s, "trainer_ms": 1e3 * trainer_s,
            "isolated_ms": 1e3 * isolated_s, "ratio": isolated_s / trainer_s, "mixed_precision": str(accelerator.mixed_precision),
+           "windows_with_a_recompile": timed_loader.recompiled, "attention_backend": train_cfg.attention_backend,
            "text_len": int(next(iter(loader))["text_embeds"].shape[1]) if ctx.conditioning == "text" else None}
     print(f"batch {batch} ({'compile ' + compile_mode if compiled else 'eager'}): trainer {out['trainer_img_s']:.1f} img/s "
           f"({out['trainer_ms']:.1f} ms/step), isolated UNet step {out['isolated_img_s']:.1f} img/s "

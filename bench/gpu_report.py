@@ -90,7 +90,9 @@ def section_rows(rows: list[dict], section: str, spec: Optional[float] = None) -
             out.append(f"  {label}: trainer {r['trainer_img_s']:.1f} img/s ({r['trainer_ms']:.1f} ms/step), isolated UNet "
                        f"step {r['isolated_img_s']:.1f} img/s ({r['isolated_ms']:.1f} ms); trainer / isolated "
                        f"{r['ratio']:.3f} (target >= {TRAINER_TARGET}); text {r.get('text_len')} positions, "
-                       f"{r.get('mixed_precision')}")
+                       f"{r.get('mixed_precision')}, attention {r.get('attention_backend', 'auto')}"
+                       + (f"; {r['windows_with_a_recompile']} window(s) re-timed after a recompile"
+                          if r.get("windows_with_a_recompile") else ""))
         elif "ours_ms" in r:
             out.append(f"  {label}: ours {r['ours_ms']:.1f} ms, diffusers {r['diffusers_ms']:.1f} ms, ours / diffusers "
                        f"{r['ratio']:.3f} (target <= {RATIO_TARGET}); {r['flops'] / 1e12:.2f} TFLOP per step, "
