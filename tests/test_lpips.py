@@ -138,6 +138,50 @@ def test_train_backbone_updates_the_trunk_and_frozen_does_not(bapps_root):
         assert torch.equal(net.trunk[0].weight, before) is not train_backbone
 
 
+def host_reads_during(fn) -> int:
+    """How many times fn() copied a tensor's value to the host (.item(), bool(), float(): aten._local_scalar_dense)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.reads
+
+
+def test_a_training_step_never_reads_the_device_and_a_nan_step_changes_nothing(bapps_root):
+    from accelerate import Accelerator
+
+    ds = TwoAFCDataset(bapps_root, "train", ["cnn"], 16, "minus_one_to_one")
+    batch = {k: torch.stack([ds[i][k] for i in range(4)]) for k in ("ref", "p0", "p1", "judge")}
+    torch.manual_seed(0)
+    net = build_lpips(use_dropout=False, pretrained_backbone=False, train_backbone=False)
+    model = TwoAFCModel(net, RankingHead(8))
+    optimizer = build_adam(model, lr=1e-2)
+    assert optimizer.defaults["fused"]
+    scheduler, settings, accelerator = build_scheduler(optimizer, 10, 0), LPIPSTrainSettings(), Accelerator(cpu=True)
+    out = {}
+    assert host_reads_during(lambda: out.update(train_step(accelerator, model, batch, optimizer, scheduler, settings))) == 0
+    assert bool(out["finite"]) and torch.isfinite(out["loss"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(optimizer.state.values())}
+    bad = {**batch, "ref": batch["ref"].clone()}
+    bad["ref"][0, 0, 0, 0] = float("nan")
+    out = train_step(accelerator, model, bad, optimizer, scheduler, settings)
+    assert not bool(out["finite"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for i, st in enumerate(optimizer.state.values()):
+        assert all(torch.equal(v, moments[i][k]) for k, v in st.items())  # moments and step count untouched
+    train_step(accelerator, model, batch, optimizer, scheduler, settings)
+    assert not all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("name", ["lpips.pt", "lpips.safetensors"])
 def test_checkpoint_is_self_contained_and_frozen(tmp_path, name):
     torch.manual_seed(0)

@@ -3,8 +3,9 @@
 Per step: one trunk pass over (ref, p0, p1), distances d0 = d(ref, p0), d1 = d(ref, p1) (Eq. 1), the ranking
 head's logit of "p1 preferred", BCE against the judge fraction; Adam (betas 0.5, 0.999), gradients clipped
 to norm 1, then the linear layers clamped to >= 0. The rate is constant for num_epochs - decay_epochs epochs,
-then falls linearly to zero. SIGTERM / SIGUSR1 stop the loop after its step with a training checkpoint, from
-which --resume_from_checkpoint continues exactly.
+then falls linearly to zero. The step never waits for the host: a non-finite loss skips the fused Adam's update on
+the device, and the logged sums stay on the device until a log step or an epoch's end. SIGTERM / SIGUSR1 stop
+the loop after its step with a training checkpoint, from which --resume_from_checkpoint continues exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..data.loader import InfiniteLoader
 from ..losses.ranking import RankingHead, ranking_loss
 from ..models.lpips import LPIPS, load_imagenet_trunk, save_lpips_checkpoint
 from .lpips_eval import two_afc_scores
+from .optim import optimizer_step_unless
 from .setup import progress_bar
 
 logger = logging.getLogger("ldm")
@@ -86,7 +88,13 @@ def build_lpips(use_dropout: bool, pretrained_backbone: bool, train_backbone: bo
 
 
 def build_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.5, 0.999))
+    """Adam (betas 0.5, 0.999), fused: one kernel for every parameter, and a non-finite step skipped on the device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=True)
+    except RuntimeError as err:  # a device without fused Adam: the skip then reads the loss on the host
+        logger.info("fused Adam unavailable (%s): non-finite steps are skipped with a host sync", err)
+        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
 
 
 def lr_factor(step: int, total_steps: int, decay_steps: int) -> float:
@@ -101,22 +109,25 @@ def build_scheduler(optimizer, total_steps: int, decay_steps: int):
 
 
 def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: LPIPSTrainSettings) -> dict:
-    """One update; returns {'loss', 'agreement'} as floats (skips the update when the loss is not finite)."""
+    """One update, without a host sync. Returns () device tensors: 'loss', 'agreement' (train 2AFC) and 'finite'
+    (bool): a step whose loss is not finite on any process changes no weight and no Adam state."""
     ref, p0, p1 = (to_minus_one_to_one(batch[k].to(accelerator.device), settings.img_range) for k in ("ref", "p0", "p1"))
     judge = batch["judge"].to(accelerator.device)  # (B,)
     with accelerator.autocast():
         d0, d1, logits = model(ref, p0, p1)
     loss = ranking_loss(logits, judge)
-    finite = bool(torch.isfinite(accelerator.gather(loss.detach()[None])).all())  # same decision on every rank
-    if finite:
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    finite = torch.isfinite(accelerator.gather(loss.detach()[None])).all()  # () bool, the same on every rank
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+    if accelerator.scaler is not None:  # fp16: the scaler finds the non-finite gradients and skips the step
         optimizer.step()
+    else:  # the fused Adam inside accelerate's wrapper skips on the device
+        optimizer_step_unless(getattr(optimizer, "optimizer", optimizer), (~finite).float())
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     accelerator.unwrap_model(model).lpips.clamp_weights()
     agreement = two_afc_scores(d0.detach(), d1.detach(), judge).mean()
-    return {"loss": loss.item(), "agreement": agreement.item(), "finite": finite}
+    return {"loss": loss.detach(), "agreement": agreement, "finite": finite}
 
 
 @dataclass
@@ -132,13 +143,39 @@ class LPIPSProgress:
     epoch_losses: list = field(default_factory=list)
     skipped: int = 0
 
+
+class DeviceCounters:
+    """LPIPSProgress's sums as float64 device tensors while training: each step adds to them without a host read;
+    `read` copies them into the progress (one read) at log steps, epoch ends and checkpoints. float64 keeps the sums
+    what Python's floats made of the float32 losses, and a resumed run restores them exactly."""
+
+    KEYS = ("window_loss", "window_agreement", "window_n", "epoch_sum", "skipped")
+
+    def __init__(self, progress: LPIPSProgress, device):
+        self.progress = progress
+        self.sums = {k: torch.tensor(float(getattr(progress, k)), dtype=torch.float64, device=device)
+                     for k in self.KEYS}
+
+    @torch.no_grad()
     def add(self, out: dict) -> None:
-        self.skipped += not out["finite"]
-        if out["finite"]:
-            self.window_loss += out["loss"]
-            self.window_agreement += out["agreement"]
-            self.window_n += 1
-            self.epoch_sum += out["loss"]
+        finite = out["finite"]
+        loss = torch.where(finite, out["loss"].double(), 0.0)  # a skipped step adds nothing (not even a NaN)
+        self.sums["window_loss"] += loss
+        self.sums["epoch_sum"] += loss
+        self.sums["window_agreement"] += torch.where(finite, out["agreement"].double(), 0.0)
+        self.sums["window_n"] += finite.double()
+        self.sums["skipped"] += (~finite).double()
+
+    def read(self) -> LPIPSProgress:
+        values = torch.stack([self.sums[k] for k in self.KEYS]).tolist()
+        for key, value in zip(self.KEYS, values):
+            setattr(self.progress, key, int(value) if key in ("window_n", "skipped") else value)
+        return self.progress
+
+    def reset(self, *keys: str) -> None:
+        for key in keys:
+            self.sums[key].zero_()
+            setattr(self.progress, key, type(getattr(self.progress, key))(0))
 
 
 def train_lpips(
@@ -159,25 +196,31 @@ def train_lpips(
     total = settings.num_epochs * per_epoch
     bar = progress_bar(accelerator, total, progress.step, "lpips")
     batches = iter(loader)
+    counters = DeviceCounters(progress, accelerator.device)
     with GracefulStop() as stop:
         while progress.step < total:
             progress.step += 1
             step = progress.step
-            out = train_step(accelerator, model, next(batches), optimizer, scheduler, settings)
-            progress.add(out)
+            counters.add(train_step(accelerator, model, next(batches), optimizer, scheduler, settings))
             bar.update(1)
-            bar.set_postfix(loss=f"{out['loss']:.4f}", epoch=math.ceil(step / per_epoch))
-            if step % settings.logging_steps == 0 and progress.window_n:
-                log_window(progress, total, per_epoch, scheduler, metrics)
+            log_step = step % settings.logging_steps == 0
             epoch_end = step % per_epoch == 0
+            if log_step or epoch_end:
+                counters.read()  # the host reads the device's sums here only
+            if log_step and progress.window_n:
+                bar.set_postfix(loss=f"{progress.window_loss / progress.window_n:.4f}", epoch=math.ceil(step / per_epoch))
+                log_window(progress, total, per_epoch, scheduler, metrics)
+                counters.reset("window_loss", "window_agreement", "window_n")
             if epoch_end:
                 progress.epoch_losses.append(progress.epoch_sum / per_epoch)
-                progress.epoch_sum = 0.0
+                counters.reset("epoch_sum")
                 if metrics is not None:
                     metrics.log({"epoch_loss": progress.epoch_losses[-1]}, step)
                 save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
-            stopping = stop.should_stop(accelerator, sync_point=True)  # train_step syncs every step anyway
+            # one process alone decides between sync points; several agree at log steps and epoch ends
+            stopping = stop.should_stop(accelerator, sync_point=log_step or epoch_end)
             if epoch_end or stopping:
+                counters.read()
                 path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir)
             if stopping and step < total:
                 bar.close()
@@ -198,7 +241,6 @@ def log_window(progress: LPIPSProgress, total: int, per_epoch: int, scheduler, m
     )
     if metrics is not None:
         metrics.log(logged, progress.step)
-    progress.window_loss, progress.window_agreement, progress.window_n = 0.0, 0.0, 0
 
 
 def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path) -> Path:
@@ -223,6 +265,8 @@ def resume_training_state(accelerator, model, optimizer, scheduler, work_dir: Pa
         return LPIPSProgress()
     info = load_checkpoint(accelerator, path, {"model": accelerator.unwrap_model(model)},
                            {"optimizer": optimizer, "scheduler": scheduler})
+    for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
+        group["fused"] = optimizer.defaults.get("fused")
     logger.info("resumed from %s at step %d", path, info["step"])
     return LPIPSProgress(**info)
 

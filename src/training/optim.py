@@ -167,16 +167,22 @@ def poison_gradients(units: Sequence[Trainable], bad: torch.Tensor) -> None:
 
 
 def step_unless(unit: Trainable, found_inf: torch.Tensor) -> None:
-    """optimizer.step() that is a no-op when found_inf (a () float tensor) is 1, without a host sync for fused
-    AdamW (its `found_inf` attribute, as torch.amp.GradScaler passes it)."""
-    if unit.fused:
-        unit.optimizer.found_inf, unit.optimizer.grad_scale = found_inf, None
+    """unit.optimizer.step() unless found_inf (optimizer_step_unless)."""
+    optimizer_step_unless(unit.optimizer, found_inf)
+
+
+def optimizer_step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """optimizer.step() that is a no-op when found_inf (a () float tensor) is 1, without a host sync for a fused
+    Adam / AdamW (its `found_inf` attribute, as torch.amp.GradScaler passes it: neither the weights nor the moments
+    nor the step count change)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf, optimizer.grad_scale = found_inf, None
         try:
-            unit.optimizer.step()
+            optimizer.step()
         finally:
-            del unit.optimizer.found_inf, unit.optimizer.grad_scale
-    elif not bool(found_inf):  # host sync: only without fused AdamW
-        unit.optimizer.step()
+            del optimizer.found_inf, optimizer.grad_scale
+    elif not bool(found_inf):  # host sync: only without a fused optimizer
+        optimizer.step()
 
 
 def guarded_update(
