@@ -140,10 +140,6 @@ class Trainable:
     schedule: LRSchedule
     max_grad_norm: float  # <= 0: no clipping (the norm is still computed)
 
-    @property
-    def fused(self) -> bool:
-        return bool(self.optimizer.defaults.get("fused"))
-
 
 def grad_norm(unit: Trainable) -> torch.Tensor:
     """Clip `unit`'s gradients to max_grad_norm (when > 0) and return their total 2-norm, a () device tensor."""
