@@ -205,8 +205,9 @@ def train_lpips(
             bar.update(1)
             log_step = step % settings.logging_steps == 0
             epoch_end = step % per_epoch == 0
-            if log_step or epoch_end:
-                counters.read()  # the host reads the device's sums here only
+            synced = log_step or epoch_end
+            if synced:
+                counters.read()  # the host reads the device's sums here only (and before a stop's checkpoint)
             if log_step and progress.window_n:
                 bar.set_postfix(loss=f"{progress.window_loss / progress.window_n:.4f}", epoch=math.ceil(step / per_epoch))
                 log_window(progress, total, per_epoch, scheduler, metrics)
@@ -218,9 +219,10 @@ def train_lpips(
                     metrics.log({"epoch_loss": progress.epoch_losses[-1]}, step)
                 save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
             # one process alone decides between sync points; several agree at log steps and epoch ends
-            stopping = stop.should_stop(accelerator, sync_point=log_step or epoch_end)
-            if epoch_end or stopping:
+            stopping = stop.should_stop(accelerator, sync_point=synced)
+            if stopping and not synced:
                 counters.read()
+            if epoch_end or stopping:
                 path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir)
             if stopping and step < total:
                 bar.close()
