@@ -23,11 +23,16 @@ def load(out: Path) -> list[dict]:
     return merge([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
 
 
+def measurement_key(row: dict) -> tuple:
+    """What one measurement is, whichever call took it: (section, workload, row)."""
+    return row.get("section"), row.get("workload"), row.get("row")
+
+
 def merge(rows: list[dict]) -> list[dict]:
     """One row per measurement when a session resumed an earlier one (gpu_session.sh PREVIOUS=...): a row that was
     skipped or failed is replaced by the same measurement taken later, in the earlier row's place."""
     def key(r: dict) -> tuple:
-        return r.get("phase") if r.get("section") == "phase" else None, r.get("section"), r.get("workload"), r.get("row")
+        return (r.get("phase") if r.get("section") == "phase" else None, *measurement_key(r))
 
     good = lambda r: not r.get("skipped") and not r.get("error")  # noqa: E731
     merged: dict[tuple, dict] = {}

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_unet as bu  # noqa: E402
+from gpu_report import measurement_key  # noqa: E402
 from mfu import matmul_tflops, spec_peak_tflops  # noqa: E402
 
 PHASES = ["unet_eager", "unet_compiled_static", "stage1_eager", "trainer_eager", "unet_compiled", "stage1_compiled",
@@ -73,7 +74,7 @@ class Session:
 
     def measured_rows(self) -> dict[tuple, dict]:
         """Rows already measured in this results file (an earlier call's, resumed): (section, workload, row) -> row."""
-        return {(r.get("section"), r.get("workload"), r.get("row")): r for r in self.rows()
+        return {measurement_key(r): r for r in self.rows()
                 if not r.get("skipped") and not r.get("error") and r.get("section") not in ("phase", "env", "peak")}
 
     def observed_compile_time(self) -> Optional[float]:
@@ -118,7 +119,7 @@ class Session:
     def guarded(self, section: str, estimate: float, fn: Callable[[], Optional[dict]], **labels) -> Optional[dict]:
         """Run fn() if `estimate` seconds fit before the deadline; record its dict, its error or the skip. A row an
         earlier call measured (same section, workload and row) is returned as it was, not measured again."""
-        done = self.done.get((section, labels.get("workload"), labels.get("row")))
+        done = self.done.get(measurement_key({"section": section, **labels}))
         if done is not None:
             print(f"[{self.phase}] {section}: {labels} measured earlier ({done.get('phase')}), kept", flush=True)
             return done
