@@ -21,6 +21,7 @@ diffusers gets the 77 positions with encoder_attention_mask, or without a mask u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -71,6 +72,7 @@ class Variant:
     gradient_checkpointing: bool = False
     sdpa_backend: Optional[str] = None  # the SDPA kernel tried first (attention_backend): flash | efficient | cudnn | math
     dynamic: bool = False  # compile once for every batch size and latent size (marks those dims dynamic)
+    fp32_norms: bool = False  # ours: GroupNorm / LayerNorm as torch.nn runs them (fp32 under CUDA autocast), the ablation
 
     @property
     def label(self) -> str:
@@ -85,6 +87,8 @@ class Variant:
             parts.append(f"sdpa={self.sdpa_backend}")
         if self.dynamic:
             parts.append("dynamic")
+        if self.fp32_norms:
+            parts.append("fp32_norms")
         return " ".join(parts)
 
 
@@ -180,6 +184,21 @@ def sdpa_context(backend: Optional[str]):
     return attention_kernels(backend or "auto")
 
 
+def norms_context(fp32_norms: bool):
+    """With fp32_norms, our GroupNorm / LayerNorm run torch.nn's forward: under CUDA autocast in float32, with the
+    activation copied up and back (src/models/layers.py says why ours keep the compute dtype)."""
+    if not fp32_norms:
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    from src.models import layers
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(layers.GroupNorm, "forward", torch.nn.GroupNorm.forward))
+    stack.enter_context(mock.patch.object(layers.LayerNorm, "forward", torch.nn.LayerNorm.forward))
+    return stack
+
+
 def compiled(model, variant: Variant, backend: str = "inductor"):
     """The model, or torch.compile(model) in the variant's mode (another backend, e.g. aot_eager, takes no mode)."""
     if not variant.compile:
@@ -212,13 +231,15 @@ def make_forward(model, variant: Variant, batch: Batch, backend: str = "inductor
 
 
 def make_step(model, forward: Callable[[], torch.Tensor], batch: Batch, dtype: torch.dtype, device: torch.device,
-              optimizer: Optional[torch.optim.Optimizer], cudagraphs: bool, backend: Optional[str]):
+              optimizer: Optional[torch.optim.Optimizer], cudagraphs: bool, backend: Optional[str],
+              fp32_norms: bool = False):
     """forward (autocast) + fp32 MSE + backward + AdamW step, as a closure."""
 
     def step():
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with sdpa_context(backend), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with sdpa_context(backend), norms_context(fp32_norms), \
+                torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pred = forward()
         loss = diffusion_loss(pred, batch.target, "mse")
         loss.backward()
@@ -254,7 +275,8 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
         opt = fused_adamw(model) if optimizer else None
         forward = make_forward(model, variant, batch, backend)
         step = make_step(model, forward, batch, dtype, device, opt,
-                         variant.compile and "reduce-overhead" in variant.compile_mode, variant.sdpa_backend)
+                         variant.compile and "reduce-overhead" in variant.compile_mode, variant.sdpa_backend,
+                         variant.fp32_norms)
         seconds = time_per_call(step, device, warmup, steps)
         result.ms_per_step = 1000 * seconds
         result.img_per_s = w.batch / seconds

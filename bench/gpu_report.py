@@ -70,7 +70,7 @@ def unet_table(rows: list[dict]) -> list[str]:
         mine = [r for r in rows if r.get("section") == "unet" and r.get("workload") == key]
         eager = next((r for r in mine if r.get("row") == "ours eager"), None)
         theirs = next((r for r in mine if r.get("row") == "diffusers eager"), None)
-        ours = [r for r in mine if ok(r) and not r["row"].startswith("diffusers")]
+        ours = [r for r in mine if ok(r) and not r["row"].startswith("diffusers") and "(ablation)" not in r["row"]]
         best = min(ours, key=lambda r: r["ms_per_step"]) if ours else None
         ratio = f"{best['ms_per_step'] / theirs['ms_per_step']:.3f}" if ok(best) and ok(theirs) else "-"
         met = ""

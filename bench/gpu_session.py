@@ -10,10 +10,12 @@ goes on. Before each measurement the phase checks that its estimated cost fits b
 it as skipped otherwise. Phases, in order of value:
 
     unet_eager            design UNet (860 M), 32x32 b64, 32x32 b16, 64x64 b32: FLOPs; ours eager (SDPA's kernel, cuDNN
-                          attention first, + channels_last), diffusers eager (same weights); attention options at b64;
-                          a per-operator profile; gradient checkpointing memory vs speed
-    unet_compiled_static  torch.compile default mode (what `compile: True` trains with) + channels_last + cuDNN
-                          attention, static shapes: 32x32 b64, then b16
+                          attention first, + channels_last, and each with torch.nn's fp32 norms as the ablation),
+                          diffusers eager (same weights); attention options at b64 (ATTENTION_OPTIONS=0 skips them);
+                          per-operator profiles; gradient checkpointing memory vs speed
+    unet_compiled_static  torch.compile + channels_last + cuDNN attention, static shapes, one compile per workload
+                          (COMPILED_RUNS, default "b64:default b16:reduce-overhead 64px:default": what `compile: True`
+                          trains with, and CUDA graphs where the host's launches bound the step)
     stage1_eager          stage-1 step at 256 px b8 (VAE + LPIPS + PatchGAN, G and D updates), ours vs diffusers twin
     trainer_eager         the stage-2 trainer from the latent cache, img/s beside the isolated UNet step (b64, b16)
     unet_compiled         torch.compile reduce-overhead (CUDA graphs), compiled once for all three workloads (batch
@@ -34,7 +36,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -233,27 +235,42 @@ def phase_unet_eager(s: Session) -> None:
                 ("ours eager, cuDNN attention", bu.Variant("ours", "trimmed", sdpa_backend="cudnn")),
                 ("ours eager, channels_last + cuDNN attention (GPU config without compile)",
                  bu.Variant("ours", "trimmed", channels_last=True, sdpa_backend="cudnn")),
+                ("ours eager, cuDNN attention, fp32 norms (ablation)",
+                 bu.Variant("ours", "trimmed", sdpa_backend="cudnn", fp32_norms=True)),
+                ("ours eager, channels_last + cuDNN attention, fp32 norms (ablation)",
+                 bu.Variant("ours", "trimmed", channels_last=True, sdpa_backend="cudnn", fp32_norms=True)),
                 ("diffusers eager", bu.Variant("diffusers", "padded"))]
         for label, variant in rows:
             s.guarded("unet", bench.estimate(key, first) * (1.3 if variant.model == "diffusers" else 1),
                       lambda v=variant: bench.run(key, v), workload=key, row=label)
         if key == "b64":
-            s.guarded("profile", bench.estimate(key, first) + 5, lambda: profile(bench, key), workload=key,
-                      row="ours eager, cuDNN attention: device time by operator")
-            attention_options(s, bench)
-            s.guarded("unet", bench.estimate(key, first), lambda: bench.run(key, bu.Variant("ours", "trimmed",
-                      channels_last=True)), workload=key, row="ours eager channels_last")
+            for label, variant in PROFILED:
+                s.guarded("profile", bench.estimate(key, first) + 5, lambda v=variant: profile(bench, key, v),
+                          workload=key, row=f"{label}: device time by operator")
+            if os.environ.get("ATTENTION_OPTIONS", "1") == "1":
+                attention_options(s, bench)
+                s.guarded("unet", bench.estimate(key, first), lambda: bench.run(key, bu.Variant("ours", "trimmed",
+                          channels_last=True)), workload=key, row="ours eager channels_last")
         s.guarded("checkpointing", 1.5 * bench.estimate(key, first),
                   lambda: bench.run(key, bu.Variant("ours", "trimmed", gradient_checkpointing=True)), workload=key,
                   row="ours eager gradient_checkpointing")
 
 
-def profile(bench: UNetBench, key: str, steps: int = 2) -> dict:
+# the eager steps profiled at b64: the GPU config without compile, and the step before it (NCHW)
+PROFILED = [("ours eager, channels_last + cuDNN attention", bu.Variant("ours", "trimmed", channels_last=True,
+                                                                      sdpa_backend="cudnn")),
+            ("ours eager, cuDNN attention", bu.Variant("ours", "trimmed", sdpa_backend="cudnn"))]
+
+
+def profile(bench: UNetBench, key: str, variant: bu.Variant, steps: int = 2) -> dict:
     """Where one eager step's device time goes: the operators with the most self time (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     w, b = bench.s.workloads()[key], bench.batch(key)
-    variant = bu.Variant("ours", "trimmed", sdpa_backend="cudnn" if bench.s.device.type == "cuda" else None)
+    if bench.s.device.type != "cuda":
+        variant = replace(variant, sdpa_backend=None)
+    if variant.channels_last:
+        bench.ours.to(memory_format=torch.channels_last)
     step = bu.make_step(bench.ours, bu.make_forward(bench.ours, variant, b), b, torch.bfloat16, bench.s.device,
                         None, False, variant.sdpa_backend)
     step()  # warm
@@ -264,15 +281,22 @@ def profile(bench: UNetBench, key: str, steps: int = 2) -> dict:
         if bench.s.device.type == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if bench.s.device.type == "cuda" else "self_cpu_time_total"
-    # operators only: a kernel's time is also the self device time of the operator that launched it
-    ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    # operators only ("aten::mm"): a kernel's time ("void at::native::...<...>", "sm90_xmma_...") is also the self
+    # device time of the operator that launched it, so listing both counted every kernel twice
+    ops = [e for e in prof.key_averages() if is_operator(e.key)]
     ops = sorted(ops, key=lambda e: getattr(e, attr, 0), reverse=True)
     total = sum(getattr(e, attr, 0) for e in ops) or 1
     top = [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1000 / steps, 2),
-            "share": round(getattr(e, attr) / total, 3), "calls_per_step": e.count // steps} for e in ops[:15]]
+            "share": round(getattr(e, attr) / total, 3), "calls_per_step": e.count // steps} for e in ops[:20]]
     bench.ours.zero_grad(set_to_none=True)
+    bench.ours.to(memory_format=torch.contiguous_format)
     free(bench.s.device)
     return {"device_ms_per_step": round(total / 1000 / steps, 1), "batch": w.batch, "top": top}
+
+
+def is_operator(name: str) -> bool:
+    """A dispatcher operator's profiler name (namespace::op, e.g. aten::convolution_backward), not a kernel's."""
+    return "::" in name and not any(c in name for c in " <(")
 
 
 def attention_options(s: Session, bench: UNetBench) -> None:
@@ -304,19 +328,29 @@ def same_output(bench: UNetBench, key: str) -> dict:
             "varied_len": varied_full.text.shape[1]}
 
 
-def phase_unet_compiled(s: Session, mode: str, dynamic: bool, keys: tuple[str, ...]) -> None:
-    """Compile our UNet once (the first measurement pays for it), then time it on each workload; channels_last and
-    cuDNN attention first, as the GPU config trains."""
+def phase_unet_compiled(s: Session, runs: list[tuple[str, str]], dynamic: bool) -> None:
+    """Time our compiled UNet on each (workload, compile mode) of `runs`, channels_last and cuDNN attention first,
+    as the GPU config trains. Dynamic: compiled once (the first measurement pays for it) for every workload.
+    Static: each workload compiles its own graph, from a reset (otherwise a second shape would make dynamo
+    recompile with dynamic sizes)."""
     bench = UNetBench(s, with_diffusers=False)
-    label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last + cuDNN attention"
-    for i, key in enumerate(keys):
+    for i, (key, mode) in enumerate(runs):
+        label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last + cuDNN attention"
         variant = bu.Variant("ours", "trimmed", compile=True, compile_mode=mode, channels_last=True, dynamic=dynamic,
                              sdpa_backend="cudnn")
-        first = i == 0 or not dynamic  # static shapes recompile per workload
-        row = s.guarded("unet", s.compile_estimate if first else 30, lambda v=variant: bench.run(key, v),
+        first = i == 0 or not dynamic
+        if first and i:
+            free(s.device, compiled=True)
+        row = s.guarded("unet", s.compile_estimate if first else 30, lambda k=key, v=variant: bench.run(k, v),
                         workload=key, row=label)
         if first and row and row.get("seconds"):
             s.record("compile_time", workload=key, row=label, seconds=row["seconds"])
+            s.compile_estimate = max(s.compile_estimate, row["seconds"])  # the next compile is skipped if it won't fit
+
+
+def compiled_runs(default: str) -> list[tuple[str, str]]:
+    """COMPILED_RUNS="b64:default b16:reduce-overhead" (workload:mode, in order), or `default`."""
+    return [tuple(item.split(":")) for item in os.environ.get("COMPILED_RUNS", default).split()]
 
 
 # --------------------------------------------------------------------------------------------------- stage 1
@@ -386,11 +420,11 @@ def run_phase(s: Session, phase: str) -> None:
     elif phase == "trainer_eager":
         phase_trainer(s, compiled=False)
     elif phase == "unet_compiled":
-        phase_unet_compiled(s, "reduce-overhead", True, ("b64", "b16", "64px"))
+        phase_unet_compiled(s, compiled_runs("b64:reduce-overhead b16:reduce-overhead 64px:reduce-overhead"), True)
     elif phase == "stage1_compiled":
         phase_stage1(s, compiled=True)
     elif phase == "unet_compiled_static":
-        phase_unet_compiled(s, "default", False, ("b64", "b16"))
+        phase_unet_compiled(s, compiled_runs("b64:default b16:reduce-overhead 64px:default"), False)
     elif phase == "trainer_compiled":
         phase_trainer(s, compiled=True)
     else:

@@ -11,8 +11,9 @@
 # Each phase runs in its own process under `timeout`, within its share of the budget, so a crash or a slow
 # compile costs that phase only; the compiled UNet may not eat the time kept for the eager stage-1 and trainer
 # phases after it. Environment: BUDGET_S (seconds for the phases, default 330), PHASES (a subset, in order),
-# CAP_<phase> (seconds one phase may take), UNET_KEYS (workloads of unet_eager, in order: "b64 b16 64px"),
-# TRAINER_BATCHES ("64 16"), PREVIOUS (an earlier session's results.jsonl, taken on a GPU of the same name: its
+# CAP_<phase> (seconds one phase may take), RESERVE_<phase> (seconds it leaves for the phases after it),
+# UNET_KEYS (workloads of unet_eager, in order: "b64 b16 64px"), ATTENTION_OPTIONS (0: skip those rows),
+# COMPILED_RUNS (unet_compiled_static's "workload:mode" list), TRAINER_BATCHES ("64 16"), PREVIOUS (an earlier session's results.jsonl, taken on a GPU of the same name: its
 # measured rows are kept and not measured again; the report merges both). CPU dry run of every code path:
 #     TINY=1 OUT=/tmp/dry PYTHON=.venv/bin/python bash bench/gpu_session.sh
 set -u
@@ -60,7 +61,8 @@ for phase in $PHASES; do
   fi
   var="CAP_$phase"
   cap=${!var:-${CAP[$phase]:-$left}}
-  room=$((left - ${RESERVE[$phase]:-0}))
+  reserve="RESERVE_$phase"
+  room=$((left - ${!reserve:-${RESERVE[$phase]:-0}}))
   [ "$cap" -gt "$room" ] && cap=$room
   [ "$cap" -lt 15 ] && cap=15
   echo "== $phase: up to $cap s ($left s left)" | tee -a "$OUT/log.txt"

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from src.config import UNetConfig
-from src.models.layers import Attention, Downsample2D, ResnetBlock2D, Upsample2D, attention_mask, group_norm
+from src.models.layers import (Attention, Downsample2D, LayerNorm, ResnetBlock2D, Upsample2D, attention_mask,
+                               group_norm)
 
 CONDITIONINGS = ("none", "class", "text")
 DOWN_TYPES = ("AttnDown", "Down")
@@ -212,15 +213,15 @@ class BasicTransformerBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: Optional[int], mult: int, bias: bool, dropout: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, qkv_bias=bias)
         if context_dim is not None:
-            self.norm2 = nn.LayerNorm(dim)
+            self.norm2 = LayerNorm(dim)
             self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, dim_head=dim_head, qkv_bias=bias)
         else:
             self.norm2 = None
             self.attn2 = None
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = LayerNorm(dim)
         self.ff = FeedForward(dim, mult, dropout)
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
