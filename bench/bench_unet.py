@@ -263,9 +263,11 @@ def free_memory(device: torch.device) -> None:
 
 def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, flops: Optional[int],
             spec: Optional[float], measured: Optional[float], warmup: int, steps: int, optimizer=True,
-            backend: str = "inductor", raise_errors: bool = False) -> Result:
+            backend: str = "inductor", raise_errors: bool = False,
+            inspect: Optional[Callable[[Callable[[], None]], dict]] = None) -> Result:
     """Time one variant's training step on `batch`. A failure (e.g. out of memory) is recorded in the result, or
-    raised after cleaning up with `raise_errors`."""
+    raised after cleaning up with `raise_errors`. `inspect(step)`, run after the timing on the same (compiled,
+    warm) step, fills result.extra: a profile without a second compile."""
     result = Result(w.name, variant.label)
     opt = None
     try:
@@ -285,6 +287,8 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
         if flops:
             result.tflops = flops / seconds / 1e12
             result.mfu_spec, result.mfu_matmul = mfu(flops, seconds, spec), mfu(flops, seconds, measured)
+        if inspect is not None:
+            result.extra = inspect(step)
     except Exception as err:  # noqa: BLE001  (reported in the table, the next measurement goes on)
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         if raise_errors:
@@ -350,6 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--attention_backend", choices=["auto", "cudnn", "flash", "efficient", "math"], default="auto",
                    help="the SDPA kernel our UNet tries first (the training key of the same name)")
+    p.add_argument("--fp32_norms", action="store_true",
+                   help="our norms as torch.nn runs them (fp32 under CUDA autocast): the ablation of keeping bf16")
     p.add_argument("--no_diffusers", action="store_true", help="time our UNet only")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
@@ -374,7 +380,8 @@ def main(argv=None) -> None:
     flops = workload_flops(ours, w, batch, dtype, device)
     attention = "none" if args.no_mask else args.attention
     ours_variant = Variant("ours", attention, args.compile, args.compile_mode, args.channels_last, args.gradient_checkpointing,
-                           None if args.attention_backend == "auto" else args.attention_backend)
+                           None if args.attention_backend == "auto" else args.attention_backend,
+                           fp32_norms=args.fp32_norms)
     results = [measure(ours, ours_variant, w, batch, dtype, device, flops, spec, measured, args.warmup, args.steps)]
     if theirs is not None:
         twin = Variant("diffusers", "none" if args.no_mask else "padded", gradient_checkpointing=args.gradient_checkpointing)

@@ -2,7 +2,8 @@
 # Everything the README's GPU figures need, in one or two calls on a lent GPU, from the repository root:
 #   part 1 (PART=1, ~9 minutes): bench/gpu_session.sh, the "Speed on a GPU" table: the eager UNet rows (with the
 #          fp32-norm ablation), the eager stage-1 step, then the compiled UNet (static shapes, one compile per
-#          workload: the design UNet's compile took over 94 s on the H200, so it gets the rest of the call).
+#          workload: ~170 s each on the H200, over 190 s at 64x64, so it gets the rest of the call). An H200
+#          resumes what the second session of 2026-11-27 measured, and measures what it lacks.
 #   part 2 (PART=2, ~5 minutes): `make demo` on the GPU (bf16, the stage-2 UNet compiled with CUDA graphs; eager bf16
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
 #   PART=all (default): both, with part 1 shortened to fit one 10-minute call.
@@ -20,11 +21,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
   budget=$(( $(left) - 20 )); [ "$PART" = all ] && budget=275
-  # Only the FLOP counts of the earlier H200 session are resumed (the norms' change, src/models/layers.py, changed
-  # every step time since, not the FLOPs); its attention options are not measured again (ATTENTION_OPTIONS=0).
-  previous=/tmp/previous_flops.jsonl
-  grep -E '"section": "(env|flops)"' bench/results/h200_2026-11-27.jsonl > "$previous"
-  PREVIOUS=${PREVIOUS-$previous} BUDGET_S=$budget ATTENTION_OPTIONS=${ATTENTION_OPTIONS:-0} \
+  # Resumes the rows the second H200 session measured with this code (bench/results/h200_2026-11-27_session2.jsonl:
+  # b64 eager, b64 and b16 compiled, stage 1 eager); after a change to the models, pass PREVIOUS= (empty) or a file
+  # of its env and flops rows only (FLOP counts don't change with kernels). Attention options are not measured again.
+  PREVIOUS=${PREVIOUS-bench/results/h200_2026-11-27_session2.jsonl} BUDGET_S=$budget \
+    ATTENTION_OPTIONS=${ATTENTION_OPTIONS:-0} CAP_unet_eager=${CAP_unet_eager:-170} \
     PHASES=${PHASES:-"unet_eager stage1_eager unet_compiled_static"} CAP_stage1_eager=${CAP_stage1_eager:-70} \
     RESERVE_unet_compiled_static=${RESERVE_unet_compiled_static:-0} \
     OUT="$OUT" bash bench/gpu_session.sh > /dev/null 2>&1

@@ -119,7 +119,8 @@ def profile_rows(rows: list[dict]) -> list[str]:
     for r in rows:
         if r.get("section") != "profile" or not r.get("top"):
             continue
-        out.append(f"  {r.get('workload')} {r.get('row')}: {r['device_ms_per_step']} ms of device time per step")
+        out.append(f"  {r.get('workload')} {r.get('row')}: {r['device_ms_per_step']} ms of device time per step"
+                   f" ({r.get('by', 'operator')}s)")
         out += [f"    {t['share']:6.1%} {t['ms_per_step']:8.2f} ms {t['calls_per_step']:5d} calls  {t['op'][:70]}"
                 for t in r["top"]]
     return out or ["  not run"]
@@ -147,7 +148,8 @@ def report(rows: list[dict]) -> str:
         *section_rows(rows, "trainer"),
         "", f"Stage-1 step, 256 px batch 8, VAE + LPIPS + PatchGAN (target: ours / diffusers <= {RATIO_TARGET}):",
         *section_rows(rows, "stage1", peak.get("spec_tflops")),
-        "", "Where the eager step's device time goes (torch.profiler, self time per operator):", *profile_rows(rows),
+        "", "Where the step's device time goes (torch.profiler: eager by operator, compiled by kernel):",
+        *profile_rows(rows),
         "", "Phases that were cut short or skipped:", *(section_rows(rows, "phase") or ["  none"]),
     ]
     failed = [r for r in rows if r.get("error")]

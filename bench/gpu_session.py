@@ -183,6 +183,7 @@ class UNetBench:
                                       for (section, *_), r in s.done.items() if section == "flops"}
         self.batches: dict[str, bu.Batch] = {}
         self.step_s: dict[str, float] = {}  # seconds per step last measured on each workload
+        self.inspected: Optional[dict] = None  # what the last run's `inspect` returned
 
     def estimate(self, key: str, first: float) -> float:
         """Seconds a measurement on `key` needs: `first` before any step there ran (cuDNN autotunes new shapes),
@@ -209,16 +210,20 @@ class UNetBench:
                 self.flops[key] = None
         return self.flops[key]
 
-    def run(self, key: str, variant: bu.Variant, compiled: bool = False) -> dict:
+    def run(self, key: str, variant: bu.Variant, inspect: Optional[Callable] = None) -> dict:
+        """One timed measurement; `inspect(step)` (e.g. a profile of the same, already compiled step) goes to
+        self.inspected."""
         w = self.s.workloads()[key]
         model = self.ours if variant.model == "ours" else self.theirs
         flops = self.workload_flops(key)
         warmup, steps = self.s.steps
         result = bu.measure(model, variant, w, self.batch(key), torch.bfloat16, self.s.device, flops, self.spec,
-                            self.matmul, warmup, steps, backend=self.s.backend, raise_errors=True)
+                            self.matmul, warmup, steps, backend=self.s.backend, raise_errors=True, inspect=inspect)
         if result.ms_per_step and not variant.compile:
             self.step_s[key] = max(self.step_s.get(key, 0.0), result.ms_per_step / 1000)
-        return result_fields(result, flops, w)
+        fields = result_fields(result, flops, w)
+        self.inspected = fields.pop("extra", None)
+        return fields
 
 
 def phase_unet_eager(s: Session) -> None:
@@ -262,11 +267,9 @@ PROFILED = [("ours eager, channels_last + cuDNN attention", bu.Variant("ours", "
             ("ours eager, cuDNN attention", bu.Variant("ours", "trimmed", sdpa_backend="cudnn"))]
 
 
-def profile(bench: UNetBench, key: str, variant: bu.Variant, steps: int = 2) -> dict:
+def profile(bench: UNetBench, key: str, variant: bu.Variant) -> dict:
     """Where one eager step's device time goes: the operators with the most self time (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    w, b = bench.s.workloads()[key], bench.batch(key)
+    b = bench.batch(key)
     if bench.s.device.type != "cuda":
         variant = replace(variant, sdpa_backend=None)
     if variant.channels_last:
@@ -274,24 +277,39 @@ def profile(bench: UNetBench, key: str, variant: bu.Variant, steps: int = 2) -> 
     step = bu.make_step(bench.ours, bu.make_forward(bench.ours, variant, b), b, torch.bfloat16, bench.s.device,
                         None, False, variant.sdpa_backend)
     step()  # warm
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.s.device.type == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        if bench.s.device.type == "cuda":
-            torch.cuda.synchronize()
-    attr = "self_device_time_total" if bench.s.device.type == "cuda" else "self_cpu_time_total"
-    # operators only ("aten::mm"): a kernel's time ("void at::native::...<...>", "sm90_xmma_...") is also the self
-    # device time of the operator that launched it, so listing both counted every kernel twice
-    ops = [e for e in prof.key_averages() if is_operator(e.key)]
-    ops = sorted(ops, key=lambda e: getattr(e, attr, 0), reverse=True)
-    total = sum(getattr(e, attr, 0) for e in ops) or 1
-    top = [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1000 / steps, 2),
-            "share": round(getattr(e, attr) / total, 3), "calls_per_step": e.count // steps} for e in ops[:20]]
+    out = profile_step(step, bench.s.device, by="operator")
     bench.ours.zero_grad(set_to_none=True)
     bench.ours.to(memory_format=torch.contiguous_format)
     free(bench.s.device)
-    return {"device_ms_per_step": round(total / 1000 / steps, 1), "batch": w.batch, "top": top}
+    return {**out, "batch": bench.s.workloads()[key].batch}
+
+
+def profile_step(step: Callable[[], None], device: torch.device, by: str, steps: int = 2) -> dict:
+    """The top 20 of a warm step's device time (torch.profiler, `steps` steps averaged), by "operator" (eager:
+    aten::mm, ...) or by "kernel" (compiled: inductor's fused triton_* kernels launch no operator)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    # a kernel's time ("void at::native::...<...>", "sm90_xmma_...", "triton_...") is also the self device time of
+    # the operator ("aten::mm") that launched it: list one or the other, or every kernel is counted twice. Kernels
+    # have no host time; ranges (CompiledFunction, ...) do, and span many kernels. A CPU has operators only.
+    by = "kernel" if by == "kernel" and device.type == "cuda" else "operator"
+    if by == "kernel":
+        chosen = lambda e: not is_operator(e.key) and e.self_cpu_time_total == 0  # noqa: E731
+    else:
+        chosen = lambda e: is_operator(e.key)  # noqa: E731
+    events = [e for e in prof.key_averages() if chosen(e) and getattr(e, attr, 0) > 0]
+    events = sorted(events, key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    top = [{"op": e.key, "ms_per_step": round(getattr(e, attr) / 1000 / steps, 2),
+            "share": round(getattr(e, attr) / total, 3), "calls_per_step": e.count // steps} for e in events[:20]]
+    return {"device_ms_per_step": round(total / 1000 / steps, 1), "by": by, "top": top}
 
 
 def is_operator(name: str) -> bool:
@@ -341,11 +359,15 @@ def phase_unet_compiled(s: Session, runs: list[tuple[str, str]], dynamic: bool) 
         first = i == 0 or not dynamic
         if first and i:
             free(s.device, compiled=True)
-        row = s.guarded("unet", s.compile_estimate if first else 30, lambda k=key, v=variant: bench.run(k, v),
-                        workload=key, row=label)
+        inspect = (lambda step: profile_step(step, s.device, by="kernel")) if key == "b64" else None
+        row = s.guarded("unet", s.compile_estimate if first else 30,
+                        lambda k=key, v=variant, i=inspect: bench.run(k, v, i), workload=key, row=label)
         if first and row and row.get("seconds"):
             s.record("compile_time", workload=key, row=label, seconds=row["seconds"])
             s.compile_estimate = max(s.compile_estimate, row["seconds"])  # the next compile is skipped if it won't fit
+        if row and bench.inspected:  # the compiled step's kernels, profiled in the same call as its timing
+            s.record("profile", workload=key, row=f"{label}: device time by kernel", **bench.inspected)
+            bench.inspected = None
 
 
 def compiled_runs(default: str) -> list[tuple[str, str]]:
