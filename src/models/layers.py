@@ -28,10 +28,11 @@ class GroupNorm(nn.GroupNorm):
 
     CUDA autocast runs group_norm in float32: every half-precision activation was copied to fp32, normalised,
     passed through SiLU in fp32 and copied back by the next convolution, in the forward and again in the
-    backward pass (the activation casts were ~15 % of the design UNet's step on an H200). The kernels already
-    accumulate a half-precision input's statistics in float32, so running them on the input's dtype only moves
-    where the output is rounded to the precision the next layer computes in anyway. Outside autocast, or for a
-    float32 input, this is nn.GroupNorm; the parameters stay float32 (autocast's own weight casts)."""
+    backward pass. The kernels already accumulate a half-precision input's statistics in float32, so running
+    them on the input's dtype only moves where the output is rounded to the precision the next layer computes
+    in anyway. Measured on an H200 (design UNet, bf16, batch 64; README, "Speed on a GPU"): the step 168.0 ->
+    158.9 ms, peak memory 33.3 -> 28.8 GiB. Outside autocast, or for a float32 input, this is nn.GroupNorm; the
+    parameters stay float32 (cast per call, like autocast's weight casts)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not _in_compute_dtype(x):
