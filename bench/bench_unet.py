@@ -72,7 +72,7 @@ class Variant:
     gradient_checkpointing: bool = False
     sdpa_backend: Optional[str] = None  # the SDPA kernel tried first (attention_backend): flash | efficient | cudnn | math
     dynamic: bool = False  # compile once for every batch size and latent size (marks those dims dynamic)
-    fp32_norms: bool = False  # ours: GroupNorm / LayerNorm as torch.nn runs them (fp32 under CUDA autocast), the ablation
+    fp32_norms: bool = False  # ours: the norms as torch.nn runs them (fp32 under CUDA autocast), the ablation
 
     @property
     def label(self) -> str:
