@@ -8,7 +8,8 @@
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
 #   PART=all (default): both, with part 1 shortened to fit one 10-minute call.
 # Needs .device/ from ../shared/device/prepare.sh (the packages the GPU image lacks); writes at most 8 files to $OUT:
-# env.txt, table.txt, results.json, results.jsonl, log.txt, demo.txt, demo_gpu_tail.txt, fid_sampling.txt.
+# env.txt (with bench_update.py's rows), table.txt, results.json, results.jsonl, log.txt, demo.txt, demo_gpu_tail.txt,
+# fid_sampling.txt.
 #   device tool: run(command="PART=1 bash bench/gpu_all.sh", carry=[".device"], timeout_s=590), then PART=2
 set -u
 T0=$(date +%s)
@@ -20,7 +21,9 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0)
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env.txt" 2>&1
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  budget=$(( $(left) - 20 )); [ "$PART" = all ] && budget=275
+  # the update around the step at the design size (gradient norm, clipping, fused AdamW, EMA): ~20 s, into env.txt
+  timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1
+  budget=$(( $(left) - 20 )); [ "$PART" = all ] && budget=255
   # Resumes the rows the second H200 session measured with this code (bench/results/h200_2026-11-27_session2.jsonl:
   # b64 eager, b64 and b16 compiled, stage 1 eager); after a change to the models, pass PREVIOUS= (empty) or a file
   # of its env and flops rows only (FLOP counts don't change with kernels). Attention options are not measured again.

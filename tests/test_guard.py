@@ -217,3 +217,39 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     monkeypatch.undo()
     assert reads == []
     assert int(state.guard.skipped) == 1  # the NaN step was seen, on the device
+
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_clipping_matches_clip_grad_norm_and_a_fused_step_does_it_in_the_kernel(fused, monkeypatch):
+    """guarded_update clips as torch.nn.utils.clip_grad_norm_ does and returns the norm before clipping; with a
+    fused AdamW it never scales the gradients itself (the kernel divides them by the clip divisor)."""
+    from src.training.optim import Trainable, guarded_update
+    from src.training.precision import MixedPrecision
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+
+    torch.manual_seed(0)
+    ours, ref = model(), model()
+    ref.load_state_dict(ours.state_dict())
+    opt = build_adamw(ours, 0.05, (0.9, 0.999), 1e-8, 0.01, "cpu")
+    if not fused:
+        opt = torch.optim.AdamW(opt.param_groups, lr=0.05, betas=(0.9, 0.999), eps=1e-8, fused=False)
+    unit = Trainable("m", list(ours.parameters()), opt, LRSchedule(opt, "constant", 0.05, 0, 10), max_grad_norm=1.0)
+    ref_opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=0.05, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    clip = torch.nn.utils.clip_grad_norm_
+    if fused:  # the update must not clip by scaling the gradients itself
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", None)
+    x = torch.randn(4, 6)
+    for scale in (100.0, 0.01, 30.0):  # gradient norms above, below, above max_grad_norm
+        for m in (ours, ref):
+            (m(x).pow(2).sum() * scale).backward()
+        norm_before = clip(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        skipped, _, norms = guarded_update([unit], MixedPrecision("no", "cpu"), torch.tensor(False))
+        assert not skipped
+        torch.testing.assert_close(norms[0], norm_before)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
