@@ -62,8 +62,17 @@ class Stage1State:
     forward_state: ForwardState  # BatchNorm statistics and VQ codebook, put back when a step is skipped
     flip_gen: torch.Generator
     noise_gen: torch.Generator
+    # the modules inside accelerate's wrappers, unwrapped once: unwrap_model looks packages up on disk at every call
+    vae_module: Autoencoder = dataclasses.field(init=False, repr=False)
+    disc_module: Optional[nn.Module] = dataclasses.field(init=False, repr=False)
     step: int = 0
     skipped_files: int = 0
+
+    def __post_init__(self):
+        from accelerate.utils import extract_model_from_parallel
+
+        self.vae_module = extract_model_from_parallel(self.vae)
+        self.disc_module = extract_model_from_parallel(self.disc) if self.disc is not None else None
 
     def modules(self, accelerator: Accelerator) -> dict[str, nn.Module]:
         mods = {"vae": accelerator.unwrap_model(self.vae)}
@@ -153,19 +162,17 @@ def build_stage1_dataset(args, model_cfg: ModelConfig, cfg: Stage1TrainConfig):
 
 
 def micro_batch(
-    state: Stage1State, loss_fn: AutoencoderLoss, images: torch.Tensor, cfg: Stage1TrainConfig, gan: bool,
-    unwrap,
+    state: Stage1State, loss_fn: AutoencoderLoss, images: torch.Tensor, cfg: Stage1TrainConfig, gan: bool
 ) -> dict[str, torch.Tensor]:
     """Forward, losses and (scaled) backward of one micro-batch, generator then discriminator; returns the
     logged values as device tensors."""
     accum = cfg.gradient_accumulation_steps
-    vae_module: Autoencoder = unwrap(state.vae)
     x = random_flip(images, cfg.random_flip_p, state.flip_gen)  # (B, 3, H, W)
     with state.precision.autocast(), attention_kernels(cfg.attention_backend):
         out = state.vae(x, generator=state.noise_gen)
-        disc_module = unwrap(state.disc) if gan else None
         loss, logs = loss_fn.generator_loss(
-            x, out, disc_module, vae_module.last_layer(), state.step, state.precision.loss_scale()
+            x, out, state.disc_module if gan else None, state.vae_module.last_layer(), state.step,
+            state.precision.loss_scale(),
         )
     state.precision.backward(loss / accum)
     if gan:
@@ -191,7 +198,7 @@ def train_step(
     for i in range(accum):
         images = next(batches)["image"].to(device, non_blocking=True)
         with gradient_sync(accelerator, models, sync=i == accum - 1):
-            micro_logs.append(micro_batch(state, loss_fn, images, cfg, gan, accelerator.unwrap_model))
+            micro_logs.append(micro_batch(state, loss_fn, images, cfg, gan))
     overflow = torch.zeros((), dtype=torch.bool, device=device)  # fp16: the adaptive weight's gradients overflowed
     for logs in micro_logs:
         overflow = overflow | logs.pop("grad_overflow", overflow)
