@@ -219,7 +219,6 @@ def test_a_training_step_reads_nothing_back_from_the_device(monkeypatch):
     assert int(state.guard.skipped) == 1  # the NaN step was seen, on the device
 
 
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_clipping_matches_clip_grad_norm_and_a_fused_step_does_it_in_the_kernel(fused, monkeypatch):
     """guarded_update clips as torch.nn.utils.clip_grad_norm_ does and returns the norm before clipping; with a
@@ -233,9 +232,11 @@ def test_clipping_matches_clip_grad_norm_and_a_fused_step_does_it_in_the_kernel(
     torch.manual_seed(0)
     ours, ref = model(), model()
     ref.load_state_dict(ours.state_dict())
-    opt = build_adamw(ours, 0.05, (0.9, 0.999), 1e-8, 0.01, "cpu")
-    if not fused:
-        opt = torch.optim.AdamW(opt.param_groups, lr=0.05, betas=(0.9, 0.999), eps=1e-8, fused=False)
+    if fused:
+        opt = build_adamw(ours, 0.05, (0.9, 0.999), 1e-8, 0.01, "cpu")
+    else:
+        opt = torch.optim.AdamW(param_groups(ours, 0.01), lr=0.05, betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    assert all(bool(group["fused"]) == fused for group in opt.param_groups)
     unit = Trainable("m", list(ours.parameters()), opt, LRSchedule(opt, "constant", 0.05, 0, 10), max_grad_norm=1.0)
     ref_opt = torch.optim.AdamW(param_groups(ref, 0.01), lr=0.05, betas=(0.9, 0.999), eps=1e-8, foreach=False)
     clip = torch.nn.utils.clip_grad_norm_
