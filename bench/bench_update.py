@@ -42,19 +42,17 @@ BYTES_PER_PARAM = {"clip_grad_norm_ + step": 4 + 8 + 28, "guarded_update": 4 + 3
 
 
 def design_model(fraction: float, device: torch.device) -> torch.nn.Module:
-    """A module holding the design UNet's parameter shapes: all of them, or the first `fraction` of the count."""
+    """A module holding the design UNet's parameter shapes, in its order, up to `fraction` of its parameter count."""
     with torch.device("meta"):
         shapes = [p.shape for p in build_unet(unet_config(DESIGN_CHANNELS), 4, "text").parameters()]
-    total, kept, budget = sum(s.numel() for s in shapes), [], None
-    budget = fraction * total
+    budget, kept, count = fraction * sum(s.numel() for s in shapes), [], 0
     for shape in shapes:
-        if sum(s.numel() for s in kept) + shape.numel() > budget and kept:
+        if kept and count + shape.numel() > budget:
             break
         kept.append(shape)
+        count += shape.numel()
     module = torch.nn.Module()
-    module.params = torch.nn.ParameterList(
-        [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in kept]
-    )
+    module.params = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in kept])
     return module
 
 
@@ -106,8 +104,8 @@ def main(argv=None) -> None:
         "step, no clipping": with_grads(plain_step),
     }
     copy_ms = min(time_calls(with_grads(lambda: None), device, 1, steps)) * 1e3  # making the gradients
-    print(f"{device.type}: {len(params)} parameter tensors, {n / 1e6:.1f} M parameters "
-          f"({fraction:.0%} of the design UNet's {'count' if fraction < 1 else 'all'}); min of {steps} calls")
+    print(f"{device.type}: {len(params)} parameter tensors, {n / 1e6:.1f} M parameters (the design UNet's first "
+          f"{fraction:.0%}); min of {steps} calls, the time to refill the gradients taken off")
     for name, call in rows.items():
         ms = min(time_calls(call, device, 1, steps)) * 1e3 - copy_ms
         print(f"  {name:24s} {ms:8.2f} ms  {BYTES_PER_PARAM[name] * n / ms / 1e6:7.1f} GB/s by the byte model")
