@@ -106,11 +106,12 @@ def main(argv=None) -> None:
     copy_ms = min(time_calls(with_grads(lambda: None), device, 1, steps)) * 1e3  # making the gradients
     print(f"{device.type}: {len(params)} parameter tensors, {n / 1e6:.1f} M parameters (the design UNet's first "
           f"{fraction:.0%}); min of {steps} calls, the time to refill the gradients taken off")
-    for name, call in rows.items():
-        ms = min(time_calls(call, device, 1, steps)) * 1e3 - copy_ms
+    def report(name: str, ms: float) -> None:
         print(f"  {name:24s} {ms:8.2f} ms  {BYTES_PER_PARAM[name] * n / ms / 1e6:7.1f} GB/s by the byte model")
-    ms = min(time_calls(lambda: ema.update(model, no_flag), device, 1, steps)) * 1e3
-    print(f"  {'EMA update':24s} {ms:8.2f} ms  {BYTES_PER_PARAM['EMA update'] * n / ms / 1e6:7.1f} GB/s by the byte model")
+
+    for name, call in rows.items():
+        report(name, min(time_calls(call, device, 1, steps)) * 1e3 - copy_ms)
+    report("EMA update", min(time_calls(lambda: ema.update(model, no_flag), device, 1, steps)) * 1e3)
 
 
 if __name__ == "__main__":
