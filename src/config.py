@@ -147,6 +147,7 @@ class TrainConfig:
     # speed (src/training/performance.py); none of these changes what is computed beyond rounding
     compile: bool = False  # torch.compile the networks the step trains (stage 1 also its LPIPS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    compile_cache: bool = True  # compiled kernels kept in working_directory/compile_cache: a resumed run reuses them
     channels_last: bool = False  # NHWC memory format for convolutions and their inputs
     allow_tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls and convolutions (cudnn.benchmark is always on)
     # the SDPA kernel the step's attention tries first (the others follow where it cannot run); auto: SDPA's choice

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -270,9 +271,11 @@ def test_dropped_condition_adds_no_padding_mask():
 @pytest.mark.parametrize("cls", [Stage1TrainConfig, Stage2TrainConfig])
 def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
     path = tmp_path / "t.yaml"
-    path.write_text("compile: true\ncompile_mode: reduce-overhead\nchannels_last: true\nallow_tf32: false\n")
+    path.write_text("compile: true\ncompile_mode: reduce-overhead\ncompile_cache: false\nchannels_last: true\n"
+                    "allow_tf32: false\n")
     cfg = load_config(path, cls)
-    assert (cfg.compile, cfg.compile_mode, cfg.channels_last, cfg.allow_tf32) == (True, "reduce-overhead", True, False)
+    assert (cfg.compile, cfg.compile_mode, cfg.compile_cache, cfg.channels_last, cfg.allow_tf32) == \
+        (True, "reduce-overhead", False, True, False)
     path.write_text("channel_last: true\n")
     with pytest.raises(ConfigError, match="'channels_last'"):
         load_config(path, cls)
@@ -422,3 +425,73 @@ def test_stage1_trainer_honours_compile_and_channels_last():
     assert state.vae.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     state, _ = build_stage1(Accelerator(cpu=True), ModelConfig(vae=TINY_VAE), Stage1TrainConfig(use_lpips=False))
     assert state.vae.encoder._compiled_call_impl is None and state.vae.decoder.conv_out.weight.is_contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ compile cache
+
+CACHE_PROBE = """
+import json, sys, torch
+from src.config import Stage2TrainConfig
+from src.training.performance import use_compile_cache
+path = use_compile_cache(Stage2TrainConfig(compile=True), sys.argv[1])
+with torch.no_grad():
+    torch.compile(torch.nn.Linear(4, 4))(torch.randn(2, 4))
+from torch._dynamo.utils import counters
+print(json.dumps({"dir": str(path), "hit": counters["inductor"]["fxgraph_cache_hit"],
+                  "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+"""
+
+
+def test_compile_cache_goes_to_the_working_directory_unless_chosen_before_the_run(tmp_path, monkeypatch):
+    import tempfile
+
+    import stage2_diffusion_trainer
+    from src.training.performance import COMPILE_CACHE_ENV, use_compile_cache
+    from src.training.setup import make_accelerator
+
+    torch_default = os.path.join(tempfile.gettempdir(), "torchinductor_someone")  # what importing dynamo writes
+    monkeypatch.setenv(COMPILE_CACHE_ENV, torch_default)
+    assert use_compile_cache(Stage2TrainConfig(compile=False), tmp_path) is None
+    assert use_compile_cache(Stage2TrainConfig(compile=True, compile_cache=False), tmp_path) is None
+    assert os.environ[COMPILE_CACHE_ENV] == torch_default
+    args = stage2_diffusion_trainer.parse_args([
+        "--working_directory", str(tmp_path / "work"), "--training_config", "t.yaml", "--dataset", "shapes",
+        "--path_to_vae_backbone", "v.safetensors", "--report_to", "none",
+    ])
+    reset_accelerate()
+    make_accelerator(args, Stage1TrainConfig(compile=True))  # what both trainers call before building models
+    reset_accelerate()
+    assert os.environ[COMPILE_CACHE_ENV] == str((tmp_path / "work" / "compile_cache").resolve())
+    blocked = tmp_path / "a_file"  # a working directory that cannot hold the cache: torch's default stays
+    blocked.write_text("")
+    monkeypatch.setenv(COMPILE_CACHE_ENV, torch_default)
+    assert use_compile_cache(Stage2TrainConfig(compile=True), blocked) is None
+    assert os.environ[COMPILE_CACHE_ENV] == torch_default
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "mine"))  # the user's own choice wins
+    assert use_compile_cache(Stage2TrainConfig(compile=True), tmp_path / "other") == tmp_path / "mine"
+    assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "mine")
+
+
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor's CPU kernels need a C++ compiler")
+def test_a_second_process_loads_the_compiled_graphs_from_the_working_directory(tmp_path):
+    """Through the real inductor: the first process compiles into working_dir/compile_cache, a second one (a
+    resumed run) loads every graph from there."""
+    import json
+    import subprocess
+    import sys
+
+    from src.training.performance import COMPILE_CACHE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != COMPILE_CACHE_ENV}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CACHE_PROBE, str(tmp_path)], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    assert runs[0]["dir"] == str(tmp_path.resolve() / "compile_cache")
+    assert runs[0]["miss"] >= 1 and runs[0]["hit"] == 0  # compiled
+    assert runs[1]["hit"] == runs[0]["miss"] and runs[1]["miss"] == 0  # loaded
+    assert (tmp_path / "compile_cache" / "fxgraph").is_dir()

@@ -17,7 +17,7 @@ from accelerate.utils import set_seed
 
 from ..config import TrainConfig
 from ..data import DATASET_NAMES
-from .performance import configure_backends
+from .performance import configure_backends, use_compile_cache
 from .trackers import add_tracker_args, start_trackers, tracker_accelerator_kwargs
 
 logger = logging.getLogger("ldm")
@@ -53,6 +53,7 @@ def launched_without_gpu() -> bool:
 
 def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     """An Accelerator with gradient accumulation, mixed precision from `accelerate launch` and trackers."""
+    compile_cache = use_compile_cache(cfg, args.working_directory)  # before anything compiles
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         cpu=launched_without_gpu(),
@@ -61,6 +62,8 @@ def make_accelerator(args, cfg: TrainConfig) -> Accelerator:
     setup_logging(accelerator)
     set_seed(cfg.seed + accelerator.process_index)
     configure_backends(cfg)  # TF32, cudnn.benchmark (CUDA only)
+    if compile_cache is not None:
+        logger.info("torch.compile caches: %s (a resumed run compiles from them)", compile_cache)
     return accelerator
 
 
