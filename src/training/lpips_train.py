@@ -24,7 +24,7 @@ from ..data.loader import InfiniteLoader
 from ..losses.ranking import RankingHead, ranking_loss
 from ..models.lpips import LPIPS, load_imagenet_trunk, save_lpips_checkpoint
 from .lpips_eval import two_afc_scores
-from .optim import optimizer_step_unless
+from .optim import optimizer_step_unless, with_fused_kernel
 from .setup import progress_bar
 
 logger = logging.getLogger("ldm")
@@ -90,11 +90,7 @@ def build_lpips(use_dropout: bool, pretrained_backbone: bool, train_backbone: bo
 def build_adam(model: nn.Module, lr: float) -> torch.optim.Adam:
     """Adam (betas 0.5, 0.999), fused: one kernel for every parameter, and a non-finite step skipped on the device."""
     params = [p for p in model.parameters() if p.requires_grad]
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=True)
-    except RuntimeError as err:  # a device without fused Adam: the skip then reads the loss on the host
-        logger.info("fused Adam unavailable (%s): non-finite steps are skipped with a host sync", err)
-        return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+    return with_fused_kernel(lambda fused: torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999), fused=fused))
 
 
 def lr_factor(step: int, total_steps: int, decay_steps: int) -> float:

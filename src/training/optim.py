@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -62,12 +62,20 @@ def build_adamw(
     """AdamW over `module`'s trainable parameters, fused when the device allows (CPU and CUDA do), with a tensor
     learning rate on `device` that LRSchedule writes into."""
     groups = param_groups(module, weight_decay)
-    lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=device)
+    lr_tensor = torch.tensor(float(lr), dtype=torch.float32, device=device)  # the unfused kernels take a float
+    return with_fused_kernel(lambda fused: torch.optim.AdamW(
+        groups, lr=lr_tensor if fused else float(lr), betas=betas, eps=eps, fused=fused))
+
+
+def with_fused_kernel(make: Callable[[bool], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+    """make(True): the optimizer with its fused kernel (one kernel over every parameter, and a non-finite step
+    skipped on the device: optimizer_step_unless). On a device without one, make(False), said in the log: a
+    non-finite step is then skipped after a host sync."""
     try:
-        return torch.optim.AdamW(groups, lr=lr_tensor, betas=betas, eps=eps, fused=True)
-    except RuntimeError as err:  # a device without fused AdamW: the update then reads found_inf on the host
-        logger.info("fused AdamW unavailable (%s): non-finite steps are skipped with a host sync", err)
-        return torch.optim.AdamW(groups, lr=float(lr), betas=betas, eps=eps)
+        return make(True)
+    except RuntimeError as err:
+        logger.info("fused optimizer unavailable (%s): non-finite steps are skipped with a host sync", err)
+        return make(False)
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -151,24 +159,20 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.defaults.get("fused"))
 
 
-def grad_norm(unit: Trainable) -> torch.Tensor:
-    """The total 2-norm of `unit`'s gradients, a () device tensor. An unfused optimizer's gradients are clipped
-    to max_grad_norm here, in place; a fused one clips them in its step (clip_divisor)."""
+def grad_norm_and_clip(unit: Trainable) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The total 2-norm of `unit`'s gradients (a () device tensor), and how they are clipped to max_grad_norm:
+    for a fused optimizer, the divisor its step applies, max(1, (norm + 1e-6) / max_grad_norm), a () fp32 tensor
+    whose reciprocal is clip_grad_norm_'s clamped coefficient; an unfused optimizer's gradients are clipped here,
+    in place (divisor None). None too when nothing is clipped (max_grad_norm <= 0, or no gradients)."""
     grads = [p.grad for p in unit.params if p.grad is not None]
     if not grads:
-        return torch.zeros((), device=unit.schedule.lr.device)
-    if unit.max_grad_norm > 0 and not is_fused(unit.optimizer):
-        return torch.nn.utils.clip_grad_norm_(unit.params, unit.max_grad_norm)
-    return torch.nn.utils.get_total_norm(grads)
-
-
-def clip_divisor(unit: Trainable, norm: torch.Tensor) -> Optional[torch.Tensor]:
-    """What a fused optimizer divides `unit`'s gradients by to clip them: max(1, (norm + 1e-6) / max_grad_norm),
-    a () fp32 device tensor, whose reciprocal is clip_grad_norm_'s clamped coefficient. None: nothing to clip
-    here (no clipping, or an unfused optimizer that clipped in grad_norm)."""
-    if unit.max_grad_norm <= 0 or not is_fused(unit.optimizer):
-        return None
-    return ((norm.float() + 1e-6) / unit.max_grad_norm).clamp(min=1.0)
+        return torch.zeros((), device=unit.schedule.lr.device), None
+    if unit.max_grad_norm <= 0:
+        return torch.nn.utils.get_total_norm(grads), None
+    if not is_fused(unit.optimizer):
+        return torch.nn.utils.clip_grad_norm_(unit.params, unit.max_grad_norm), None
+    norm = torch.nn.utils.get_total_norm(grads)
+    return norm, ((norm.float() + 1e-6) / unit.max_grad_norm).clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -215,13 +219,13 @@ def guarded_update(
         poison_gradients(units, loss_bad)
     for unit in units:
         precision.unscale_(unit.optimizer)
-    norms = [grad_norm(unit) for unit in units]
+    norms, divisors = zip(*(grad_norm_and_clip(unit) for unit in units))
     grad_bad = ~torch.isfinite(torch.stack(norms))  # (units,)
     found_inf = loss_bad | grad_bad.any()
     skip = found_inf.float()
-    for unit, norm in zip(units, norms):
-        optimizer_step_unless(unit.optimizer, skip, clip_divisor(unit, norm))
+    for unit, divisor in zip(units, divisors):
+        optimizer_step_unless(unit.optimizer, skip, divisor)
         unit.schedule.advance(1 - skip)
         unit.optimizer.zero_grad(set_to_none=True)
     precision.update()
-    return found_inf, grad_bad, norms
+    return found_inf, grad_bad, list(norms)
