@@ -74,10 +74,10 @@ class Stage1State:
         self.vae_module = extract_model_from_parallel(self.vae)
         self.disc_module = extract_model_from_parallel(self.disc) if self.disc is not None else None
 
-    def modules(self, accelerator: Accelerator) -> dict[str, nn.Module]:
-        mods = {"vae": accelerator.unwrap_model(self.vae)}
-        if self.disc is not None:
-            mods["discriminator"] = accelerator.unwrap_model(self.disc)
+    def modules(self) -> dict[str, nn.Module]:
+        mods = {"vae": self.vae_module}
+        if self.disc_module is not None:
+            mods["discriminator"] = self.disc_module
         return mods
 
     def states(self) -> dict[str, object]:
@@ -146,7 +146,7 @@ def maybe_resume(accelerator: Accelerator, state: Stage1State, working_dir, resu
         if resume:
             logger.info("no checkpoint in %s yet: starting from step 0", working_dir)
         return
-    info = load_checkpoint(accelerator, path, state.modules(accelerator), state.states(), state.generators())
+    info = load_checkpoint(accelerator, path, state.modules(), state.states(), state.generators())
     state.step = int(info["step"])
     state.skipped_files = int(info.get("skipped_files", 0))
     logger.info("resumed from %s at step %d", path, state.step)
@@ -255,7 +255,7 @@ def save_training_checkpoint(accelerator: Accelerator, state: Stage1State, worki
         accelerator,
         working_dir,
         state.step,
-        state.modules(accelerator),
+        state.modules(),
         state.states(),
         state.generators(),
         extra={"skipped_files": state.skipped_files},
@@ -274,7 +274,7 @@ def save_final_model(accelerator: Accelerator, state: Stage1State, args, model_c
         "stage": 1,
         "step": state.step,
     }
-    return save_models(Path(args.working_directory) / "model.safetensors", {"vae": accelerator.unwrap_model(state.vae)}, meta)
+    return save_models(Path(args.working_directory) / "model.safetensors", {"vae": state.vae_module}, meta)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
                 log_step(accelerator, state, window, metrics, bar, loss_fn)
             if accelerator.is_main_process and (every(state.step, cfg.val_generation_freq) or
                                                 (events.end and cfg.val_generation_freq)):
-                grid = save_reconstruction_grid(accelerator.unwrap_model(state.vae), val_images, gens_dir / f"step_{state.step:07d}.png")
+                grid = save_reconstruction_grid(state.vae_module, val_images, gens_dir / f"step_{state.step:07d}.png")
                 log_image(accelerator, "reconstructions", grid, state.step)
             if events.checkpoint:
                 path = save_training_checkpoint(accelerator, state, args.working_directory, cfg)
