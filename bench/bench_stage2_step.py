@@ -20,10 +20,12 @@ the MSE, backward and the optimizer's step, nothing else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -32,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from gpu_lock import gpu_exclusive  # noqa: E402
 from mfu import synchronize, time_per_call  # noqa: E402
 
 
@@ -51,8 +54,10 @@ class TimedBatches:
     window in which torch.compile built a new graph (e.g. the first batch whose captions need no mask) is not a
     step time: the window starts again, up to `retries` times, and `recompiled` counts those windows."""
 
-    def __init__(self, loader, start: int, steps: int, device: torch.device, retries: int = 3):
+    def __init__(self, loader, start: int, steps: int, device: torch.device, retries: int = 3,
+                 hold: Optional[contextlib.ExitStack] = None):
         self.loader, self.start, self.steps, self.device, self.retries = loader, start, steps, device, retries
+        self.hold = hold  # takes gpu_exclusive() when the first window starts, until the caller closes it
         self.seconds = None
         self.recompiled = 0
 
@@ -68,6 +73,8 @@ class TimedBatches:
                     self.seconds = time.perf_counter() - t0
                     raise StopBench
             if i == start:
+                if self.hold is not None:
+                    self.hold.enter_context(gpu_exclusive())  # re-entrant: a retried window takes it again
                 synchronize(self.device)
                 t0, graphs = time.perf_counter(), compiled_graphs()
             yield batch
@@ -167,7 +174,8 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     train_cfg = load_config(args.training_config, Stage2TrainConfig)
     accelerator = make_accelerator(args, train_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ctx, dataset = setup_context(args, accelerator, train_cfg, load_model_config(args.model_config))
+    with gpu_exclusive():  # builds the latent cache: the VAE encodes every image on the GPU
+        ctx, dataset = setup_context(args, accelerator, train_cfg, load_model_config(args.model_config))
     state = build_training_state(accelerator, ctx)
     if compiled and backend != "inductor":  # CPU dry runs: swap the (not yet traced) inductor wrapper
         from src.training.performance import compile_module
@@ -175,13 +183,14 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
         state.unet = compile_module(state.unet._orig_mod, train_cfg, backend)
     loader = InfiniteLoader(dataset, batch, seed=train_cfg.seed, num_workers=train_cfg.num_workers,
                             pin_memory=train_cfg.pin_memory)
-    timed_loader = TimedBatches(loader, warmup, timed, accelerator.device)
-    try:
-        train_loop(args, accelerator, ctx, state, timed_loader)
-    except StopBench:
-        pass
-    trainer_s = timed_loader.seconds / timed
-    isolated_s = isolated_step(ctx, state, loader, accelerator.device, warmup, timed)
+    with contextlib.ExitStack() as timing:  # the GPU to this process from the first timed window to the end
+        timed_loader = TimedBatches(loader, warmup, timed, accelerator.device, hold=timing)
+        try:
+            train_loop(args, accelerator, ctx, state, timed_loader)
+        except StopBench:
+            pass
+        trainer_s = timed_loader.seconds / timed
+        isolated_s = isolated_step(ctx, state, loader, accelerator.device, warmup, timed)
     out = {"trainer_img_s": batch / trainer_s, "isolated_img_s": batch / isolated_s, "trainer_ms": 1e3 * trainer_s,
            "isolated_ms": 1e3 * isolated_s, "ratio": isolated_s / trainer_s, "mixed_precision": str(accelerator.mixed_precision),
            "windows_with_a_recompile": timed_loader.recompiled, "attention_backend": train_cfg.attention_backend,

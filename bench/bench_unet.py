@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from mfu import count_flops, matmul_tflops, mfu, mfu_line, spec_peak_tflops, time_per_call  # noqa: E402
+from gpu_lock import gpu_exclusive  # noqa: E402
+from mfu import count_flops, matmul_tflops, mfu, mfu_line, spec_peak_tflops, synchronize, time_per_call  # noqa: E402
 
 from src.config import UNetConfig  # noqa: E402
 from src.diffusion.schedule import DiffusionProcess, diffusion_loss  # noqa: E402
@@ -279,7 +280,13 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
         step = make_step(model, forward, batch, dtype, device, opt,
                          variant.compile and "reduce-overhead" in variant.compile_mode, variant.sdpa_backend,
                          variant.fp32_norms)
-        seconds = time_per_call(step, device, warmup, steps)
+        if warmup:
+            step()  # the first call compiles, outside gpu_exclusive(): other benches may time meanwhile
+            synchronize(device)
+        with gpu_exclusive():
+            seconds = time_per_call(step, device, max(warmup - 1, 0), steps)
+            if inspect is not None:
+                result.extra = inspect(step)
         result.ms_per_step = 1000 * seconds
         result.img_per_s = w.batch / seconds
         if device.type == "cuda":
@@ -287,8 +294,6 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
         if flops:
             result.tflops = flops / seconds / 1e12
             result.mfu_spec, result.mfu_matmul = mfu(flops, seconds, spec), mfu(flops, seconds, measured)
-        if inspect is not None:
-            result.extra = inspect(step)
     except Exception as err:  # noqa: BLE001  (reported in the table, the next measurement goes on)
         result.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         if raise_errors:
@@ -306,7 +311,8 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
 def workload_flops(ours: UNet, w: Workload, batch: Batch, dtype, device) -> int:
     """FLOPs of one training step of the useful work (text trimmed to the real tokens), counted once."""
     step = make_step(ours, make_forward(ours, Variant(), batch), batch, dtype, device, None, False, None)
-    flops = count_flops(step)
+    with gpu_exclusive():
+        flops = count_flops(step)
     ours.zero_grad(set_to_none=True)
     return flops
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from gpu_lock import gpu_exclusive  # noqa: E402
 from mfu import count_flops, matmul_tflops, mfu_line, spec_peak_tflops, time_calls  # noqa: E402
 
 from src.config import Stage1TrainConfig, VAEConfig  # noqa: E402
@@ -149,14 +150,16 @@ def bench(channels: list[int], img_size: int, batch_size: int, steps: int, devic
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     gen = torch.Generator(device=device).manual_seed(0)
-    flops = step_flops(twin, x, dtype, gen)  # eager twin: the same arithmetic as ours
+    with gpu_exclusive():
+        flops = step_flops(twin, x, dtype, gen)  # eager twin: the same arithmetic as ours
     runs = {"ours": lambda: stage1_step(ours, x, dtype, gen, 1), "diffusers": lambda: stage1_step(twin, x, dtype, gen, 1)}
     times = {"ours": [], "diffusers": []}
     for name in ("ours", "diffusers"):  # warm-up (compilation, allocator, cudnn autotune)
         time_calls(runs[name], device, warmup, 0)
-    for i in range(steps):  # interleaved, alternating who goes first, so load changes hit both alike
-        for name in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
-            times[name] += time_calls(runs[name], device, 0, 1)
+    with gpu_exclusive():
+        for i in range(steps):  # interleaved, alternating who goes first, so load changes hit both alike
+            for name in (("ours", "diffusers") if i % 2 == 0 else ("diffusers", "ours")):
+                times[name] += time_calls(runs[name], device, 0, 1)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     for name in ("ours", "diffusers"):
         print(f"  {name:9s} {med[name] * 1e3:8.1f} ms/step  {batch_size / med[name]:7.1f} img/s  "

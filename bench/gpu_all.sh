@@ -6,7 +6,10 @@
 #          resumes what the second session of 2026-11-27 measured, and measures what it lacks.
 #   part 2 (PART=2, ~5 minutes): `make demo` on the GPU (bf16, the stage-2 UNet compiled with CUDA graphs; eager bf16
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
-#   PART=all (default): both, with part 1 shortened to fit one 10-minute call.
+#   part 3 (PART=3, ~7 minutes): the rows no session had time to compile, as parallel jobs (JOBS, default below),
+#          each its own bench/gpu_session.sh under `nice`: their compiles overlap on the host's cores, their timings
+#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone.
+#   PART=all (default): parts 1 and 2, with part 1 shortened to fit one 10-minute call.
 # Needs .device/ from ../shared/device/prepare.sh (the packages the GPU image lacks); writes at most 8 files to $OUT:
 # env.txt (with bench_update.py's rows), table.txt, results.json, results.jsonl, log.txt, demo.txt, demo_gpu_tail.txt,
 # fid_sampling.txt.
@@ -33,6 +36,31 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
     RESERVE_unet_compiled_static=${RESERVE_unet_compiled_static:-0} \
     OUT="$OUT" bash bench/gpu_session.sh > /dev/null 2>&1
   echo "gpu_session done at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
+fi
+
+if [ "$PART" = 3 ]; then
+  timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1
+  export BENCH_GPU_LOCK=/tmp/bench_gpu.lock
+  # name:VAR=value,VAR=value (the gpu_session.sh settings of one job)
+  JOBS=${JOBS:-"unet64:PHASES=unet_compiled_static,COMPILED_RUNS=64px:default,RESERVE_unet_compiled_static=0
+trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
+trainer16:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead
+stage1:PHASES=stage1_compiled"}
+  budget=$(( $(left) - 25 ))
+  for job in $JOBS; do
+    name=${job%%:*}
+    IFS=, read -r -a settings <<< "${job#*:}"
+    env "${settings[@]}" OUT="/tmp/job_$name" GPU_SESSION_WORK="/tmp/work_$name" BUDGET_S=$budget \
+      nice -n 10 bash bench/gpu_session.sh > /dev/null 2>&1 &
+  done
+  wait
+  for job in $JOBS; do
+    name=${job%%:*}
+    cat "/tmp/job_$name/results.jsonl" >> "$OUT/results.jsonl" 2>/dev/null
+    { echo "==== job $name"; cat "/tmp/job_$name/log.txt"; } >> "$OUT/log.txt" 2>/dev/null
+  done
+  python3 bench/gpu_report.py "$OUT" >> "$OUT/log.txt" 2>&1
+  echo "jobs done at $(( $(date +%s) - T0 )) s" | tee -a "$OUT/env.txt"
 fi
 
 if [ "$PART" = 2 ] || [ "$PART" = all ]; then

@@ -21,7 +21,7 @@ it as skipped otherwise. Phases, in order of value:
     unet_compiled         torch.compile reduce-overhead (CUDA graphs), compiled once for all three workloads (batch
                           and latent size dynamic), then timed on each
     stage1_compiled       the stage-1 step with our side compiled and channels_last
-    trainer_compiled      the trainer with compile: True (reduce-overhead), b64 and b16
+    trainer_compiled      the trainer with compile: True (TRAINER_MODES, default reduce-overhead), b64 and b16
 
 On the H200 (2026-11-27) the design UNet's first compiled step had not finished after 94 s (reduce-overhead,
 dynamic): give the compiled phases minutes (CAP_unet_compiled_static=300), and resume the eager rows with
@@ -410,7 +410,7 @@ def phase_trainer(s: Session, compiled: bool) -> None:
 
     batches = [2] if s.tiny else [int(b) for b in os.environ.get("TRAINER_BATCHES", "64 16").split()]
     for batch in batches:
-        for mode in (["reduce-overhead"] if compiled else ["default"]):
+        for mode in (os.environ.get("TRAINER_MODES", "reduce-overhead").split() if compiled else ["default"]):
             estimate = (15 if s.tiny else 60) + (s.compile_estimate if compiled else 0)
             label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager")
             s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from gpu_lock import gpu_exclusive
+
 # Dense bf16 tensor-core TFLOP/s (no 2:4 sparsity), from the vendors' data sheets; longest name match wins.
 GPU_BF16_TFLOPS: dict[str, float] = {
     "H100 SXM": 989.0,
@@ -58,16 +60,21 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_calls(fn: Callable[[], object], device: torch.device, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls after `warmup` untimed ones, the device synchronised around each."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    """Seconds of each of `steps` calls after `warmup` untimed ones, the device synchronised around each. The first
+    warm-up call (where torch.compile compiles) runs outside gpu_exclusive(), the rest inside it (gpu_lock.py)."""
+    if warmup:
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+    with gpu_exclusive():
+        for _ in range(warmup - 1):
+            fn()
+        synchronize(device)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - start)
     return times
 
 
