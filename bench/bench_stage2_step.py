@@ -57,7 +57,7 @@ class TimedBatches:
     def __init__(self, loader, start: int, steps: int, device: torch.device, retries: int = 3,
                  hold: Optional[contextlib.ExitStack] = None):
         self.loader, self.start, self.steps, self.device, self.retries = loader, start, steps, device, retries
-        self.hold = hold  # takes gpu_exclusive() when the first window starts, until the caller closes it
+        self.hold = hold  # takes gpu_exclusive() after the first step, until the caller closes it
         self.seconds = None
         self.recompiled = 0
 
@@ -72,9 +72,9 @@ class TimedBatches:
                 else:
                     self.seconds = time.perf_counter() - t0
                     raise StopBench
+            if i == 1 and self.hold is not None:  # the first (compiling) step is done: warm-up steps and windows
+                self.hold.enter_context(gpu_exclusive())  # have the GPU alone
             if i == start:
-                if self.hold is not None:
-                    self.hold.enter_context(gpu_exclusive())  # re-entrant: a retried window takes it again
                 synchronize(self.device)
                 t0, graphs = time.perf_counter(), compiled_graphs()
             yield batch
