@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     opt = build_adamw(model, 1e-4, (0.9, 0.999), 1e-8, 0.01, device)
     unit = Trainable("unet", params, opt, LRSchedule(opt, "constant", 1e-4, 0, 10**6), args.max_grad_norm)
     precision = MixedPrecision("no", device)
-    ema = EMA(model, decay=0.9999)
+    ema = EMA(model, decay=0.9999).to(device)
     no_flag = torch.zeros((), dtype=torch.bool, device=device)
 
     def with_grads(update):

@@ -50,6 +50,7 @@ stage1:PHASES=stage1_compiled"}
   for job in $JOBS; do
     name=${job%%:*}
     IFS=, read -r -a settings <<< "${job#*:}"
+    rm -rf "/tmp/job_$name"  # a warm machine keeps an earlier call's rows, which gpu_session.sh would resume
     env "${settings[@]}" OUT="/tmp/job_$name" GPU_SESSION_WORK="/tmp/work_$name" BUDGET_S=$budget \
       nice -n 10 bash bench/gpu_session.sh > /dev/null 2>&1 &
   done
