@@ -427,6 +427,64 @@ def test_stage1_trainer_honours_compile_and_channels_last():
     assert state.vae.encoder._compiled_call_impl is None and state.vae.decoder.conv_out.weight.is_contiguous()
 
 
+# ------------------------------------------------------------------------------------------- no host waits
+
+class HostReads(TorchDispatchMode):
+    """Records every op that makes the host wait for a GPU's result (a tensor read back as a Python number, or an
+    output whose size depends on values), with the project frames that asked for it."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.WAITS:
+            import traceback
+
+            frames = [f"{os.path.basename(f.filename)}:{f.name}" for f in traceback.extract_stack()
+                      if os.sep + "src" + os.sep in f.filename]
+            self.reads.append(" <- ".join(reversed(frames)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_steps_never_wait_for_the_device(stage2_setup):
+    """Between log steps, neither trainer reads a device value on the host: stage 1's step (autoencoder and
+    PatchGAN, GAN on) and stage 2's step from the latent cache (posterior sample, text, condition dropout, UNet,
+    guarded update, EMA). Stage 2's only host reads are padding_extent's, on the loader's CPU mask before the copy
+    (Condition.trimmed). On this CPU a read costs nothing, but on a GPU each one stalls the host until the queue
+    drains."""
+    from src.training.stage1 import train_step as stage1_step
+    from src.training.stage2 import train_step as stage2_step
+    from tests.stage1_helpers import images, tiny_stage1
+
+    accelerator, state, loss_fn, cfg = tiny_stage1(accum=2)
+    batches = (images(seed) for seed in range(100))
+    stage1_step(accelerator, state, loss_fn, batches, cfg)  # first step: lazy state is built
+    with HostReads() as host:
+        for _ in range(2):
+            state.step += 1
+            stage1_step(accelerator, state, loss_fn, batches, cfg)
+    assert host.reads == []
+
+    accelerator, ctx, state = build_stage2(stage2_setup, cfg_dropout_prob=0.5)
+    dataset = stage2_setup[1]
+    pictures = torch.stack([dataset[i]["image"] for i in range(4)])  # (4, 3, H, W)
+    with torch.no_grad():
+        moments = [torch.stack(ctx.vae.latent_moments(x), 1) for x in (pictures, pictures.flip(-1))]  # (4, 2, C, h, w)
+    lengths = torch.tensor([3, 5, 2, 7])
+    batch = {"moments": torch.stack(moments, 1),  # (4, 2 views, 2, C, h, w), the latent cache's layout
+             "text_embeds": torch.randn(4, 12, ctx.unet_module.config.text_embed_dim),
+             "text_embeds_mask": (torch.arange(12)[None] < lengths[:, None]).long()}  # (4, 12): padded captions
+    stage2_step(accelerator, ctx, state, iter([batch]))
+    with HostReads() as host:
+        for _ in range(2):
+            stage2_step(accelerator, ctx, state, iter([batch]))
+    assert host.reads and all(read.startswith("unet.py:padding_extent <- unet.py:trimmed") for read in host.reads)
+
+
 # ------------------------------------------------------------------------------------------------ compile cache
 
 CACHE_PROBE = """

@@ -31,12 +31,14 @@ class EMA(torch.nn.Module):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, skipped: Optional[torch.Tensor] = None) -> None:
-        """shadow <- lerp(shadow, param, 1 - decay); a no-op, on the device, when `skipped` (a () bool) is True."""
+        """shadow <- lerp(shadow, param, 1 - decay); a no-op, on the device, when `skipped` (a () bool) is True.
+        The host never waits: the weight stays a () device tensor, handed to lerp once per parameter (foreach_lerp's
+        single-weight form takes a Python number, and turning the tensor into one reads it back every step)."""
         keep = torch.ones((), device=self.num_updates.device) if skipped is None else (~skipped).float()
-        weight = (1.0 - self.decay_tensor()) * keep
+        weight = (1.0 - self.decay_tensor()) * keep  # () fp32
         ema_params = list(self.shadow.parameters())
         params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, params, weight)
+        torch._foreach_lerp_(ema_params, params, [weight] * len(ema_params))
         for b_ema, b in zip(self.shadow.buffers(), model.buffers()):
             b_ema.copy_(b if skipped is None else torch.where(skipped, b_ema, b))
         self.num_updates += keep.long()
