@@ -292,6 +292,27 @@ def test_speed_keys_load_and_misspellings_are_rejected(tmp_path, cls):
         load_config(path, cls)
 
 
+def test_cuda_graph_modes_are_left_out_when_gradients_accumulate(caplog, monkeypatch):
+    """CUDA-graph trees hand the first micro-batch's gradients out of their pool and the next replay overwrites
+    them (pytorch/pytorch#169545): with accumulation, the same mode without CUDA graphs, and a warning."""
+    from src.training import performance
+    from src.training.performance import compile_kwargs
+
+    monkeypatch.setattr(performance, "_warned", set())  # warned once per process and mode
+
+    def kwargs(mode, accum):
+        return compile_kwargs(Stage2TrainConfig(compile=True, compile_mode=mode, gradient_accumulation_steps=accum))
+
+    assert kwargs("reduce-overhead", 1) == {"mode": "reduce-overhead"}
+    assert kwargs("max-autotune", 1) == {"mode": "max-autotune"}
+    with caplog.at_level("WARNING"):
+        assert kwargs("reduce-overhead", 2) == {}
+        assert kwargs("max-autotune", 4) == {"mode": "max-autotune-no-cudagraphs"}
+    assert "break gradient accumulation" in caplog.text
+    assert kwargs("max-autotune-no-cudagraphs", 2) == {"mode": "max-autotune-no-cudagraphs"}
+    assert kwargs("default", 2) == {}
+
+
 # ------------------------------------------------------------------------------------------------ attention kernels
 
 

@@ -12,7 +12,8 @@ The training YAMLs of both stages carry the keys (`compile`, `compile_mode`, `co
 `allow_tf32`, `attention_backend`); none changes what is computed beyond floating-point rounding (TF32 rounds fp32
 matmul inputs to a 10-bit mantissa; attention kernels differ in their rounding).
 `compile_mode: reduce-overhead` adds CUDA graphs: the step then replays one recorded graph per input shape,
-which removes the host's launch overhead at small batches; `mark_step` tells the graphs where a step begins.
+which removes the host's launch overhead at small batches; `mark_step` tells the graphs where a step begins. With
+gradient accumulation the graphs are left out (compile_mode()).
 """
 
 from __future__ import annotations
@@ -116,11 +117,32 @@ def is_torch_default_cache(path) -> bool:
     return path.parent == Path(tempfile.gettempdir()) and path.name.startswith("torchinductor_")
 
 
+# compile modes that record CUDA graphs, and the same mode without them
+_WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+_warned: set = set()
+
+
+def compile_mode(cfg: TrainConfig) -> str:
+    """cfg.compile_mode, except that gradients accumulated over micro-batches turn CUDA graphs off (with a warning):
+    inductor's CUDA-graph trees hand the first micro-batch's parameter gradients out of their memory pool, and the
+    next replay overwrites them, which gives wrong gradients or an error (pytorch/pytorch#169545)."""
+    mode = cfg.compile_mode
+    if mode in _WITHOUT_CUDA_GRAPHS and cfg.gradient_accumulation_steps > 1:
+        if mode not in _warned:
+            _warned.add(mode)
+            logger.warning("compile_mode: %s records CUDA graphs, which break gradient accumulation "
+                           "(gradient_accumulation_steps: %d); compiling with %s instead", mode,
+                           cfg.gradient_accumulation_steps, _WITHOUT_CUDA_GRAPHS[mode])
+        return _WITHOUT_CUDA_GRAPHS[mode]
+    return mode
+
+
 def compile_kwargs(cfg: TrainConfig, backend: str = "inductor") -> dict:
-    """torch.compile's arguments for cfg.compile_mode; another `backend` (benches' CPU dry runs) takes no mode."""
+    """torch.compile's arguments for compile_mode(cfg); another `backend` (benches' CPU dry runs) takes no mode."""
     if backend != "inductor":
         return {"backend": backend}
-    return {} if cfg.compile_mode == "default" else {"mode": cfg.compile_mode}
+    mode = compile_mode(cfg)
+    return {} if mode == "default" else {"mode": mode}
 
 
 def compile_module(module: nn.Module, cfg: TrainConfig, backend: str = "inductor"):
@@ -130,8 +152,9 @@ def compile_module(module: nn.Module, cfg: TrainConfig, backend: str = "inductor
     (EMA) and sampled from, so checkpoints keep their keys and validation never waits for a recompile."""
     if not cfg.compile:
         return module
-    logger.info("torch.compile(%s, mode=%s): the first steps compile", type(module).__name__, cfg.compile_mode)
-    return torch.compile(module, **compile_kwargs(cfg, backend))
+    kwargs = compile_kwargs(cfg, backend)
+    logger.info("torch.compile(%s, mode=%s): the first steps compile", type(module).__name__, compile_mode(cfg))
+    return torch.compile(module, **kwargs)
 
 
 def compile_autoencoder(vae: nn.Module, cfg: TrainConfig, backend: str = "inductor") -> nn.Module:
