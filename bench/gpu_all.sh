@@ -6,9 +6,11 @@
 #          resumes what the second session of 2026-11-27 measured, and measures what it lacks.
 #   part 2 (PART=2, ~5 minutes): `make demo` on the GPU (bf16, the stage-2 UNet compiled with CUDA graphs; eager bf16
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
-#   part 3 (PART=3, ~7 minutes): the rows no session had time to compile, as parallel jobs (JOBS, default below),
+#   part 3 (PART=3, ~5 minutes): the rows no session had time to compile, as parallel jobs (JOBS, default below),
 #          each its own bench/gpu_session.sh under `nice`: their compiles overlap on the host's cores, their timings
-#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone.
+#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone. On the H200 (2026-11-27, fifth
+#          session) the four default jobs took 294 s; rerun any job whose row looks off alone (JOBS="name:..."):
+#          a first compiled step runs outside the lock and can overlap another job's timing.
 #   PART=all (default): parts 1 and 2, with part 1 shortened to fit one 10-minute call.
 # Needs .device/ from ../shared/device/prepare.sh (the packages the GPU image lacks); writes at most 8 files to $OUT:
 # env.txt (with bench_update.py's rows), table.txt, results.json, results.jsonl, log.txt, demo.txt, demo_gpu_tail.txt,
@@ -41,6 +43,9 @@ fi
 if [ "$PART" = 3 ]; then
   timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1
   export BENCH_GPU_LOCK=/tmp/bench_gpu.lock
+  # one inductor cache for every job and call: a rerun on the still-warm machine loads its compiled graphs (the
+  # 64x64 step: 222 s cold, 27 s warm on the H200), the trainer's too (its compile_cache key yields to this)
+  export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/bench_inductor_cache}
   # name:VAR=value,VAR=value (the gpu_session.sh settings of one job)
   JOBS=${JOBS:-"unet64:PHASES=unet_compiled_static,COMPILED_RUNS=64px:default,RESERVE_unet_compiled_static=0
 trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
