@@ -200,6 +200,20 @@ def norms_context(fp32_norms: bool):
     return stack
 
 
+def apply_inductor_options(options: list[str]) -> str:
+    """Set torch._inductor.config from "key=value" strings (values read as YAML: 1, true, 0.5, text); returns them
+    as a label suffix ("" for none). An unknown key stops with its name."""
+    import yaml
+    from torch._inductor import config
+
+    for option in options:
+        key, _, value = option.partition("=")
+        if not hasattr(config, key):
+            raise SystemExit(f"--inductor {option}: torch._inductor.config has no {key!r}")
+        setattr(config, key, yaml.safe_load(value))
+    return "".join(f" inductor {option}" for option in options)
+
+
 def compiled(model, variant: Variant, backend: str = "inductor"):
     """The model, or torch.compile(model) in the variant's mode (another backend, e.g. aot_eager, takes no mode)."""
     if not variant.compile:
@@ -355,6 +369,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default",
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     p.add_argument("--channels_last", action="store_true", help="NHWC weights and activations for our UNet")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch._inductor.config setting for --compile (repeatable), e.g. coordinate_descent_tuning=1")
     p.add_argument("--no_mask", action="store_true", help="both models: the 77 positions unmasked")
     p.add_argument("--attention", choices=ATTENTION, default="trimmed", help="how our UNet sees the text (above)")
     p.add_argument("--gradient_checkpointing", action="store_true")
@@ -372,6 +388,7 @@ def main(argv=None) -> None:
     if args.design:
         args.channels = DESIGN_CHANNELS
     torch.set_num_threads(args.threads)
+    apply_inductor_options(args.inductor)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

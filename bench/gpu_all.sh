@@ -10,7 +10,9 @@
 #          each its own bench/gpu_session.sh under `nice`: their compiles overlap on the host's cores, their timings
 #          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone. On the H200 (2026-11-27, fifth
 #          session) the four default jobs took 294 s; rerun any job whose row looks off alone (JOBS="name:..."):
-#          a first compiled step runs outside the lock and can overlap another job's timing.
+#          a first compiled step runs outside the lock and can overlap another job's timing. Compile variants A/B
+#          the same way, e.g. JOBS="base:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
+#          cdt:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0,INDUCTOR_OPTIONS=coordinate_descent_tuning=1"
 #   PART=all (default): parts 1 and 2, with part 1 shortened to fit one 10-minute call.
 # Needs .device/ from ../shared/device/prepare.sh (the packages the GPU image lacks); writes at most 8 files to $OUT:
 # env.txt (with bench_update.py's rows), table.txt, results.json, results.jsonl, log.txt, demo.txt, demo_gpu_tail.txt,

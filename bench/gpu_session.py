@@ -159,6 +159,14 @@ def configure(device: torch.device) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def inductor_options() -> str:
+    """INDUCTOR_OPTIONS="key=value;key=value" applied to torch._inductor.config (a job's compile variant, e.g.
+    coordinate_descent_tuning=1); returns the label suffix that names them."""
+    import re
+
+    return bu.apply_inductor_options([o for o in re.split(r"[;\s]+", os.environ.get("INDUCTOR_OPTIONS", "")) if o])
+
+
 # --------------------------------------------------------------------------------------------------- UNet phases
 
 
@@ -356,8 +364,9 @@ def phase_unet_compiled(s: Session, runs: list[tuple[str, str]], dynamic: bool) 
     Static: each workload compiles its own graph, from a reset (otherwise a second shape would make dynamo
     recompile with dynamic sizes)."""
     bench = UNetBench(s, with_diffusers=False)
+    options = inductor_options()
     for i, (key, mode) in enumerate(runs):
-        label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last + cuDNN attention"
+        label = f"ours compile {mode}" + (" dynamic" if dynamic else "") + " channels_last + cuDNN attention" + options
         variant = bu.Variant("ours", "trimmed", compile=True, compile_mode=mode, channels_last=True, dynamic=dynamic,
                              sdpa_backend="cudnn")
         first = i == 0 or not dynamic

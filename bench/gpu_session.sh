@@ -13,6 +13,7 @@
 # phases after it. Environment: BUDGET_S (seconds for the phases, default 330), PHASES (a subset, in order),
 # CAP_<phase> (seconds one phase may take), RESERVE_<phase> (seconds it leaves for the phases after it),
 # UNET_KEYS (workloads of unet_eager, in order: "b64 b16 64px"), ATTENTION_OPTIONS (0: skip those rows),
+# INDUCTOR_OPTIONS ("key=value;key=value": torch._inductor.config for the compiled UNet rows, named in their label),
 # COMPILED_RUNS (unet_compiled_static's "workload:mode" list), TRAINER_BATCHES ("64 16"), TRAINER_MODES
 # (trainer_compiled's compile modes: "reduce-overhead"), PREVIOUS (an earlier session's results.jsonl, taken on a GPU
 # of the same name: its measured rows are kept and not measured again; the report merges both). CPU dry run of every
