@@ -6,12 +6,13 @@
 #          resumes what the second session of 2026-11-27 measured, and measures what it lacks.
 #   part 2 (PART=2, ~5 minutes): `make demo` on the GPU (bf16, the stage-2 UNet compiled with CUDA graphs; eager bf16
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
-#   part 3 (PART=3, ~5 minutes): the rows no session had time to compile, as parallel jobs (JOBS, default below),
+#   part 3 (PART=3, ~5 minutes): compiled rows as parallel jobs (JOBS, default below: what is still to measure),
 #          each its own bench/gpu_session.sh under `nice`: their compiles overlap on the host's cores, their timings
-#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone. On the H200 (2026-11-27, fifth
-#          session) the four default jobs took 294 s; rerun any job whose row looks off alone (JOBS="name:..."):
-#          a first compiled step runs outside the lock and can overlap another job's timing. Compile variants A/B
-#          the same way, e.g. JOBS="base:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
+#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone. In the third H200 session
+#          (2026-11-27) four jobs (64x64 UNet, both trainers, stage 1) took 294 s. A job's first, compiling step
+#          runs outside the lock and can overlap another job's timing: rerun alone (JOBS="name:...") any row that
+#          looks off. Compile variants are A/B'd the same way, e.g.
+#          JOBS="base:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
 #          cdt:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0,INDUCTOR_OPTIONS=coordinate_descent_tuning=1"
 #   PART=all (default): parts 1 and 2, with part 1 shortened to fit one 10-minute call.
 # Needs .device/ from ../shared/device/prepare.sh (the packages the GPU image lacks); writes at most 8 files to $OUT:
@@ -49,10 +50,13 @@ if [ "$PART" = 3 ]; then
   # 64x64 step: 222 s cold, 27 s warm on the H200), the trainer's too (its compile_cache key yields to this)
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/bench_inductor_cache}
   # name:VAR=value,VAR=value (the gpu_session.sh settings of one job)
-  JOBS=${JOBS:-"unet64:PHASES=unet_compiled_static,COMPILED_RUNS=64px:default,RESERVE_unet_compiled_static=0
-trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
+  # default: what the third H200 session left (the trainers again, with the EMA that no longer reads back its weight and
+  # the b64 row alone; an A/B of one inductor setting at b64). ~110 GiB of GPU memory together: an H200's, not an
+  # H100's. That session's other jobs were unet64 (COMPILED_RUNS=64px:default) and stage1 (PHASES=stage1_compiled).
+  JOBS=${JOBS:-"trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
 trainer16:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead
-stage1:PHASES=stage1_compiled"}
+b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
+b64cdt:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0,INDUCTOR_OPTIONS=coordinate_descent_tuning=1"}
   budget=$(( $(left) - 25 ))
   for job in $JOBS; do
     name=${job%%:*}
