@@ -457,9 +457,11 @@ class HostReads(TorchDispatchMode):
     WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
              torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
 
-    def __init__(self):
+    def __init__(self, state=None):
         super().__init__()
+        self.state = state  # a training state: each read is recorded with its .step
         self.reads: list[str] = []
+        self.steps: list[int] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in self.WAITS:
@@ -468,15 +470,16 @@ class HostReads(TorchDispatchMode):
             frames = [f"{os.path.basename(f.filename)}:{f.name}" for f in traceback.extract_stack()
                       if os.sep + "src" + os.sep in f.filename]
             self.reads.append(" <- ".join(reversed(frames)))
+            self.steps.append(self.state.step if self.state is not None else -1)
         return func(*args, **(kwargs or {}))
 
 
-def test_training_steps_never_wait_for_the_device(stage2_setup):
+def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
     """Between log steps, neither trainer reads a device value on the host: stage 1's step (autoencoder and
     PatchGAN, GAN on) and stage 2's step from the latent cache (posterior sample, text, condition dropout, UNet,
-    guarded update, EMA). Stage 2's only host reads are padding_extent's, on the loader's CPU mask before the copy
-    (Condition.trimmed). On this CPU a read costs nothing, but on a GPU each one stalls the host until the queue
-    drains."""
+    guarded update, EMA), then stage 2's whole loop up to its one log step. Stage 2's only host reads are
+    padding_extent's, on the loader's CPU mask before the copy (Condition.trimmed). On this CPU a read costs
+    nothing, but on a GPU each one stalls the host until the queue drains."""
     from src.training.stage1 import train_step as stage1_step
     from src.training.stage2 import train_step as stage2_step
     from tests.stage1_helpers import images, tiny_stage1
@@ -503,7 +506,30 @@ def test_training_steps_never_wait_for_the_device(stage2_setup):
     with HostReads() as host:
         for _ in range(2):
             stage2_step(accelerator, ctx, state, iter([batch]))
-    assert host.reads and all(read.startswith("unet.py:padding_extent <- unet.py:trimmed") for read in host.reads)
+    trimming = "unet.py:padding_extent <- unet.py:trimmed"
+    assert host.reads and all(read.startswith(trimming) for read in host.reads)
+
+    # the whole loop (metric window, step events, progress bar): reads only at its one log step, the last
+    import dataclasses
+    import itertools
+
+    import stage2_diffusion_trainer
+    from src.training.stage2 import train_loop
+
+    work = tmp_path / "run"
+    work.mkdir()
+    args = stage2_diffusion_trainer.parse_args([
+        "--working_directory", str(work), "--training_config", "unused.yaml", "--dataset", "shapes",
+        "--path_to_vae_backbone", "unused.safetensors", "--report_to", "none"])
+    ctx.train_cfg = dataclasses.replace(ctx.train_cfg, total_training_iterations=state.step + 4, log_every=1000,
+                                        checkpoint_iterations=0, val_generation_freq=0)
+    with HostReads(state) as host:
+        assert train_loop(args, accelerator, ctx, state, itertools.repeat(batch))
+    last = ctx.train_cfg.total_training_iterations
+    before_last = [read for read, step in zip(host.reads, host.steps) if step < last]
+    assert len(before_last) >= 8 and all(read.startswith(trimming) for read in before_last)
+    assert any(step == last and not read.startswith(trimming) for read, step in zip(host.reads, host.steps))
+    assert (work / "metrics.jsonl").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ compile cache
