@@ -32,7 +32,7 @@ _niceness: Optional[int] = None
 def _set_niceness(value: int) -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, 0, value)
-    except (OSError, PermissionError):  # lowering niceness needs root (a lent GPU machine runs commands as root)
+    except OSError:  # lowering niceness needs root (a lent GPU machine runs commands as root)
         pass
 
 
