@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from gpu_lock import gpu_exclusive  # noqa: E402
-from mfu import count_flops, matmul_tflops, mfu, mfu_line, spec_peak_tflops, synchronize, time_per_call  # noqa: E402
+from mfu import count_flops, matmul_tflops, mfu, mfu_line, spec_peak_tflops, time_per_call  # noqa: E402
 
 from src.config import UNetConfig  # noqa: E402
 from src.diffusion.schedule import DiffusionProcess, diffusion_loss  # noqa: E402
@@ -294,12 +294,9 @@ def measure(model, variant: Variant, w: Workload, batch: Batch, dtype, device, f
         step = make_step(model, forward, batch, dtype, device, opt,
                          variant.compile and "reduce-overhead" in variant.compile_mode, variant.sdpa_backend,
                          variant.fp32_norms)
-        if warmup:
-            step()  # the first call compiles, outside gpu_exclusive(): other benches may time meanwhile
-            synchronize(device)
-        with gpu_exclusive():
-            seconds = time_per_call(step, device, max(warmup - 1, 0), steps)
-            if inspect is not None:
+        seconds = time_per_call(step, device, warmup, steps)  # its first call (the compile) outside gpu_exclusive()
+        if inspect is not None:
+            with gpu_exclusive():
                 result.extra = inspect(step)
         result.ms_per_step = 1000 * seconds
         result.img_per_s = w.batch / seconds

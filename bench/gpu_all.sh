@@ -27,10 +27,11 @@ left() { echo $(( LIMIT - ($(date +%s) - T0) )); }
 source .device/setup.sh || { echo "setup failed"; exit 1; }
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/env.txt" 2>&1
+# the update around the step at the design size (gradient norm, clipping, fused AdamW, EMA): ~20 s, into env.txt
+update_rows() { timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1; }
 
 if [ "$PART" = 1 ] || [ "$PART" = all ]; then
-  # the update around the step at the design size (gradient norm, clipping, fused AdamW, EMA): ~20 s, into env.txt
-  timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1
+  update_rows
   budget=$(( $(left) - 20 )); [ "$PART" = all ] && budget=255
   # Resumes the rows the second H200 session measured with this code (bench/results/h200_2026-11-27_session2.jsonl:
   # b64 eager, b64 and b16 compiled, stage 1 eager); after a change to the models, pass PREVIOUS= (empty) or a file
@@ -44,7 +45,7 @@ if [ "$PART" = 1 ] || [ "$PART" = all ]; then
 fi
 
 if [ "$PART" = 3 ]; then
-  timeout -k 5 60 python3 bench/bench_update.py --device cuda --steps 10 >> "$OUT/env.txt" 2>&1
+  update_rows
   export BENCH_GPU_LOCK=/tmp/bench_gpu.lock
   # one inductor cache for every job and call: a rerun on the still-warm machine loads its compiled graphs (the
   # 64x64 step: 222 s cold, 27 s warm on the H200), the trainer's too (its compile_cache key yields to this)
