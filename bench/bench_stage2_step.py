@@ -104,14 +104,17 @@ def make_assets(work: Path, tiny: bool) -> dict:
     return {"vae": vae_file, "model_config": work / "ldm.yaml"}
 
 
-def train_config(work: Path, batch: int, images: int, compiled: bool, mode: str, tiny: bool) -> Path:
-    """configs/stage2_diffusion_train.yaml with the bench's batch, no validation and no checkpoints on the way."""
+def train_config(work: Path, batch: int, images: int, compiled: bool, mode: str, tiny: bool,
+                 overrides: Optional[dict] = None) -> Path:
+    """configs/stage2_diffusion_train.yaml with the bench's batch, no validation and no checkpoints on the way, and
+    `overrides` (training keys, for A/B rows such as ema_update_every=1)."""
     cfg = yaml.safe_load((ROOT / "configs" / "stage2_diffusion_train.yaml").read_text())
     cfg.update(per_gpu_batch_size=batch, total_training_iterations=10**6, checkpoint_iterations=0,
                val_generation_freq=0, shapes_num_images=images, lr_warmup_steps=10, compile=compiled,
                compile_mode=mode, channels_last=compiled and not tiny)
     if tiny:
         cfg.update(num_workers=0, pin_memory=False)
+    cfg.update(overrides or {})
     path = work / f"train_b{batch}_{'compiled' if compiled else 'eager'}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -146,8 +149,9 @@ def isolated_step(ctx, state, loader, device: torch.device, warmup: int, steps: 
 
 def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: str = "default", tiny: bool = False,
         work_dir: Path = Path("/tmp/bench_stage2_step"), steps: tuple[int, int] = (5, 15),
-        mixed_precision: str = "bf16", backend: str = "inductor") -> dict:
-    """Trainer img/s and isolated-step img/s at `batch`; returns both and their ratio."""
+        mixed_precision: str = "bf16", backend: str = "inductor", overrides: Optional[dict] = None) -> dict:
+    """Trainer img/s and isolated-step img/s at `batch`; returns both and their ratio. `overrides`: training keys
+    set over the GPU config's."""
     from accelerate.state import AcceleratorState, GradientState
 
     import stage2_diffusion_trainer as trainer
@@ -161,7 +165,7 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     assets = make_assets(work_dir / "assets", tiny) if not (work_dir / "assets" / "ldm.yaml").is_file() else \
         {"vae": work_dir / "assets" / "vae.safetensors", "model_config": work_dir / "assets" / "ldm.yaml"}
     images = 64 if tiny else 1024  # one cache for every batch size; 16 batches of 64 per epoch
-    train_path = train_config(work_dir, batch, images, compiled, compile_mode, tiny)
+    train_path = train_config(work_dir, batch, images, compiled, compile_mode, tiny, overrides)
     run_dir = work_dir / f"run_b{batch}_{time.time_ns()}"
     os.environ["ACCELERATE_MIXED_PRECISION"] = mixed_precision if device.type == "cuda" else "no"
     AcceleratorState._reset_state(True)
@@ -194,6 +198,7 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     out = {"trainer_img_s": batch / trainer_s, "isolated_img_s": batch / isolated_s, "trainer_ms": 1e3 * trainer_s,
            "isolated_ms": 1e3 * isolated_s, "ratio": isolated_s / trainer_s, "mixed_precision": str(accelerator.mixed_precision),
            "windows_with_a_recompile": timed_loader.recompiled, "attention_backend": train_cfg.attention_backend,
+           "ema_update_every": train_cfg.ema_update_every, "overrides": overrides or {},
            "text_len": int(next(iter(loader))["text_embeds"].shape[1]) if ctx.conditioning == "text" else None}
     print(f"batch {batch} ({'compile ' + compile_mode if compiled else 'eager'}): trainer {out['trainer_img_s']:.1f} img/s "
           f"({out['trainer_ms']:.1f} ms/step), isolated UNet step {out['isolated_img_s']:.1f} img/s "
@@ -212,10 +217,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="tiny models (a CPU check of the code path)")
     p.add_argument("--work_dir", default="/tmp/bench_stage2_step")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training key over the GPU config's (YAML value), e.g. --set ema_update_every=1")
     args = p.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     for batch in args.batch:
         run(batch, torch.device(args.device), args.compile, args.compile_mode, args.tiny, Path(args.work_dir),
-            (args.warmup, args.steps), args.mixed_precision)
+            (args.warmup, args.steps), args.mixed_precision, overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -416,16 +416,21 @@ def phase_stage1(s: Session, compiled: bool) -> None:
 
 def phase_trainer(s: Session, compiled: bool) -> None:
     import bench_stage2_step as bt
+    import yaml
 
     batches = [2] if s.tiny else [int(b) for b in os.environ.get("TRAINER_BATCHES", "64 16").split()]
+    # TRAINER_SET="key=value;key=value": training keys over the GPU config's (an A/B row, e.g. ema_update_every=1)
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in
+                                                    os.environ.get("TRAINER_SET", "").split(";") if item)}
+    suffix = "".join(f" {k}={v}" for k, v in overrides.items())
     for batch in batches:
         for mode in (os.environ.get("TRAINER_MODES", "reduce-overhead").split() if compiled else ["default"]):
             estimate = (15 if s.tiny else 60) + (s.compile_estimate if compiled else 0)
-            label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager")
+            label = f"trainer b{batch}" + (f" compile {mode}" if compiled else " eager") + suffix
             s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(
                 batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,
                 work_dir=Path(os.environ.get("GPU_SESSION_WORK", "/tmp/gpu_session_work")),
-                steps=s.steps, backend=s.backend), row=label, batch=batch)
+                steps=s.steps, backend=s.backend, overrides=overrides), row=label, batch=batch)
             free(s.device, compiled)
 
 

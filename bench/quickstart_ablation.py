@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict] = {
     "cosine_schedule": {"beta_schedule": "cosine"},
     "lr_1e-3": {"learning_rate": 1.0e-3},
     "batch_64": {"per_gpu_batch_size": 64},
+    "ema_every_10": {"ema_update_every": 10},  # same training trajectory as shipped: only the EMA differs
 }
 SCORES = ("shape_color", "background_color", "shape", "clean")
 

@@ -203,6 +203,7 @@ class Stage2TrainConfig(TrainConfig):
     pre_encoded_text: Optional[bool] = None  # overrides ldm.yaml's unet.pre_encoded_text when set
     ema_decay: float = 0.9999
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + n) / (10 + n))
+    ema_update_every: int = field(default=1, metadata={"min": 1})  # the shadow moves every this many steps (ema.py)
     val_sampler: Literal["ddim", "dpmpp_2m", "ddpm"] = "ddim"
     val_sampler_steps: int = 50
     val_guidance_scale: float = 4.0

@@ -474,6 +474,17 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def latent_cache_batch(ctx, dataset) -> dict:
+    """A batch of 4 as the latent cache gives it: both views' posterior moments and padded text embeddings."""
+    pictures = torch.stack([dataset[i]["image"] for i in range(4)])  # (4, 3, H, W)
+    with torch.no_grad():
+        moments = [torch.stack(ctx.vae.latent_moments(x), 1) for x in (pictures, pictures.flip(-1))]  # (4, 2, C, h, w)
+    lengths = torch.tensor([3, 5, 2, 7])
+    return {"moments": torch.stack(moments, 1),  # (4, 2 views, 2, C, h, w), the latent cache's layout
+            "text_embeds": torch.randn(4, 12, ctx.unet_module.config.text_embed_dim),
+            "text_embeds_mask": (torch.arange(12)[None] < lengths[:, None]).long()}  # (4, 12): padded captions
+
+
 def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
     """Between log steps, neither trainer reads a device value on the host: stage 1's step (autoencoder and
     PatchGAN, GAN on) and stage 2's step from the latent cache (posterior sample, text, condition dropout, UNet,
@@ -493,15 +504,8 @@ def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
             stage1_step(accelerator, state, loss_fn, batches, cfg)
     assert host.reads == []
 
-    accelerator, ctx, state = build_stage2(stage2_setup, cfg_dropout_prob=0.5)
-    dataset = stage2_setup[1]
-    pictures = torch.stack([dataset[i]["image"] for i in range(4)])  # (4, 3, H, W)
-    with torch.no_grad():
-        moments = [torch.stack(ctx.vae.latent_moments(x), 1) for x in (pictures, pictures.flip(-1))]  # (4, 2, C, h, w)
-    lengths = torch.tensor([3, 5, 2, 7])
-    batch = {"moments": torch.stack(moments, 1),  # (4, 2 views, 2, C, h, w), the latent cache's layout
-             "text_embeds": torch.randn(4, 12, ctx.unet_module.config.text_embed_dim),
-             "text_embeds_mask": (torch.arange(12)[None] < lengths[:, None]).long()}  # (4, 12): padded captions
+    accelerator, ctx, state = build_stage2(stage2_setup, cfg_dropout_prob=0.5, ema_update_every=2)
+    batch = latent_cache_batch(ctx, stage2_setup[1])
     stage2_step(accelerator, ctx, state, iter([batch]))
     with HostReads() as host:
         for _ in range(2):
@@ -509,7 +513,8 @@ def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
     trimming = "unet.py:padding_extent <- unet.py:trimmed"
     assert host.reads and all(read.startswith(trimming) for read in host.reads)
 
-    # the whole loop (metric window, step events, progress bar): reads only at its one log step, the last
+    # the whole loop (metric window, step events, progress bar, the EMA moving every other step): reads only at
+    # its one log step, the last
     import dataclasses
     import itertools
 
@@ -530,6 +535,31 @@ def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
     assert len(before_last) >= 8 and all(read.startswith(trimming) for read in before_last)
     assert any(step == last and not read.startswith(trimming) for read, step in zip(host.reads, host.steps))
     assert (work / "metrics.jsonl").is_file()
+
+
+def test_ema_every_k_steps_is_flushed_before_the_end_of_training(stage2_setup, tmp_path):
+    """ema_update_every above the run's length: the shadow moves once, at the last step, by all the steps'
+    decays together, so the saved EMA is lerp(initial, final weights, 1 - prod decay_n) and not the initial UNet."""
+    import dataclasses
+    import itertools
+
+    import stage2_diffusion_trainer
+    from src.training.stage2 import train_loop
+    accelerator, ctx, state = build_stage2(stage2_setup, ema_update_every=1000, ema_decay=0.999)
+    initial = copy.deepcopy(state.ema.shadow)
+    steps = 5
+    ctx.train_cfg = dataclasses.replace(ctx.train_cfg, total_training_iterations=steps, log_every=1000,
+                                        checkpoint_iterations=0, val_generation_freq=0)
+    args = stage2_diffusion_trainer.parse_args([
+        "--working_directory", str(tmp_path), "--training_config", "unused.yaml", "--dataset", "shapes",
+        "--path_to_vae_backbone", "unused.safetensors", "--report_to", "none"])
+    assert train_loop(args, accelerator, ctx, state, itertools.repeat(latent_cache_batch(ctx, stage2_setup[1])))
+    decays = torch.tensor([(1 + n) / (10 + n) for n in range(steps)])  # the warm-up's, all below 0.999
+    weight = 1 - decays.prod()
+    for (name, p0), p, p_ema in zip(initial.named_parameters(), ctx.unet_module.parameters(),
+                                    state.ema.shadow.parameters()):
+        torch.testing.assert_close(p_ema, torch.lerp(p0, p.detach(), weight), msg=name)
+    assert not all(torch.equal(a, b) for a, b in zip(initial.parameters(), state.ema.shadow.parameters()))
 
 
 # ------------------------------------------------------------------------------------------------ compile cache

@@ -514,7 +514,7 @@ def build_training_state(accelerator, ctx: Stage2Context) -> Stage2State:
                                 cfg.weight_decay, cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.total_training_iterations)
     unet = accelerator.prepare(unet)
     ctx.unet_module = accelerator.unwrap_model(unet)
-    ema = EMA(ctx.unet_module, cfg.ema_decay, cfg.ema_warmup).to(device)
+    ema = EMA(ctx.unet_module, cfg.ema_decay, cfg.ema_warmup, cfg.ema_update_every).to(device)
     randomness = StepRandomness.create(cfg.seed, accelerator.process_index, device)
     guard = NonFiniteGuard(("loss", "grad_norm/unet"), cfg.max_nonfinite_steps, device)
     unet = compile_module(unet, cfg)  # what the step calls; the EMA, checkpoints and validation use the module
@@ -551,7 +551,7 @@ def train_step(accelerator, ctx: Stage2Context, state: Stage2State, batches) -> 
     losses = torch.stack(losses)  # (accum,)
     loss_bad = any_process(accelerator, ~torch.isfinite(losses).all()[None])  # (1,)
     skipped, grad_bad, norms = guarded_update([state.trainable], state.precision, loss_bad[0])
-    state.ema.update(ctx.unet_module, skipped)
+    state.ema.update(ctx.unet_module, skipped, step=state.step + 1)
     counted = loss_bad[0] | (grad_bad[0] & (state.precision.scaler is None))  # not an fp16 overflow
     state.guard.record(state.step + 1, torch.cat([loss_bad, grad_bad]), skipped, counted)
     return {"loss": losses.mean(), "grad_norm": norms[0]}, skipped
@@ -583,7 +583,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
     Returns True at the end of training, False when a stop signal (SIGTERM / SIGUSR1) ended the run early,
     after a checkpoint. Device values are read on the host only at log, checkpoint and stop steps.
     """
-    from .periodic_fid import periodic_fid
+    from .periodic_fid import fid_enabled, periodic_fid
     from .preemption import GracefulStop
     from .setup import MetricsLog, progress_bar
 
@@ -601,6 +601,9 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
             state.step += 1
             bar.update(1)
             events = step_events(state.step, cfg, stop, accelerator)
+            if (events.end or every(state.step, cfg.val_generation_freq)
+                    or (fid_enabled(ctx) and every(state.step, cfg.fid_eval_freq))):
+                state.ema.flush(ctx.unet_module)  # the shadow is read below (ema_update_every > 1: steps pending)
             fid = periodic_fid(args, accelerator, ctx, state.ema.shadow, state.step)  # {} unless FID is on and due
             if events.log or fid:
                 log_step(accelerator, state, window, metrics, bar, fid)
