@@ -51,13 +51,15 @@ if [ "$PART" = 3 ]; then
   # 64x64 step: 222 s cold, 27 s warm on the H200), the trainer's too (its compile_cache key yields to this)
   export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/bench_inductor_cache}
   # name:VAR=value,VAR=value (the gpu_session.sh settings of one job)
-  # default: what the third H200 session left (the trainers again, with the EMA that no longer reads back its weight and
-  # the b64 row alone; an A/B of one inductor setting at b64). ~110 GiB of GPU memory together: an H200's, not an
-  # H100's. That session's other jobs were unet64 (COMPILED_RUNS=64px:default) and stage1 (PHASES=stage1_compiled).
+  # default: what the third H200 session left: the trainers again, with the EMA that no longer reads back its weight
+  # and moves every 10 steps (the GPU config's ema_update_every), b16 against every step (TRAINER_SET, an A/B), and
+  # the b64 row alone. Roughly 100 GiB of GPU memory together: an H200's, not an H100's. The third session's other
+  # jobs were unet64 (COMPILED_RUNS=64px:default) and stage1 (PHASES=stage1_compiled); the inductor A/B above (cdt)
+  # is left for a call of its own.
   JOBS=${JOBS:-"trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
 trainer16:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead
-b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
-b64cdt:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0,INDUCTOR_OPTIONS=coordinate_descent_tuning=1"}
+trainer16ema1:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead,TRAINER_SET=ema_update_every=1
+b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0"}
   budget=$(( $(left) - 25 ))
   for job in $JOBS; do
     name=${job%%:*}
