@@ -103,3 +103,29 @@ def test_quickstart_pipeline_hands_off_between_stages(tmp_path):
     assert Image.open(out / "curves.png").format == "PNG"
     for run in ("vae", "diffusion"):
         assert list((work / run / "tensorboard").rglob("events.out.tfevents.*")), run
+
+
+def test_gpu_configs_set_cuda_graphs_and_the_ema_every_10_steps_and_nothing_else(tmp_path):
+    """QUICKSTART_GPU=1's rewrite of the demo's work copies (scripts/quickstart_gpu_configs.sh): the files still
+    load, stage 2 gets CUDA graphs and the EMA every 10 steps, every other key of both keeps its value; a key the
+    file lacks stops the script, naming it."""
+    from src.config import Stage1TrainConfig, Stage2TrainConfig, load_config, to_dict
+
+    src = ROOT / "configs" / "quickstart"
+    names = {"stage1_vae_train.yaml": Stage1TrainConfig, "stage2_diffusion_train.yaml": Stage2TrainConfig}
+    for name in names:
+        (tmp_path / name).write_text((src / name).read_text())
+    script = ROOT / "scripts" / "quickstart_gpu_configs.sh"
+    subprocess.run(["bash", str(script), str(tmp_path)], check=True, capture_output=True, text=True)
+    shipped = {n: to_dict(load_config(src / n, c)) for n, c in names.items()}
+    gpu = {n: to_dict(load_config(tmp_path / n, c)) for n, c in names.items()}
+    g2 = gpu["stage2_diffusion_train.yaml"]
+    assert (g2["compile"], g2["compile_mode"], g2["ema_update_every"]) == (True, "reduce-overhead", 10)
+    changed = {n: {k for k in shipped[n] if shipped[n][k] != gpu[n][k]} for n in names}
+    assert changed == {"stage1_vae_train.yaml": set(),
+                       "stage2_diffusion_train.yaml": {"compile", "compile_mode", "ema_update_every"}}
+
+    text = (tmp_path / "stage2_diffusion_train.yaml").read_text()
+    (tmp_path / "stage2_diffusion_train.yaml").write_text(text.replace("ema_update_every:", "# ema_update_every:"))
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "ema_update_every" in proc.stderr
