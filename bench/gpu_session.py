@@ -423,6 +423,8 @@ def phase_trainer(s: Session, compiled: bool) -> None:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in
                                                     os.environ.get("TRAINER_SET", "").split(";") if item)}
     suffix = "".join(f" {k}={v}" for k, v in overrides.items())
+    # ten timed steps hold one log step (log_every) and one move of the EMA (ema_update_every) of the GPU config
+    steps = s.steps if s.tiny else (s.steps[0], max(s.steps[1], 10))
     for batch in batches:
         for mode in (os.environ.get("TRAINER_MODES", "reduce-overhead").split() if compiled else ["default"]):
             estimate = (15 if s.tiny else 60) + (s.compile_estimate if compiled else 0)
@@ -430,7 +432,7 @@ def phase_trainer(s: Session, compiled: bool) -> None:
             s.guarded("trainer", estimate, lambda b=batch, m=mode: bt.run(
                 batch=b, device=s.device, compiled=compiled, compile_mode=m, tiny=s.tiny,
                 work_dir=Path(os.environ.get("GPU_SESSION_WORK", "/tmp/gpu_session_work")),
-                steps=s.steps, backend=s.backend, overrides=overrides), row=label, batch=batch)
+                steps=steps, backend=s.backend, overrides=overrides), row=label, batch=batch)
             free(s.device, compiled)
 
 
