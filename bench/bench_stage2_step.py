@@ -104,6 +104,11 @@ def make_assets(work: Path, tiny: bool) -> dict:
     return {"vae": vae_file, "model_config": work / "ldm.yaml"}
 
 
+def parse_overrides(items) -> dict:
+    """Training keys from "key=value" strings (values read as YAML: 1, true, 0.5, text)."""
+    return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def train_config(work: Path, batch: int, images: int, compiled: bool, mode: str, tiny: bool,
                  overrides: Optional[dict] = None) -> Path:
     """configs/stage2_diffusion_train.yaml with the bench's batch, no validation and no checkpoints on the way, and
@@ -220,7 +225,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a training key over the GPU config's (YAML value), e.g. --set ema_update_every=1")
     args = p.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     for batch in args.batch:
         run(batch, torch.device(args.device), args.compile, args.compile_mode, args.tiny, Path(args.work_dir),
             (args.warmup, args.steps), args.mixed_precision, overrides=overrides)

@@ -416,12 +416,10 @@ def phase_stage1(s: Session, compiled: bool) -> None:
 
 def phase_trainer(s: Session, compiled: bool) -> None:
     import bench_stage2_step as bt
-    import yaml
 
     batches = [2] if s.tiny else [int(b) for b in os.environ.get("TRAINER_BATCHES", "64 16").split()]
     # TRAINER_SET="key=value;key=value": training keys over the GPU config's (an A/B row, e.g. ema_update_every=1)
-    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in
-                                                    os.environ.get("TRAINER_SET", "").split(";") if item)}
+    overrides = bt.parse_overrides(item for item in os.environ.get("TRAINER_SET", "").split(";") if item)
     suffix = "".join(f" {k}={v}" for k, v in overrides.items())
     # ten timed steps hold one log step (log_every) and one move of the EMA (ema_update_every) of the GPU config
     steps = s.steps if s.tiny else (s.steps[0], max(s.steps[1], 10))

@@ -39,13 +39,17 @@ def fid_enabled(ctx: Stage2Context) -> bool:
     return ctx.train_cfg.fid_num_samples > 0 and ctx.train_cfg.fid_eval_freq > 0
 
 
+def fid_due(ctx: Stage2Context, step: int) -> bool:
+    """An evaluation follows training step `step`."""
+    return fid_enabled(ctx) and step % ctx.train_cfg.fid_eval_freq == 0
+
+
 def periodic_fid(args, accelerator, ctx: Stage2Context, ema_unet: UNet, step: int) -> dict:
     """{'fid', 'kid'} of the EMA model at this step when an evaluation is due, {} otherwise."""
     if not fid_enabled(ctx):
         return {}
-    cfg = ctx.train_cfg
-    weights = resolve_inception_weights(cfg.fid_inception_weights)
-    if step % cfg.fid_eval_freq != 0:
+    weights = resolve_inception_weights(ctx.train_cfg.fid_inception_weights)
+    if not fid_due(ctx, step):
         return {}
     return evaluate_fid(args, accelerator, ctx, ema_unet, step, weights)
 

@@ -583,7 +583,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
     Returns True at the end of training, False when a stop signal (SIGTERM / SIGUSR1) ended the run early,
     after a checkpoint. Device values are read on the host only at log, checkpoint and stop steps.
     """
-    from .periodic_fid import fid_enabled, periodic_fid
+    from .periodic_fid import fid_due, periodic_fid
     from .preemption import GracefulStop
     from .setup import MetricsLog, progress_bar
 
@@ -601,15 +601,15 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
             state.step += 1
             bar.update(1)
             events = step_events(state.step, cfg, stop, accelerator)
-            if (events.end or every(state.step, cfg.val_generation_freq)
-                    or (fid_enabled(ctx) and every(state.step, cfg.fid_eval_freq))):
+            validate = every(state.step, cfg.val_generation_freq)
+            if events.end or validate or fid_due(ctx, state.step):
                 state.ema.flush(ctx.unet_module)  # the shadow is read below (ema_update_every > 1: steps pending)
             fid = periodic_fid(args, accelerator, ctx, state.ema.shadow, state.step)  # {} unless FID is on and due
             if events.log or fid:
                 log_step(accelerator, state, window, metrics, bar, fid)
             if events.checkpoint:
                 path = save_training_checkpoint(accelerator, ctx, state, args.working_directory)
-            if every(state.step, cfg.val_generation_freq):
+            if validate:
                 if accelerator.is_main_process:
                     grid = validation_grid(ctx, state.ema.shadow, state.step, gens_dir)
                     if grid is not None:
