@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,36 +115,48 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def bounded(default: Any, min: Any = None, max: Any = None, below: Any = None) -> Any:
+    """A field whose YAML value must lie in [min, max] (or below `below`, exclusive); checked at load."""
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("below", below)) if v is not None}
+    return field(default=default, metadata=bounds)
+
+
+COUNT = dict(min=1)  # a batch size, a number of steps or images: at least one
+NONNEGATIVE = dict(min=0)
+PROBABILITY = dict(min=0.0, max=1.0)
+ADAM_BETA = dict(min=0.0, below=1.0)
+
+
 @dataclass
 class TrainConfig:
     """Keys shared by both training stages: optimisation, checkpoints, validation and data."""
 
     # optimisation
-    learning_rate: float = 5e-5
+    learning_rate: float = bounded(5e-5, **NONNEGATIVE)
     lr_scheduler: str = "constant_with_warmup"  # any name transformers.get_scheduler knows
-    lr_warmup_steps: int = 1500
-    total_training_iterations: int = 400000
-    per_gpu_batch_size: int = 12
-    gradient_accumulation_steps: int = 1
+    lr_warmup_steps: int = bounded(1500, **NONNEGATIVE)
+    total_training_iterations: int = bounded(400000, **COUNT)
+    per_gpu_batch_size: int = bounded(12, **COUNT)
+    gradient_accumulation_steps: int = bounded(1, **COUNT)
     max_grad_norm: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    weight_decay: float = 0.005  # AdamW's decoupled decay; never applied to biases, norms and embeddings
+    adam_beta1: float = bounded(0.9, **ADAM_BETA)
+    adam_beta2: float = bounded(0.999, **ADAM_BETA)
+    adam_epsilon: float = bounded(1e-8, **NONNEGATIVE)
+    weight_decay: float = bounded(0.005, **NONNEGATIVE)  # AdamW's decoupled decay; never applied to biases, norms and embeddings
     seed: int = 0
-    max_nonfinite_steps: int = field(default=5, metadata={"min": 1})  # this many skipped steps in a row stop the run
+    max_nonfinite_steps: int = bounded(5, **COUNT)  # this many skipped steps in a row stop the run
     # logging, checkpoints and validation
-    log_every: int = field(default=10, metadata={"min": 1})  # metrics are read from the device every this many steps
-    checkpoint_iterations: int = field(default=5000, metadata={"min": 0})  # 0: only at the end and on a stop signal
-    checkpoints_total_limit: int = field(default=3, metadata={"min": 0})  # newest checkpoint_N kept; 0 keeps all
-    num_val_random_samples: int = 8
-    val_generation_freq: int = field(default=250, metadata={"min": 0})  # 0: never
+    log_every: int = bounded(10, **COUNT)  # metrics are read from the device every this many steps
+    checkpoint_iterations: int = bounded(5000, **NONNEGATIVE)  # 0: only at the end and on a stop signal
+    checkpoints_total_limit: int = bounded(3, **NONNEGATIVE)  # newest checkpoint_N kept; 0 keeps all
+    num_val_random_samples: int = bounded(8, **COUNT)
+    val_generation_freq: int = bounded(250, **NONNEGATIVE)  # 0: never
     # data
-    num_workers: int = 4
+    num_workers: int = bounded(4, **NONNEGATIVE)
     pin_memory: bool = True
-    random_flip_p: float = 0.5
+    random_flip_p: float = bounded(0.5, **PROBABILITY)
     interpolation: Literal["bilinear", "bicubic", "lanczos", "nearest"] = "bicubic"
-    shapes_num_images: int = 50000  # size of the built-in `shapes` dataset (ignored by file datasets)
+    shapes_num_images: int = bounded(50000, **COUNT)  # size of the built-in `shapes` dataset (ignored by file datasets)
     # speed (src/training/performance.py); none of these changes what is computed beyond rounding
     compile: bool = False  # torch.compile the networks the step trains (stage 1 also its LPIPS)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
@@ -160,27 +173,27 @@ class Stage1TrainConfig(TrainConfig):
 
     quantize: Optional[bool] = None  # overrides ldm.yaml's vae.quantize when set (the VQ-VAE config sets True)
     reconstruction_loss_fn: Literal["l1", "l2"] = "l1"
-    kl_weight: float = 1e-6
-    codebook_weight: float = 1.0
+    kl_weight: float = bounded(1e-6, **NONNEGATIVE)
+    codebook_weight: float = bounded(1.0, **NONNEGATIVE)
     # perceptual loss
     use_lpips: bool = True
     use_lpips_package: bool = False
     lpips_checkpoint: Optional[str] = None
-    lpips_weight: float = 0.5
+    lpips_weight: float = bounded(0.5, **NONNEGATIVE)
     # PatchGAN discriminator
     use_patchgan: bool = True
-    disc_start_dim: int = 64
-    disc_depth: int = 3
-    disc_kernel_size: int = 4
-    disc_leaky_relu: float = 0.2
-    disc_learning_rate: float = 5e-5
-    disc_adam_beta1: float = 0.5  # taming-transformers / LDM train the PatchGAN with Adam(0.5, 0.9), no decay
-    disc_adam_beta2: float = 0.9
-    disc_weight_decay: float = 0.0
+    disc_start_dim: int = bounded(64, **COUNT)
+    disc_depth: int = bounded(3, **COUNT)
+    disc_kernel_size: int = bounded(4, **COUNT)
+    disc_leaky_relu: float = bounded(0.2, **NONNEGATIVE)
+    disc_learning_rate: float = bounded(5e-5, **NONNEGATIVE)
+    disc_adam_beta1: float = bounded(0.5, **ADAM_BETA)  # taming-transformers / LDM train the PatchGAN with Adam(0.5, 0.9), no decay
+    disc_adam_beta2: float = bounded(0.9, **ADAM_BETA)
+    disc_weight_decay: float = bounded(0.0, **NONNEGATIVE)
     disc_lr_scheduler: str = "constant_with_warmup"
-    disc_lr_warmup_steps: int = 500
-    disc_start: int = 50000
-    disc_weight: float = 0.5
+    disc_lr_warmup_steps: int = bounded(500, **NONNEGATIVE)
+    disc_start: int = bounded(50000, **NONNEGATIVE)
+    disc_weight: float = bounded(0.5, **NONNEGATIVE)
     disc_loss: Literal["hinge", "vanilla"] = "hinge"
 
 
@@ -188,29 +201,29 @@ class Stage1TrainConfig(TrainConfig):
 class Stage2TrainConfig(TrainConfig):
     """Latent diffusion training."""
 
-    learning_rate: float = 1e-4
-    per_gpu_batch_size: int = 16
+    learning_rate: float = bounded(1e-4, **NONNEGATIVE)
+    per_gpu_batch_size: int = bounded(16, **COUNT)
     loss_fn: Literal["mse", "l1", "huber"] = "mse"
-    num_diffusion_timesteps: int = 1000
+    num_diffusion_timesteps: int = bounded(1000, **COUNT)
     beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    beta_start: float = bounded(1e-4, **PROBABILITY)
+    beta_end: float = bounded(0.02, **PROBABILITY)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v_prediction
-    snr_gamma: Optional[float] = None  # min-SNR-gamma loss weighting (Hang et al. 2023); null = uniform
-    noise_offset: float = 0.0  # offset noise (Guttenberg 2023); 0 = plain N(0, I)
-    cfg_dropout_prob: float = 0.1
+    snr_gamma: Optional[float] = bounded(None, **NONNEGATIVE)  # min-SNR-gamma loss weighting (Hang et al. 2023); null = uniform
+    noise_offset: float = bounded(0.0, **NONNEGATIVE)  # offset noise (Guttenberg 2023); 0 = plain N(0, I)
+    cfg_dropout_prob: float = bounded(0.1, **PROBABILITY)
     pre_encoded_text: Optional[bool] = None  # overrides ldm.yaml's unet.pre_encoded_text when set
-    ema_decay: float = 0.9999
+    ema_decay: float = bounded(0.9999, **PROBABILITY)
     ema_warmup: bool = True  # decay ramps as min(ema_decay, (1 + n) / (10 + n))
-    ema_update_every: int = field(default=1, metadata={"min": 1})  # the shadow moves every this many steps (ema.py)
+    ema_update_every: int = bounded(1, **COUNT)  # the shadow moves every this many steps (ema.py)
     val_sampler: Literal["ddim", "dpmpp_2m", "ddpm"] = "ddim"
-    val_sampler_steps: int = 50
+    val_sampler_steps: int = bounded(50, **COUNT)
     val_guidance_scale: float = 4.0
-    val_guidance_rescale: float = 0.0  # Lin et al. 2024 eq. 15-16; 0 = plain classifier-free guidance
+    val_guidance_rescale: float = bounded(0.0, **PROBABILITY)  # Lin et al. 2024 eq. 15-16; 0 = plain classifier-free guidance
     # periodic FID / KID of EMA samples against the training images (src/training/periodic_fid.py)
-    fid_num_samples: int = 0  # samples (and reference images) per evaluation; 0 = off
-    fid_eval_freq: int = 0  # every this many steps; 0 = off
+    fid_num_samples: int = bounded(0, **NONNEGATIVE)  # samples (and reference images) per evaluation; 0 = off
+    fid_eval_freq: int = bounded(0, **NONNEGATIVE)  # every this many steps; 0 = off
     fid_inception_weights: Optional[str] = None  # the FID Inception file; None: $TORCH_HOME/hub/checkpoints
 
 
@@ -271,14 +284,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got bool {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "5e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
@@ -301,27 +319,53 @@ def from_dict(cls: type, data: dict, source: str = "<dict>") -> Any:
                 f"{source}: unknown key '{key}' (closest valid key: '{_closest(str(key), names)}')"
             )
         kwargs[key] = _coerce(value, hints[key], f"{source}: key '{key}'")
-        _check_min(cls, key, kwargs[key], source)
+        _check_bounds(cls, key, kwargs[key], source)
     return cls(**kwargs)
 
 
-def _check_min(cls: type, key: str, value: Any, source: str) -> None:
-    """Fields declared with metadata {"min": m} reject smaller values (e.g. a negative interval)."""
-    minimum = next(f.metadata.get("min") for f in dataclasses.fields(cls) if f.name == key)
-    if minimum is not None and value is not None and value < minimum:
-        raise ConfigError(f"{source}: key '{key}' must be >= {minimum}, got {value!r}")
+def _check_bounds(cls: type, key: str, value: Any, source: str) -> None:
+    """Fields declared with `bounded` reject values outside them (a negative interval, a zero batch size)."""
+    bounds = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+    if value is None or not bounds:
+        return
+    if "min" in bounds and value < bounds["min"]:
+        raise ConfigError(f"{source}: key '{key}' must be >= {bounds['min']}, got {value!r}")
+    if "max" in bounds and value > bounds["max"]:
+        raise ConfigError(f"{source}: key '{key}' must be <= {bounds['max']}, got {value!r}")
+    if "below" in bounds and value >= bounds["below"]:
+        raise ConfigError(f"{source}: key '{key}' must be < {bounds['below']}, got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last value silently, so an edited copy of a key would otherwise win without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base class reports it
+            if key in seen:
+                raise ConfigError(f"{node.start_mark.name}: key '{key}' is given twice (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A YAML file's contents, read safely (no Python objects) and with every key given once."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     with open(path) as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=_UniqueKeyLoader)  # a yaml.SafeLoader
     return data or {}
 
 

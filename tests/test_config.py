@@ -68,6 +68,16 @@ def test_misspelt_nested_key(tmp_path):
         ("val_generation_freq: -1\n", "key 'val_generation_freq' must be >= 0"),
         ("max_nonfinite_steps: 0\n", "key 'max_nonfinite_steps' must be >= 1"),
         ("disc_adam_bet1: 0.5\n", "closest valid key: 'disc_adam_beta1'"),
+        # values no run can use stop at load, naming file and key, instead of deep inside the run
+        ("per_gpu_batch_size: 0\n", "key 'per_gpu_batch_size' must be >= 1, got 0"),
+        ("gradient_accumulation_steps: 0\n", "key 'gradient_accumulation_steps' must be >= 1"),
+        ("total_training_iterations: 0\n", "key 'total_training_iterations' must be >= 1"),
+        ("learning_rate: -1.0e-4\n", "key 'learning_rate' must be >= 0"),
+        ("disc_adam_beta2: 1.0\n", "key 'disc_adam_beta2' must be < 1.0, got 1.0"),
+        ("random_flip_p: 1.5\n", "key 'random_flip_p' must be <= 1.0"),
+        ("learning_rate: .nan\n", "key 'learning_rate': expected a finite number"),
+        ("kl_weight: .inf\n", "key 'kl_weight': expected a finite number"),
+        ("kl_weight: 1.0e-6\nuse_lpips: false\nkl_weight: 1.0\n", r"key 'kl_weight' is given twice \(lines 1 and 3\)"),
     ],
 )
 def test_wrong_types_rejected(tmp_path, text, fragment):
@@ -117,3 +127,27 @@ def test_zero_intervals_mean_never_and_load(tmp_path):
     from src.training.setup import every
 
     assert not any(every(step, 0) for step in range(1, 10)) and [s for s in range(1, 10) if every(s, 3)] == [3, 6, 9]
+
+
+@pytest.mark.parametrize("text,fragment", [("ema_decay: 1.5\n", "key 'ema_decay' must be <= 1.0"),
+                                           ("cfg_dropout_prob: -0.1\n", "key 'cfg_dropout_prob' must be >= 0"),
+                                           ("val_sampler_steps: 0\n", "key 'val_sampler_steps' must be >= 1")])
+def test_stage2_bounds(tmp_path, text, fragment):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment):
+        load_config(path, Stage2TrainConfig)
+
+
+def test_a_key_given_twice_in_a_nested_section_is_rejected(tmp_path):
+    path = tmp_path / "ldm.yaml"
+    path.write_text("vae:\n  latent_channels: 4\n  latent_channels: 8\n")
+    with pytest.raises(ConfigError, match="'latent_channels' is given twice"):
+        load_model_config(path)
+
+
+def test_bounds_hold_at_their_edges(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("learning_rate: 0.0\nrandom_flip_p: 1.0\nadam_beta1: 0.0\ncfg_dropout_prob: 1.0\nema_decay: 1.0\n")
+    cfg = load_config(path, Stage2TrainConfig)
+    assert (cfg.learning_rate, cfg.random_flip_p, cfg.adam_beta1, cfg.cfg_dropout_prob) == (0.0, 1.0, 0.0, 1.0)
