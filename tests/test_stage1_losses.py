@@ -83,6 +83,23 @@ def test_generator_loss_after_disc_start_adds_adaptive_gan_term_without_training
     assert set(d_logs) == {"disc_loss", "logits_real", "logits_fake"}
 
 
+def test_the_generator_is_scored_as_the_discriminator_step_scores_reconstructions():
+    """BatchNorm in train mode: the generator's pass and the discriminator's pass over the same reconstructions
+    must see the same batch statistics, or the adversarial term rewards what D has learned to reject."""
+    vae, disc, loss_fn, x = _setup(disc_start=0)
+    out = vae(x, sample=False)  # an untrained autoencoder's reconstructions
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2, betas=(0.5, 0.9))
+    for _ in range(30):  # D learns to tell them from the images
+        opt.zero_grad()
+        d_loss, d_logs = loss_fn.discriminator_loss(disc, x, out.reconstruction)
+        d_loss.backward()
+        opt.step()
+    assert d_logs["logits_real"] > d_logs["logits_fake"] + 1  # it can
+    _, d_logs = loss_fn.discriminator_loss(disc, x, out.reconstruction)
+    _, logs = loss_fn.generator_loss(x, out, disc, vae.last_layer(), step=0)
+    torch.testing.assert_close(-logs["gen_loss"], d_logs["logits_fake"])
+
+
 def test_vq_generator_loss_uses_codebook_weight():
     vae, disc, loss_fn, x = _setup(disc_start=10, quantize=True)
     out = vae(x)

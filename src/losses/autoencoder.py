@@ -136,9 +136,13 @@ class AutoencoderLoss(nn.Module):
     def discriminator_loss(
         self, discriminator: nn.Module, x: torch.Tensor, x_hat: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Real images and detached reconstructions in one batch (one BatchNorm pass, one DDP forward)."""
-        logits = discriminator(torch.cat([x, x_hat.detach()]))  # (2B, 1, h, w)
-        real, fake = logits.chunk(2)
+        """Real images and detached reconstructions in separate passes, as taming-transformers does. The
+        PatchGAN's BatchNorm normalises each pass with its own batch's statistics, so a batch of reconstructions
+        alone, the generator's pass, gets the very score this step trains on. (One pass over both would
+        normalise by the mixed batch: the discriminator then learned to score reconstructions low only beside
+        real images, while the generator was told its reconstructions looked real.)"""
+        real = discriminator(x)  # (B, 1, h, w)
+        fake = discriminator(x_hat.detach())  # (B, 1, h, w)
         loss = self.d_loss_fn(real, fake)
         logs = {"disc_loss": loss.detach(), "logits_real": real.detach().float().mean(), "logits_fake": fake.detach().float().mean()}
         return loss, logs
