@@ -128,7 +128,8 @@ class LatentDiffusion:
         progress: bool = False,
         guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
-        """Scaled latents z_0 (B, C, h, w) from pure noise. num_steps None: the sampler's default (DEFAULT_STEPS)."""
+        """Scaled latents z_0 (B, C, h, w) from pure noise. num_steps None: the sampler's default (DEFAULT_STEPS, at
+        most the model's number of timesteps)."""
         if sampler not in SAMPLERS:
             raise PipelineError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
         if self.conditioning == "none":
@@ -138,7 +139,8 @@ class LatentDiffusion:
                       generator=generator, device=self.device, progress=progress)
         if sampler == "ddpm":
             return ddpm_sample(self.unet, self.process, shape, **common)
-        steps = num_steps if num_steps is not None else DEFAULT_STEPS[sampler]
+        # the default never asks for more steps than the model has timesteps; an explicit count still must fit
+        steps = num_steps if num_steps is not None else min(DEFAULT_STEPS[sampler], self.process.num_timesteps)
         if sampler == "dpmpp_2m":
             return dpmpp_2m_sample(self.unet, self.process, shape, num_steps=steps, **common)
         return ddim_sample(self.unet, self.process, shape, num_steps=steps, eta=eta, **common)

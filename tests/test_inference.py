@@ -60,6 +60,16 @@ def test_guidance_scale_one_equals_the_conditional_prediction(models):
     assert torch.allclose(pipe.generate(**kw), pipe.generate(negative_prompt="green", **kw))
 
 
+def test_the_default_step_count_fits_a_model_with_fewer_timesteps(models):
+    """These models have T = 20 timesteps: DDIM's default of 50 becomes 20, the same as asking for 20."""
+    pipe = load_pipeline(models["none"])
+    assert pipe.process.num_timesteps == 20
+    torch.testing.assert_close(pipe.generate(num_per_condition=1, seed=2), pipe.generate(num_per_condition=1, seed=2,
+                                                                                        num_steps=20))
+    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 20\], got 50"):
+        pipe.generate(num_per_condition=1, num_steps=50)  # an explicit count above T is still refused
+
+
 def test_class_and_unconditional_models(models, tmp_path):
     inference_ldm.main(["--path_to_weights", str(models["class"]), "--training_dataset", "imagenet",
                         "--class_label", "0", "--class_label", "2", "--num_images", "2", "--num_steps", "3",
