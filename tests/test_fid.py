@@ -22,7 +22,14 @@ from src.evaluation.fid import (
     stats_from_features,
 )
 from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError, load_inception
-from src.evaluation.reference import ImageSource, load_stats_file, reference_stats, save_stats_file
+from src.evaluation.reference import (
+    ImageSource,
+    cache_entry,
+    cache_key,
+    load_stats_file,
+    reference_stats,
+    save_stats_file,
+)
 from src.evaluation.sharding import batch_ranges, gather_in_order, map_batches, process_batches
 
 
@@ -162,6 +169,34 @@ def test_reference_cache_is_reused_then_invalidated_when_the_data_changes(tmp_pa
     assert status == "computed"  # the feature extractor is part of the key too
     capped, status = reference_stats(ImageSource("celebahq", str(data), 8, max_images=4), extractor, cache)
     assert status == "computed" and capped.count == 4
+
+
+def test_rows_kept_for_kid_span_every_class_of_a_class_sorted_set():
+    classes, per_class, keep = 10, 50, 50
+    labels = np.repeat(np.arange(classes), per_class)  # dataset order: class 0 first, as an ImageNet folder
+    features = np.column_stack([labels, _gaussian(len(labels), 3, seed=11)])  # column 0 names the class
+    assert set(labels[:keep]) == {0}  # the first `keep` rows would be one class
+    stats = stats_from_features(features, keep=keep)
+    kept_labels = stats.features[:, 0].astype(int)
+    assert len(stats.features) == keep and set(kept_labels) == set(range(classes))
+    assert len({tuple(row) for row in stats.features}) == keep  # distinct rows of the set, no repeats
+    np.testing.assert_allclose(stats.mu, features.mean(0))  # mu and sigma still of every row
+    np.testing.assert_array_equal(stats_from_features(features, keep=keep).features, stats.features)  # fixed draw
+
+
+def test_a_cache_written_with_the_first_rows_for_kid_is_not_reused(tmp_path):
+    data, cache = tmp_path / "faces", tmp_path / "cache"
+    _write_images(data, 6)
+    source = ImageSource("celebahq", str(data), img_size=8)
+    entry = cache_entry(source, source.build(), PixelStats().identity, cache, keep_features=4)
+    # what the code before the random KID subset wrote: the same identity without the subset's description
+    old_identity = {k: v for k, v in entry.identity.items() if k != "kid_features"}
+    old = stats_from_features(_gaussian(6, 6, seed=12))
+    save_stats_file(cache / f"reference_{cache_key(old_identity)}.npz", old, old_identity)
+    _, status = reference_stats(source, PixelStats(), cache, batch_size=4, keep_features=4)
+    assert status == "computed"
+    _, status = reference_stats(source, PixelStats(), cache, batch_size=4, keep_features=5)
+    assert status == "computed"  # another number of kept rows is another entry
 
 
 def test_unreadable_reference_images_are_skipped_and_counted(tmp_path):

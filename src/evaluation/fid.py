@@ -36,10 +36,22 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+KID_ROWS_SEED = 0  # which rows a capped feature set keeps for KID: a fixed draw, so caches are reproducible
+
+
+def kid_rows(count: int, keep: Optional[int]) -> np.ndarray:
+    """Indices (ascending) of the rows kept for KID out of `count`: all when `keep` is None or not smaller, else
+    `keep` of them drawn at random with a fixed seed. Not the first `keep`: rows come in dataset order, and a
+    class-folder dataset (ImageNet) is sorted by class, so its first 10 000 rows are its first few classes."""
+    if keep is None or keep >= count:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(KID_ROWS_SEED).choice(count, keep, replace=False))
+
+
 def stats_from_features(features: np.ndarray, keep: Optional[int] = None) -> FeatureStats:
-    """FeatureStats of (N, D) features, keeping the first `keep` rows (all when None) for KID."""
+    """FeatureStats of (N, D) features (mu and sigma of all N), keeping `keep` random rows (all when None) for KID."""
     mu, sigma = feature_statistics(features)
-    kept = np.asarray(features, dtype=np.float32)[: keep if keep is not None else len(features)]
+    kept = np.asarray(features, dtype=np.float32)[kid_rows(len(features), keep)]
     return FeatureStats(mu=mu, sigma=sigma, count=len(features), features=kept)
 
 

@@ -7,8 +7,8 @@
 The images are those of one of our datasets (src/data: a plain folder is `celebahq`), resized and centre-cropped
 to the model's resolution exactly as training saw them. A cache file is named by a hash of everything the
 statistics depend on: the dataset, every file under its folder (relative path, size, modification time), the
-resolution and interpolation, how many images, and the feature extractor (its weights' sha256). Changing any of
-them makes a new entry; an unchanged reference is read back instead of recomputed.
+resolution and interpolation, how many images, the feature extractor (its weights' sha256), and which feature rows
+are kept for KID. Changing any of them makes a new entry; an unchanged reference is read back instead of recomputed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import TrainConfig
 from ..data import build_dataset
 from ..data.loader import collate
-from .fid import FeatureStats, stats_from_features
+from .fid import KID_ROWS_SEED, FeatureStats, stats_from_features
 from .sharding import gather_in_order, local_rows, process_batches, world
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ def folder_fingerprint(root) -> str:
     return h.hexdigest()
 
 
-def source_identity(source: ImageSource, num_items: int, extractor_identity: dict) -> dict:
+def source_identity(
+    source: ImageSource, num_items: int, extractor_identity: dict, keep_features: int = KID_MAX_FEATURES
+) -> dict:
     identity = {
         "dataset": source.dataset,
         "path": str(Path(source.path).resolve()) if source.path else None,
@@ -72,6 +74,9 @@ def source_identity(source: ImageSource, num_items: int, extractor_identity: dic
         "max_images": source.max_images,
         "selection_seed": SELECTION_SEED,
         "extractor": extractor_identity,
+        # a random subset of the rows (fid.kid_rows); caches without this field kept the first rows, which on a
+        # class-sorted folder are its first classes, so they must not be reused
+        "kid_features": {"max_rows": keep_features, "selection": "random", "seed": KID_ROWS_SEED},
     }
     if source.dataset == "shapes":
         identity["shapes"] = {"num_images": source.cfg.shapes_num_images, "seed": source.cfg.seed}
@@ -199,8 +204,10 @@ class CacheEntry:
             accelerator.wait_for_everyone()
 
 
-def cache_entry(source: ImageSource, dataset: Dataset, extractor_identity: dict, cache_dir) -> CacheEntry:
-    identity = source_identity(source, len(dataset), extractor_identity)
+def cache_entry(
+    source: ImageSource, dataset: Dataset, extractor_identity: dict, cache_dir, keep_features: int = KID_MAX_FEATURES
+) -> CacheEntry:
+    identity = source_identity(source, len(dataset), extractor_identity, keep_features)
     return CacheEntry(Path(cache_dir).expanduser() / f"reference_{cache_key(identity)}.npz", identity)
 
 
@@ -211,7 +218,7 @@ def reference_stats(
     """(statistics of the source's images, 'cached' | 'computed'). `extractor` maps images (B, 3, H, W) in
     [-1, 1] to features (B, D) and has an `identity` dict naming it (InceptionFeatures does)."""
     dataset = source.build()
-    entry = cache_entry(source, dataset, extractor.identity, cache_dir)
+    entry = cache_entry(source, dataset, extractor.identity, cache_dir, keep_features)
     cached = entry.load()
     if cached is not None:
         return cached, "cached"
