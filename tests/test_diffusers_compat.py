@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from src.config import UNetConfig
+from src.config import UNetConfig, VAEConfig
 from src.diffusion.samplers import ddim_timesteps
 from src.diffusion.schedule import DiffusionProcess
 from src.models import diffusers_compat as dc
 from src.models.unet import Condition, build_unet
+from src.models.vae import build_autoencoder
 from tests.stage2_helpers import tiny_unet
 
 VAE_KW = dict(block_out_channels=(8, 16), down_block_types=["DownEncoderBlock2D"] * 2,
@@ -65,6 +66,39 @@ def test_autoencoderkl_round_trips_with_identical_tensors_and_outputs(tmp_path):
     for key, value in theirs.config.items():
         if key in config:
             assert json.dumps(config[key]) == json.dumps(value), key
+
+
+def test_a_vae_without_mid_attention_exports_exactly_and_comes_back(tmp_path):
+    """Ours has one mid resnet then, AutoencoderKL two: the second is written as the identity."""
+    from diffusers import AutoencoderKL
+
+    cfg = VAEConfig(img_size=16, vae_channels_per_block=[8, 16], residual_layers_per_block=1, groupnorm_groups=4,
+                    attention_layers=0)
+    ours = _perturbed(build_autoencoder(cfg))
+    assert len(ours.encoder.mid_block.resnets) == 1
+    config = dc.vae_config_to_diffusers(cfg, 0.5)
+    assert config["mid_block_add_attention"] is False
+    dc.write_diffusers_model(tmp_path / "vae", "AutoencoderKL", config, dc.vae_state_to_diffusers(ours.state_dict()))
+    theirs = AutoencoderKL.from_pretrained(tmp_path / "vae").eval()  # every weight from the file, none random
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, sample_posterior=False).sample, ours(x, sample=False).reconstruction,
+                                   rtol=0, atol=1e-5)
+    back, _ = dc.load_vae_backbone(tmp_path / "vae")
+    assert back.config.attention_layers == 0
+    _assert_same_tensors(back.state_dict(), ours.state_dict())
+
+
+def test_vae_mid_blocks_diffusers_and_ours_cannot_share_are_refused(tmp_path):
+    from diffusers import AutoencoderKL
+
+    # a trained AutoencoderKL without mid attention: two real resnets, which our mid block can't hold
+    _perturbed(AutoencoderKL(**VAE_KW, mid_block_add_attention=False)).save_pretrained(tmp_path / "no_attention")
+    with pytest.raises(dc.DiffusersFormatError, match=r"mid_block_add_attention=False.*two resnets.*has one"):
+        dc.load_vae_backbone(tmp_path / "no_attention")
+    cfg = VAEConfig(img_size=16, vae_channels_per_block=[8, 16], groupnorm_groups=4, attention_layers=2)
+    with pytest.raises(dc.DiffusersFormatError, match="attention_layers: 2.*never more"):
+        dc.vae_config_to_diffusers(cfg, 0.5)
 
 
 @pytest.mark.parametrize("linear_projection", [True, False])

@@ -19,6 +19,9 @@ What has no diffusers counterpart is handled exactly or refused:
 - our unconditional / class-conditional Transformer2D blocks have no cross-attention, which UNet2DConditionModel
   always has: it is exported with every weight zero (it then adds exactly 0), and dropped on import only when its
   output projection is zero;
+- likewise a VAE mid block without attention: ours then has one resnet, AutoencoderKL's
+  (mid_block_add_attention=False) two; the second is exported as the identity (conv2 zero, so it adds exactly 0)
+  and dropped on import only when it is one;
 - anything else (a VQ model, other block types, learnable time frequencies, a per-level head count our single
   head width can't express, ...) raises DiffusersFormatError naming the key.
 Files are read with safetensors only; diffusers itself is not needed to convert.
@@ -185,6 +188,7 @@ _VAE_KNOWN = {"in_channels", "out_channels", "down_block_types", "up_block_types
               "layers_per_block", "latent_channels", "norm_num_groups", "sample_size", "scaling_factor",
               "force_upcast", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"}
 _VAE_MID_ATTN = re.compile(r"^((?:en|de)coder\.mid_block\.attentions\.\d+\.)")
+_VAE_PARTS = ("encoder", "decoder")
 _DEPRECATED_ATTN = {"query.": "to_q.", "key.": "to_k.", "value.": "to_v.", "proj_attn.": "to_out.0."}
 
 
@@ -228,7 +232,8 @@ def vae_config_to_diffusers(cfg: VAEConfig, scaling_factor: float) -> dict:
             raise DiffusersFormatError(f"vae.{key}: {getattr(cfg, key)} has no AutoencoderKL counterpart "
                                        f"(it fixes {value})")
     if cfg.attention_layers not in (0, 1):
-        raise DiffusersFormatError(f"vae.attention_layers: {cfg.attention_layers}; AutoencoderKL has 0 or 1")
+        raise DiffusersFormatError(f"vae.attention_layers: {cfg.attention_layers}; AutoencoderKL's mid block has one "
+                                   "attention (or none, mid_block_add_attention=False), never more")
     _check_groups(cfg.vae_channels_per_block, cfg.groupnorm_groups, "vae")
     n = len(cfg.vae_channels_per_block)
     return {
@@ -269,14 +274,40 @@ def vae_state_from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def vae_state_to_diffusers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our autoencoder keys -> AutoencoderKL's."""
+    """Our autoencoder keys -> AutoencoderKL's (plus an identity second mid resnet where ours has one only)."""
     out = {}
     for key, value in state.items():
         match = _VAE_MID_ATTN.match(key)
         if match and key[match.end():].startswith("attn."):
             key = match.group(1) + key[match.end() + len("attn."):].replace("to_out.", "to_out.0.")
         out[key] = value
+    for part in _VAE_PARTS:
+        if f"{part}.mid_block.resnets.0.conv1.weight" in out and f"{part}.mid_block.resnets.1.conv1.weight" not in out:
+            out.update(_identity_resnet(out, f"{part}.mid_block.resnets."))
     return out
+
+
+def _identity_resnet(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """resnets.1 shaped like resnets.0 that returns its input exactly: (x + conv2(...)) / 1 with conv2 all zero.
+    Ours has no second mid resnet when attention_layers is 0; AutoencoderKL always has two."""
+    first = {k[len(prefix) + 2:]: v for k, v in state.items() if k.startswith(prefix + "0.")}
+    return {f"{prefix}1.{name}": torch.ones_like(v) if name.startswith("norm") and name.endswith("weight")
+            else torch.zeros_like(v) for name, v in first.items()}
+
+
+def _drop_identity_resnets(state: dict[str, torch.Tensor], path) -> dict[str, torch.Tensor]:
+    """A mid_block_add_attention=False state without its second mid resnets, which must be the identity (our
+    export's): our mid block without attention has one resnet and can't hold a second one."""
+    prefixes = tuple(f"{part}.mid_block.resnets.1." for part in _VAE_PARTS)
+    for prefix in prefixes:
+        weight, bias = state.get(prefix + "conv2.weight"), state.get(prefix + "conv2.bias")
+        if weight is None or bias is None or weight.any() or bias.any():
+            raise DiffusersFormatError(
+                f"{path}: an AutoencoderKL with mid_block_add_attention=False can't be converted: its mid block has "
+                "two resnets, and this toolkit's mid block without attention (attention_layers: 0) has one (only an "
+                f"export of ours converts, whose second resnet is the identity; {prefix}conv2 is not zero here)"
+            )
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
 
 def autoencoder_from_diffusers(path, img_size: Optional[int] = None) -> tuple[Autoencoder, float]:
@@ -284,7 +315,10 @@ def autoencoder_from_diffusers(path, img_size: Optional[int] = None) -> tuple[Au
     config, weights = diffusers_files(path, "vae")
     cfg = vae_config_from_diffusers(config, img_size, path)
     vae = build_autoencoder(cfg)
-    _load_state(vae, vae_state_from_diffusers(read_weights(weights)), weights)
+    state = vae_state_from_diffusers(read_weights(weights))
+    if cfg.attention_layers == 0:
+        state = _drop_identity_resnets(state, weights)
+    _load_state(vae, state, weights)
     return vae.eval(), float(config.get("scaling_factor", 0.18215))
 
 
