@@ -7,6 +7,7 @@ Text-conditional exports run diffusers' StableDiffusionPipeline (`sample_text`);
 ones, which no diffusers pipeline drives, run a DDIM loop over UNet2DConditionModel, AutoencoderKL and DDIMScheduler
 (`sample_unet`). With the same prompts or class labels, --num_images, --seed, --num_steps and --guidance_scale the
 images equal inference_ldm.py's (the initial noise is drawn the same way, in one draw for the whole batch).
+StableDiffusionPipeline guides only above 1, so `sample_text` refuses a guidance scale below 1.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def sample_text(folder, prompts: list[str], num_images: int = 4, seed: int = 0, 
                 guidance_scale: float = 4.0) -> torch.Tensor:
     """num_images per prompt, in prompt order, as (P * N, 3, H, W) in [0, 1]. One pipeline call per prompt:
     prompts of different token lengths can't share a batch without the padding mask."""
+    if guidance_scale < 1:
+        # StableDiffusionPipeline guides only when guidance_scale > 1 and samples the conditional model otherwise;
+        # ours computes u + s (c - u) for any s (s = 0 is unconditional), so below 1 the images would differ
+        raise ValueError(f"guidance_scale {guidance_scale} < 1: StableDiffusionPipeline does not guide below 1, so "
+                         "its images would not be inference_ldm.py's; sample scales below 1 with inference_ldm.py")
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     latents = initial_latents(pipe.unet, len(prompts) * num_images, seed)

@@ -49,6 +49,9 @@ def test_text_export_is_a_stable_diffusion_pipeline_that_samples_like_inference_
     mine = ours.generate(prompts=PROMPTS, num_per_condition=2, seed=3, **kw) * 0.5 + 0.5
     assert mine.std() > 0.01
     torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-3)
+    # below 1 StableDiffusionPipeline stops guiding while ours still does: refused rather than different images
+    with pytest.raises(ValueError, match="guidance_scale 0.5 < 1"):
+        sample_text(out, PROMPTS, num_images=2, seed=3, num_steps=4, guidance_scale=0.5)
 
     # inference_ldm.py itself, decoding with the exported VAE folder (--path_to_vae_backbone): the same PNGs
     inference_ldm.main(["--path_to_weights", str(models["text"]), "--text_conditional", "--prompt", PROMPTS[0],
