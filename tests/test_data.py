@@ -140,6 +140,20 @@ def test_loader_drops_and_counts_unreadable_files(tmp_path):
     assert seen == counts["good"] and loader.num_skipped == counts["bad"]
 
 
+def test_a_decompression_bomb_is_skipped_and_counted_like_other_broken_files(tmp_path, caplog):
+    # a 24 KB 1-bit PNG that declares 2e8 pixels, over twice PIL's limit: PIL raises DecompressionBombError,
+    # which is not an OSError
+    assert 20000 * 10000 > 2 * Image.MAX_IMAGE_PIXELS
+    (tmp_path / "data").mkdir()
+    Image.new("1", (20000, 10000)).save(tmp_path / "data" / "bomb.png")
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "data" / "ok.png")
+    ds = ImageFolderDataset(tmp_path / "data", 16)
+    with caplog.at_level(logging.WARNING):
+        batch = next(iter(InfiniteLoader(ds, batch_size=2, seed=0)))
+    assert batch["num_skipped"] == 1 and batch["image"].shape == (1, 3, 16, 16)
+    assert any("skipping unreadable image" in r.getMessage() and "bomb.png" in r.getMessage() for r in caplog.records)
+
+
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images found"):

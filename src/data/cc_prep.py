@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .transforms import to_rgb
+from .transforms import IMAGE_ERRORS, to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,6 @@ CAPTION_NOT_UTF8 = "caption not valid UTF-8 (undecodable bytes removed)"
 
 # columns that only carry bookkeeping from process_rows to count_rows
 _REASON, _NOTE = "_drop_reason", "_note"
-
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class PrepError(RuntimeError):

@@ -23,9 +23,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..config import Stage2TrainConfig, TrainConfig
-from .cc_prep import IMAGE_ERRORS
 from .image_folder import DatasetError
-from .transforms import ImageTransform, to_rgb
+from .transforms import IMAGE_ERRORS, ImageTransform, to_rgb
 
 logger = logging.getLogger(__name__)
 

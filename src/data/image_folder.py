@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch.utils.data import Dataset
 
-from .transforms import ImageTransform, load_image
+from .transforms import IMAGE_ERRORS, ImageTransform, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class SafeImageDataset(Dataset):
     def load(self, index: int):
         try:
             return self.transform(load_image(self.paths[index]))
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on broken files
+        except IMAGE_ERRORS as err:
             if index not in self._warned:
                 self._warned.add(index)
                 logger.warning("skipping unreadable image %s: %s", self.paths[index], err)

@@ -22,6 +22,11 @@ INTERPOLATIONS = {
     "lanczos": InterpolationMode.LANCZOS,
 }
 
+# What PIL raises for a file that is not a usable image: OSError (truncated, unknown format), ValueError and
+# SyntaxError (malformed headers), and DecompressionBombError (a declared size over 2 x Image.MAX_IMAGE_PIXELS),
+# which subclasses Exception, not OSError. Datasets catch exactly these to skip a file.
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Return an 8-bit RGB copy of any PIL image (alpha is composited onto white)."""
@@ -42,7 +47,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(path) -> Image.Image:
-    """Open and fully decode an image file as RGB. Raises OSError/ValueError on unreadable or truncated files."""
+    """Open and fully decode an image file as RGB. Raises one of IMAGE_ERRORS on unreadable or truncated files."""
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
