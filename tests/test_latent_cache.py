@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.data.image_folder import ImageFolderDataset
+from src.data.loader import InfiniteLoader
 from src.data.shapes import ShapesDataset
 from src.models.vae import load_autoencoder
 from src.training.latent_cache import LatentCacheDataset, LatentCacheError
@@ -102,6 +104,35 @@ def test_a_folder_that_is_not_a_cache_is_not_touched(cached_run, tmp_path):
                                  "shapes", "--cache_latents", str(folder)))
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
 
+
+def test_an_unreadable_image_gives_the_same_batches_and_losses_from_the_cache(tmp_path):
+    """The cache keeps a (None) slot for the unreadable image, so the loader permutes the same 10 items."""
+    faces = make_flat_folder(tmp_path / "faces", count=9)
+    (faces / "face_04_broken.png").write_bytes(b"not a png")  # dataset index 5 of 10
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 0.8})
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=4, checkpoint_iterations=4,
+                               per_gpu_batch_size=4, random_flip_p=0.5)  # 2 batches an epoch: 2 epochs
+    argv = ("--path_to_dataset", str(faces))
+    run_trainer(trainer_argv(tmp_path / "images", train, model_cfg, vae, "celebahq", *argv))
+    run_trainer(trainer_argv(tmp_path / "cached", train, model_cfg, vae, "celebahq", *argv,
+                             "--cache_latents", str(tmp_path / "cache")))
+    from_images, from_cache = read_losses(tmp_path / "images"), read_losses(tmp_path / "cached")
+    assert sorted(from_cache) == [1, 2, 3, 4]
+    for step in from_cache:
+        assert from_cache[step] == pytest.approx(from_images[step], rel=1e-5, abs=1e-6)
+
+    images, cache = ImageFolderDataset(faces, 16), LatentCacheDataset(tmp_path / "cache", "none")
+    assert len(cache) == len(images) == 10 and cache[5] is None and 5 not in cache.dataset_indices
+    loaders = InfiniteLoader(images, 4, seed=0), InfiniteLoader(cache, 4, seed=0)
+    sizes = [[b["moments" if "moments" in b else "image"].shape[0] for _, b in zip(range(4), ld)] for ld in loaders]
+    assert sizes[0] == sizes[1] and loaders[0].num_skipped == loaders[1].num_skipped == 2  # once an epoch each
+
+    meta_file = tmp_path / "cache" / "cache.json"  # a cache written before cache.json recorded num_items
+    meta = json.loads(meta_file.read_text())
+    del meta["num_items"]
+    meta_file.write_text(json.dumps(meta))
+    assert LatentCacheDataset(tmp_path / "cache", "none").keys == cache.keys  # its identity has num_items
 
 
 def test_two_processes_build_one_cache_in_dataset_order(tmp_path):

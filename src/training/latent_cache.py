@@ -8,7 +8,8 @@ latents that training from images would.
 
 Layout of DIR (nothing pickled; arrays are .npy read with allow_pickle=False, or raw float32 for text):
 
-    cache.json              identity (VAE weights hash, VAE config, dataset, image size, ...), fingerprint, shards
+    cache.json              identity (VAE weights hash, VAE config, dataset, image size, ...), fingerprint, shards,
+                            num_items (the dataset's length, unreadable images included)
     shard_<r>/moments.npy   (n, V, 2, C, h, w) float32: V = 2 with flips (view 1 = mirrored), [.., 0] mean, [.., 1] std
     shard_<r>/index.npy     (n,) int64: dataset index of each row
     shard_<r>/labels.npy    (n,) int64: class labels (class-conditional only)
@@ -17,9 +18,12 @@ Layout of DIR (nothing pickled; arrays are .npy read with allow_pickle=False, or
     shard_<r>/shard.json    rows written, tokens written
 
 Each process encodes the indices rank::world_size into its own shard; reading merges the shards back into
-dataset order, so batches from the cache are the same batches as from the images. A cache whose identity differs
-from the current run's (another VAE, config, dataset or text encoder) is refused with the differing fields named;
-it is never overwritten.
+dataset order, so batches from the cache are the same batches as from the images. An unreadable image has no row,
+but the cache still has one item per dataset index, None for that image: the loader draws the same permutation of
+num_items, and its collate drops (and counts) the None exactly as it drops the unreadable image.
+
+A cache whose identity differs from the current run's (another VAE, config, dataset or text encoder) is refused
+with the differing fields named; it is never overwritten.
 """
 
 from __future__ import annotations
@@ -157,7 +161,7 @@ def build_latent_cache(
         _write_json(
             cache_dir / "cache.json",
             {"format": CACHE_FORMAT, "fingerprint": identity_fingerprint(identity), "identity": identity,
-             "complete": False, "world_size": world},
+             "complete": False, "world_size": world, "num_items": len(dataset)},
         )
     accelerator.wait_for_everyone()
 
@@ -255,9 +259,23 @@ def _batch_text(batch: dict, encode_text: Optional[TextEncodeFn], seen: dict[str
 # ----------------------------------------------------------------------------------------------------- reading
 
 
+def _num_items(meta: dict, cache_dir: Path) -> int:
+    """The length of the dataset the cache was built from. Caches written before cache.json recorded it have it
+    in their identity (stage 2 has always put num_items there)."""
+    num_items = meta.get("num_items", meta.get("identity", {}).get("num_items"))
+    if not isinstance(num_items, int):
+        raise LatentCacheError(f"{cache_dir}/cache.json does not say how many items the dataset has; "
+                               f"delete {cache_dir} to rebuild the cache")
+    return num_items
+
+
 class LatentCacheDataset(Dataset):
     """A complete cache as a dataset, in dataset order: items {'moments': (V, 2, C, h, w)} plus 'label' or
-    'text_embeds' (L_i, D), which `collate` pads to the batch and masks as 'text_embeds_mask'."""
+    'text_embeds' (L_i, D), which `collate` pads to the batch and masks as 'text_embeds_mask'.
+
+    It is as long as the dataset it was built from; the item of an unreadable image (never encoded) is None,
+    as the image dataset's own item is, so both give the loader the same permutation and the same batches.
+    """
 
     def __init__(self, cache_dir, conditioning: str):
         cache_dir = Path(cache_dir)
@@ -266,7 +284,7 @@ class LatentCacheDataset(Dataset):
             raise LatentCacheError(f"{cache_dir} holds no complete latent cache")
         self.conditioning = conditioning
         self.shards = []
-        keys = []  # (dataset index, shard, row)
+        self.keys: list[Optional[tuple[int, int]]] = [None] * _num_items(meta, cache_dir)  # (shard, row) per index
         for s in range(meta["world_size"]):
             d = cache_dir / f"shard_{s}"
             info = _read_json(d / "shard.json")
@@ -281,18 +299,22 @@ class LatentCacheDataset(Dataset):
                 shard["offsets"] = np.load(d / "text_offsets.npy", allow_pickle=False)
                 shard["text"] = np.memmap(d / "text.f32", dtype=np.float32, mode="r", shape=(info["tokens"], info["text_dim"]))
             index = np.load(d / "index.npy", allow_pickle=False)
-            keys += [(int(i), s, r) for r, i in enumerate(index)]
+            if index.size and not 0 <= index.min() <= index.max() < len(self.keys):
+                raise LatentCacheError(f"{d} has rows outside the dataset's {len(self.keys)} items; "
+                                       f"delete {cache_dir} to rebuild the cache")
+            for r, i in enumerate(index.tolist()):
+                self.keys[i] = (s, r)
             self.shards.append(shard)
-        keys.sort()
-        self.keys = [(s, r) for _, s, r in keys]
-        self.dataset_indices = [i for i, _, _ in keys]
-        if not self.keys:
+        self.dataset_indices = [i for i, key in enumerate(self.keys) if key is not None]  # the readable images
+        if not self.dataset_indices:
             raise LatentCacheError(f"{cache_dir} holds no images")
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, k: int) -> dict:
+    def __getitem__(self, k: int) -> Optional[dict]:
+        if self.keys[k] is None:  # an unreadable image: the loader drops and counts it, as it does the image
+            return None
         s, r = self.keys[k]
         shard = self.shards[s]
         item = {"moments": torch.from_numpy(np.array(shard["moments"][r]))}  # (V, 2, C, h, w)
@@ -325,4 +347,8 @@ def open_or_build_latent_cache(
         )
     else:
         logger.info("training from the latent cache in %s", cache_dir)
-    return LatentCacheDataset(cache_dir, conditioning)
+    cache = LatentCacheDataset(cache_dir, conditioning)
+    if len(cache.dataset_indices) < len(cache):
+        logger.info("the latent cache holds %d of %d images; the unreadable ones are skipped, as from the images",
+                    len(cache.dataset_indices), len(cache))
+    return cache
