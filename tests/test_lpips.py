@@ -2,6 +2,7 @@
 checkpoints. Tiny 16-32 px patches; the trainer end to end is in test_lpips_trainer.py."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,6 +82,19 @@ def test_loader_rejects_mismatched_or_missing_folders(bapps_root, tmp_path):
     first.rename(renamed / "zzz.npy")
     with pytest.raises(DatasetError, match="do not match by name"):
         TwoAFCDataset(broken, "train", ["mix"], 16, "minus_one_to_one")
+
+
+def test_unreadable_patches_skip_their_sample(bapps_root, tmp_path, caplog):
+    """A corrupt patch and a decompression bomb (a tiny 1-bit PNG of 2e8 pixels) each cost one sample, not the run."""
+    from PIL import Image
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bapps_root, broken)
+    ds = TwoAFCDataset(broken, "train", ["cnn"], 16, "minus_one_to_one")
+    Path(ds.samples[0]["p0"]).write_bytes(b"\x89PNG\r\n not a png")
+    Image.new("1", (20000, 10000)).save(ds.samples[1]["ref"])
+    assert ds[0] is None and ds[1] is None and ds[2]["ref"].shape == (3, 16, 16)
+    assert sum("skipping BAPPS sample" in r.getMessage() for r in caplog.records) == 2
 
 
 def test_official_linear_weights_reproduce_the_lpips_package():

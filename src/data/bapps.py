@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from .image_folder import IMAGE_EXTENSIONS, DatasetError
-from .transforms import load_image
+from .transforms import IMAGE_ERRORS, load_image
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class _BAPPSDataset(Dataset):
                 else:
                     item[name] = self.transform(load_image(path))
             return item
-        except (OSError, ValueError) as err:
+        except IMAGE_ERRORS as err:  # unreadable, truncated, or too many pixels (a decompression bomb)
             logger.warning("skipping BAPPS sample %d: %s", index, err)
             return None
 
