@@ -92,3 +92,19 @@ def test_truncate_metrics_keeps_steps_up_to_the_resume_step(tmp_path):
     assert truncate_metrics(path, 20) == 2  # step 30 and the line a kill cut short
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     assert truncate_metrics(path, 20) == 0 and truncate_metrics(tmp_path / "none.jsonl", 0) == 0
+
+
+def test_saving_after_a_rollback_sets_later_checkpoints_aside_and_keeps_the_new_one(saved, tmp_path, caplog):
+    """Resumed from checkpoint_1 while checkpoint_2 and _3 exist (an explicit rollback, or `latest` skipping a
+    broken newer one): checkpoint_2 is written again in place and _3 is renamed, never deleted; with limit 1 the
+    rotation keeps the checkpoint just written and `latest` is it."""
+    accelerator, model, opt, _ = saved
+    save_checkpoint(accelerator, tmp_path, 3, {"model": model}, {"optimizer": opt}, limit=3)
+    (tmp_path / "superseded_checkpoint_3").mkdir()  # left by an earlier rollback: the name must not clash
+    with caplog.at_level(logging.WARNING):
+        new = save_checkpoint(accelerator, tmp_path, 2, {"model": model}, {"optimizer": opt}, limit=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_2", "superseded_checkpoint_3", "superseded_checkpoint_3_1"]
+    assert ckpt.checkpoint_problem(tmp_path / "superseded_checkpoint_3_1") is None  # moved whole
+    assert "moved checkpoint_3 aside to superseded_checkpoint_3_1" in caplog.text
+    assert resolve_resume_path(tmp_path, "latest") == new == tmp_path / "checkpoint_2"

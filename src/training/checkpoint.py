@@ -9,6 +9,8 @@ A checkpoint is a folder `working_directory/checkpoint_<step>` holding
 It is written under a temporary name and renamed when complete, so a run killed mid-save leaves the previous
 checkpoints intact; only the newest `limit` are kept, and only once the new one is complete. A failed write
 (a full disk, a permission error) stops the run with CheckpointWriteError and leaves earlier checkpoints alone.
+Checkpoints of later steps than the one saved (left by a run this one resumed before their step) are renamed
+superseded_checkpoint_<step> first, so the rotation keeps the new checkpoint and `latest` finds it.
 
 At resume the manifest is checked: `latest` takes the newest checkpoint whose files all match it (saying
 which newer ones it skipped and why); an explicit path to a broken checkpoint is an error naming the file.
@@ -210,10 +212,34 @@ def save_checkpoint(
         attempt(lambda: (write_manifest(tmp), _publish(tmp, final)))
     check()
     if accelerator.is_main_process:
+        set_aside_later_checkpoints(working_dir, step)
         for old in list_checkpoints(working_dir)[:-limit] if limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def set_aside_later_checkpoints(working_dir: Path, step: int) -> list[Path]:
+    """Rename every checkpoint_M with M > `step` to superseded_checkpoint_M: they belong to a trajectory this run
+    abandoned (it resumed from an older checkpoint, or `latest` skipped a broken newer one). Left in place, the
+    rotation would keep them and delete the checkpoint just written, and `latest` would return to them. Renamed,
+    not deleted: nothing already written is lost. Returns the new paths."""
+    later = [p for p in list_checkpoints(working_dir) if int(CHECKPOINT_RE.match(p.name).group(1)) > step]
+    moved = [p.rename(_unused_name(working_dir, f"superseded_{p.name}")) for p in later]
+    if moved:
+        logger.warning(
+            "checkpoint_%d written: moved %s aside to %s (they are later steps of a run this one does not continue; "
+            "rotation and `latest` ignore them, delete them once no longer needed)",
+            step, ", ".join(p.name for p in later), ", ".join(p.name for p in moved),
+        )
+    return moved
+
+
+def _unused_name(folder: Path, name: str) -> Path:
+    path, n = folder / name, 1
+    while path.exists():
+        path, n = folder / f"{name}_{n}", n + 1
+    return path
 
 
 def _write_training_files(folder: Path, step: int, modules: dict, states: dict, extra: Optional[dict]) -> None:
