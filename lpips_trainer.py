@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES
 from src.losses.ranking import RankingHead
 from src.models.lpips import load_lpips_checkpoint
+from src.training.checkpoint import check_fresh_start
 from src.training.lpips_eval import (
     comparison_metrics,
     evaluate_bapps,
@@ -130,6 +131,7 @@ def main(args) -> dict:
         lpips = load_lpips_checkpoint(checkpoint)
         logger.info("evaluating %s", checkpoint)
     else:
+        check_fresh_start(work_dir, args.resume_from_checkpoint)  # an earlier run's checkpoints: resume
         metrics_log = MetricsLog(accelerator, work_dir)
         lpips, losses, steps = train(args, accelerator, checkpoint, metrics_log)
         if lpips is None:  # stopped by a signal: the training checkpoint is written, evaluation waits for the end

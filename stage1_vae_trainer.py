@@ -16,6 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from src.training.checkpoint import check_fresh_start
 from src.training.setup import add_stage_args, init_trackers, make_accelerator
 from src.training.stage1 import (
     build_stage1,
@@ -38,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     train_cfg, model_cfg = load_stage1_configs(args.training_config, args.model_config)  # fails before any model
+    check_fresh_start(args.working_directory, args.resume_from_checkpoint)  # an earlier run's checkpoints: resume
     Path(args.working_directory).mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(args, train_cfg)
     dataset = build_stage1_dataset(args, model_cfg, train_cfg)

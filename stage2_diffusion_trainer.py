@@ -24,6 +24,7 @@ from pathlib import Path
 
 from src.config import Stage2TrainConfig, load_config, load_model_config
 from src.data.loader import InfiniteLoader
+from src.training.checkpoint import check_fresh_start
 from src.training.setup import add_stage_args, init_trackers, make_accelerator
 from src.training.stage2 import (
     build_training_state,
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     train_cfg = load_config(args.training_config, Stage2TrainConfig)
     model_cfg = load_model_config(args.model_config)
+    check_fresh_start(args.working_directory, args.resume_from_checkpoint)  # an earlier run's checkpoints: resume
     accelerator = make_accelerator(args, train_cfg)
     Path(args.working_directory).mkdir(parents=True, exist_ok=True)
     ctx, dataset = setup_context(args, accelerator, train_cfg, model_cfg)

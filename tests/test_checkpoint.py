@@ -108,3 +108,32 @@ def test_saving_after_a_rollback_sets_later_checkpoints_aside_and_keeps_the_new_
     assert ckpt.checkpoint_problem(tmp_path / "superseded_checkpoint_3_1") is None  # moved whole
     assert "moved checkpoint_3 aside to superseded_checkpoint_3_1" in caplog.text
     assert resolve_resume_path(tmp_path, "latest") == new == tmp_path / "checkpoint_2"
+
+
+def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_before_any_model_is_built(saved, tmp_path):
+    """Without --resume_from_checkpoint every trainer stops at once: before it would fail on the missing VAE or
+    dataset given here, and without touching the earlier run's metrics.jsonl or checkpoints."""
+    import lpips_trainer
+    import stage1_vae_trainer
+    import stage2_diffusion_trainer
+    from tests.helpers import reset_accelerate
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n')
+    missing = str(tmp_path / "missing")
+    common = ["--working_directory", str(tmp_path), "--path_to_dataset", missing, "--dataset", "celebahq"]
+    runs = [
+        lambda: stage1_vae_trainer.main(common + ["--training_config", "configs/stage1_vae_train.yaml"]),
+        lambda: stage2_diffusion_trainer.main(common + ["--training_config", "configs/stage2_diffusion_train.yaml",
+                                                        "--path_to_vae_backbone", missing]),
+        lambda: lpips_trainer.main(lpips_trainer.parse_args(["--path_to_root", missing, "--work_dir", str(tmp_path)])),
+        lambda: resolve_resume_path(tmp_path, None),
+    ]
+    for run in runs:
+        reset_accelerate()
+        with pytest.raises(CheckpointError, match=r"holds checkpoints of an earlier run \(checkpoint_1, checkpoint_2\)"
+                                                  r": pass --resume_from_checkpoint latest to continue it"):
+            run()
+    assert log.read_text().count("step") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1", "checkpoint_2", "metrics.jsonl"]
+    assert resolve_resume_path(tmp_path / "new", None) is None  # an empty or new folder: a fresh start

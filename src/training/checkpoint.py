@@ -13,7 +13,8 @@ Checkpoints of later steps than the one saved (left by a run this one resumed be
 superseded_checkpoint_<step> first, so the rotation keeps the new checkpoint and `latest` finds it.
 
 At resume the manifest is checked: `latest` takes the newest checkpoint whose files all match it (saying
-which newer ones it skipped and why); an explicit path to a broken checkpoint is an error naming the file.
+which newer ones it skipped and why); an explicit path to a broken checkpoint is an error naming the file. A run
+started without --resume_from_checkpoint in a working directory that holds checkpoints is refused.
 """
 
 from __future__ import annotations
@@ -98,6 +99,19 @@ def list_checkpoints(working_dir) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def check_fresh_start(working_dir, resume: Optional[str]) -> None:
+    """Without --resume_from_checkpoint, refuse a working directory holding checkpoints of an earlier run: starting
+    again from step 0 there would erase its metrics.jsonl and rotate its checkpoints away. Cheap (a directory
+    listing), so the scripts call it before building any model; resolve_resume_path calls it too."""
+    found = [] if resume else list_checkpoints(working_dir)
+    if found:
+        raise CheckpointError(
+            f"{working_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in found)}): pass "
+            "--resume_from_checkpoint latest to continue it, or choose another working directory (or remove "
+            "them) to start over"
+        )
+
+
 def resolve_resume_path(working_dir, resume: Optional[str], accelerator=None) -> Optional[Path]:
     """`--resume_from_checkpoint`: None, 'latest' (the newest complete checkpoint; None when there is none
     yet) or a checkpoint folder, which must be complete. With several processes (`accelerator`), the main
@@ -117,6 +131,7 @@ def resolve_resume_path(working_dir, resume: Optional[str], accelerator=None) ->
             raise CheckpointError(value)
         return value
     if not resume:
+        check_fresh_start(working_dir, resume)
         return None
     if resume != "latest":
         path = Path(resume)
