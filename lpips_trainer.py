@@ -101,8 +101,8 @@ def train(args, accelerator, checkpoint: Path, metrics: MetricsLog):
     total = args.num_epochs * loader.batches_per_epoch
     scheduler = build_scheduler(optimizer, total, args.decay_epochs * loader.batches_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
-    progress = resume_training_state(accelerator, model, optimizer, scheduler, work_dir, args.resume_from_checkpoint)
-    loader.batches_seen = progress.step  # the batches of the steps already trained are skipped, not loaded
+    progress = resume_training_state(accelerator, model, optimizer, scheduler, loader, work_dir,
+                                     args.resume_from_checkpoint)
     start_trackers(accelerator, args.experiment_name, None, work_dir, {"args": vars(args)}, progress.step)
     metrics.continue_from(progress.step)
     settings = LPIPSTrainSettings(

@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     loader = InfiniteLoader(
         dataset, train_cfg.per_gpu_batch_size, seed=train_cfg.seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, num_workers=train_cfg.num_workers, pin_memory=train_cfg.pin_memory,
-        start_batch=state.step * train_cfg.gradient_accumulation_steps,
+        start_batch=state.loader_position,
     )
     init_trackers(
         accelerator, args, {"train": train_cfg, "vae": ctx.model_cfg.vae, "unet": ctx.model_cfg.unet}, start_step=state.step

@@ -3,6 +3,7 @@
 import errno
 import json
 import logging
+import types
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from src.training.checkpoint import (
     load_checkpoint,
     resolve_resume_path,
     save_checkpoint,
+    saved_loader_position,
 )
 from src.training.metrics import truncate_metrics
 
@@ -137,3 +139,11 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_before_any_mode
     assert log.read_text().count("step") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1", "checkpoint_2", "metrics.jsonl"]
     assert resolve_resume_path(tmp_path / "new", None) is None  # an empty or new folder: a fresh start
+
+
+def test_the_loader_position_is_saved_per_process_and_older_checkpoints_fall_back_to_the_step(saved, tmp_path):
+    accelerator, model, opt, _ = saved
+    path = save_checkpoint(accelerator, tmp_path, 3, {"model": model}, {"optimizer": opt}, loader_position=7)
+    assert saved_loader_position(accelerator, path, default=3) == 7  # 4 batches were unreadable
+    assert saved_loader_position(accelerator, tmp_path / "checkpoint_2", default=2) == 2  # saved without one
+    assert saved_loader_position(types.SimpleNamespace(process_index=1), path, default=3) == 3  # no rng_1.pt

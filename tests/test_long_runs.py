@@ -183,6 +183,31 @@ def test_lpips_trainer_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatc
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
+def test_stage2_resume_after_an_all_unreadable_batch_is_bit_identical(tmp_path):
+    """Batch size 1 and the file of the second batch unreadable: by the checkpoint at step 2 the loader has drawn 3
+    batches. Resumed from that checkpoint, steps 3-4 must train on the batches the uninterrupted run used (the
+    position is in the checkpoint), not one batch earlier (2 steps x 1 micro-batch)."""
+    import shutil
+
+    from src.data.loader import EpochBatchSampler
+
+    faces = make_flat_folder(tmp_path / "faces")
+    second_item = list(EpochBatchSampler(8, 1, seed=0))[1][0]  # the loader's order for seed 0 (the config's)
+    (faces / f"face_{second_item:02d}.png").write_bytes(b"")  # sorted file names: item i is face_0i.png
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 1.0})
+    train = write_train_config(tmp_path / "train.yaml", per_gpu_batch_size=1, total_training_iterations=4,
+                               checkpoint_iterations=2, checkpoints_total_limit=0, val_generation_freq=0, seed=0)
+    argv = lambda work, *extra: trainer_argv(work, train, model_cfg, vae, "celebahq", "--path_to_dataset",  # noqa
+                                             str(faces), "--report_to", "none", *extra)
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "ref"))
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "ref" / "checkpoint_2", tmp_path / "cut" / "checkpoint_2")
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "cut", "--resume_from_checkpoint", "latest"))
+    assert manifest(tmp_path / "ref" / "checkpoint_4") == manifest(tmp_path / "cut" / "checkpoint_4")
+    assert [row for row in metrics(tmp_path / "ref") if row["step"] > 2] == metrics(tmp_path / "cut")
+
+
 TORCHRUN_SCRIPT = SIGNAL_ON_READ + '''
 import json, sys
 sys.path.insert(0, {root!r})

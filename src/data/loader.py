@@ -93,7 +93,9 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 class InfiniteLoader:
-    """Endless iterator of collated batches; `batches_seen` counts batches handed out since batch 0."""
+    """Endless iterator of collated batches; `batches_seen` counts the batches drawn since batch 0, including those
+    dropped because every item was unreadable: it, not step x accumulation, is where a resumed loader must start
+    (the trainers save it in their checkpoints)."""
 
     def __init__(
         self,

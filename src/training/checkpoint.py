@@ -3,7 +3,8 @@
 A checkpoint is a folder `working_directory/checkpoint_<step>` holding
     <module>.safetensors      one per model (and the EMA)
     <name>.pt                 optimizer / schedule / loss-scaler / guard state dicts (torch.load(weights_only=True))
-    rng_<rank>.pt             torch (and CUDA) RNG states plus extra generators, per process
+    rng_<rank>.pt             torch (and CUDA) RNG states, extra generators and the data loader's position, per
+                              process (a batch whose every file was unreadable moves it without making a step)
     state.json                step and any other counters the trainer passes
     manifest.json             size and sha256 of every file above, written last
 It is written under a temporary name and renamed when complete, so a run killed mid-save leaves the previous
@@ -189,13 +190,15 @@ def save_checkpoint(
     generators: Optional[dict[str, torch.Generator]] = None,
     extra: Optional[dict] = None,
     limit: int = 3,
+    loader_position: Optional[int] = None,
 ) -> Path:
     """Save everything needed to resume at `step`. Call on every process (each saves its own RNG state).
 
     `modules` are unwrapped nn.Modules (and objects with state_dict of tensors, like the EMA); `states` are
     objects with state_dict()/load_state_dict() (optimizers, schedules, the loss scaler, the guard);
-    `generators` are extra torch.Generators (data augmentation) to restore. Raises CheckpointWriteError on
-    every process when any write fails.
+    `generators` are extra torch.Generators (data augmentation) to restore; `loader_position` is this process's
+    InfiniteLoader.batches_seen (see saved_loader_position). Raises CheckpointWriteError on every process when any
+    write fails.
     """
     working_dir = Path(working_dir)
     final = working_dir / f"checkpoint_{step}"
@@ -221,7 +224,8 @@ def save_checkpoint(
     check()
     if accelerator.is_main_process:
         attempt(lambda: _write_training_files(tmp, step, modules, states, extra))
-    attempt(lambda: torch.save(_rng_state(generators), tmp / f"rng_{accelerator.process_index}.pt"))
+    per_process = {**_rng_state(generators), "loader_position": loader_position}
+    attempt(lambda: torch.save(per_process, tmp / f"rng_{accelerator.process_index}.pt"))
     check()
     if accelerator.is_main_process:
         attempt(lambda: (write_manifest(tmp), _publish(tmp, final)))
@@ -314,3 +318,14 @@ def load_checkpoint(
         if f"gen_{name}" in rng:
             g.set_state(rng[f"gen_{name}"])
     return json.loads((path / "state.json").read_text())
+
+
+def saved_loader_position(accelerator, path, default: int) -> int:
+    """The batches this process's loader had handed out at the checkpoint `path`, where a resumed loader starts.
+    `default` (step x gradient accumulation) for a checkpoint that does not record it: written before positions
+    were saved, or by fewer processes than this run has."""
+    rng_file = Path(path) / f"rng_{accelerator.process_index}.pt"
+    if not rng_file.is_file():
+        return default
+    position = torch.load(rng_file, weights_only=True).get("loader_position")
+    return default if position is None else int(position)

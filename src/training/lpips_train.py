@@ -219,7 +219,8 @@ def train_lpips(
             if stopping and not synced:
                 counters.read()
             if epoch_end or stopping:
-                path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir)
+                path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir,
+                                           loader.batches_seen)
             if stopping and step < total:
                 bar.close()
                 stop.report(step, total, path)
@@ -241,20 +242,23 @@ def log_window(progress: LPIPSProgress, total: int, per_epoch: int, scheduler, m
         metrics.log(logged, progress.step)
 
 
-def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path) -> Path:
-    """work_dir/checkpoint_<step>: model, Adam and schedule states, RNG and the loop's counters (2 kept)."""
+def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path,
+                        loader_position: int) -> Path:
+    """work_dir/checkpoint_<step>: model, Adam and schedule states, RNG, the loop's counters and the loader's
+    position (2 kept)."""
     from .checkpoint import save_checkpoint
 
     extra = {k: v for k, v in asdict(progress).items() if k != "step"}
     return save_checkpoint(
         accelerator, work_dir, progress.step, {"model": accelerator.unwrap_model(model)},
-        {"optimizer": optimizer, "scheduler": scheduler}, extra=extra, limit=2,
+        {"optimizer": optimizer, "scheduler": scheduler}, extra=extra, limit=2, loader_position=loader_position,
     )
 
 
-def resume_training_state(accelerator, model, optimizer, scheduler, work_dir: Path, resume) -> LPIPSProgress:
-    """--resume_from_checkpoint (None, 'latest' or a checkpoint folder): the restored counters, or fresh ones."""
-    from .checkpoint import load_checkpoint, resolve_resume_path
+def resume_training_state(accelerator, model, optimizer, scheduler, loader, work_dir: Path, resume) -> LPIPSProgress:
+    """--resume_from_checkpoint (None, 'latest' or a checkpoint folder): the restored counters, or fresh ones; the
+    `loader` (an InfiniteLoader) continues where it was, skipping the batches already trained without loading them."""
+    from .checkpoint import load_checkpoint, resolve_resume_path, saved_loader_position
 
     path = resolve_resume_path(work_dir, resume, accelerator)
     if path is None:
@@ -265,6 +269,7 @@ def resume_training_state(accelerator, model, optimizer, scheduler, work_dir: Pa
                            {"optimizer": optimizer, "scheduler": scheduler})
     for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
         group["fused"] = optimizer.defaults.get("fused")
+    loader.batches_seen = saved_loader_position(accelerator, path, info["step"])  # one batch per step
     logger.info("resumed from %s at step %d", path, info["step"])
     return LPIPSProgress(**info)
 

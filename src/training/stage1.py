@@ -27,7 +27,7 @@ from ..losses.perceptual import build_perceptual_loss
 from ..models.discriminator import build_discriminator, sync_batchnorm_if_distributed
 from ..models.serialization import save_models
 from ..models.vae import Autoencoder, build_autoencoder
-from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint, saved_loader_position
 from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
@@ -67,6 +67,7 @@ class Stage1State:
     disc_module: Optional[nn.Module] = dataclasses.field(init=False, repr=False)
     step: int = 0
     skipped_files: int = 0
+    loader_position: int = 0  # batches this process's loader handed out, unreadable ones included
 
     def __post_init__(self):
         from accelerate.utils import extract_model_from_parallel
@@ -140,7 +141,11 @@ def latent_shape(model_cfg: ModelConfig) -> str:
     return f"{v.latent_dim}x{v.latent_size}x{v.latent_size}" + (" (VQ)" if v.quantize else "")
 
 
-def maybe_resume(accelerator: Accelerator, state: Stage1State, working_dir, resume: Optional[str]) -> None:
+def maybe_resume(
+    accelerator: Accelerator, state: Stage1State, working_dir, resume: Optional[str], accumulation: int
+) -> None:
+    """--resume_from_checkpoint: restore every state of the run, its step and its data position;
+    `accumulation` (micro-batches per step) gives the position for checkpoints that do not record it."""
     path = resolve_resume_path(working_dir, resume, accelerator)
     if path is None:
         if resume:
@@ -149,6 +154,7 @@ def maybe_resume(accelerator: Accelerator, state: Stage1State, working_dir, resu
     info = load_checkpoint(accelerator, path, state.modules(), state.states(), state.generators())
     state.step = int(info["step"])
     state.skipped_files = int(info.get("skipped_files", 0))
+    state.loader_position = saved_loader_position(accelerator, path, state.step * accumulation)
     logger.info("resumed from %s at step %d", path, state.step)
 
 
@@ -260,6 +266,7 @@ def save_training_checkpoint(accelerator: Accelerator, state: Stage1State, worki
         state.generators(),
         extra={"skipped_files": state.skipped_files},
         limit=cfg.checkpoints_total_limit,
+        loader_position=state.loader_position,
     )
 
 
@@ -292,10 +299,9 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
     from .preemption import GracefulStop
     from .setup import MetricsLog, progress_bar
 
-    accum = cfg.gradient_accumulation_steps
     loader = InfiniteLoader(
         dataset, cfg.per_gpu_batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-        cfg.num_workers, cfg.pin_memory, start_batch=state.step * accum,
+        cfg.num_workers, cfg.pin_memory, start_batch=state.loader_position,
     )
     batches = iter(loader)
     skipped_before = state.skipped_files
@@ -310,6 +316,7 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
             window.add(logs, keep=~skipped)
             state.step += 1
             state.skipped_files = skipped_before + loader.num_skipped
+            state.loader_position = loader.batches_seen
             bar.update(1)
             events = step_events(state.step, cfg, stop, accelerator)
             if events.log:

@@ -34,7 +34,7 @@ from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_bac
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
-from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint, saved_loader_position
 from .ema import EMA
 from .guard import NonFiniteGuard, any_process
 from .images import save_image_grid
@@ -494,6 +494,7 @@ class Stage2State:
     guard: NonFiniteGuard
     randomness: StepRandomness
     step: int = 0
+    loader_position: int = 0  # batches this process's loader handed out, unreadable ones included
 
     def modules(self, ctx: Stage2Context) -> dict[str, torch.nn.Module]:
         return {"unet": ctx.unet_module, "ema": self.ema}
@@ -522,7 +523,7 @@ def build_training_state(accelerator, ctx: Stage2Context) -> Stage2State:
 
 
 def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working_dir, resume: Optional[str]) -> None:
-    """--resume_from_checkpoint: restore every state of the run and its step."""
+    """--resume_from_checkpoint: restore every state of the run, its step and its data position."""
     path = resolve_resume_path(working_dir, resume, accelerator)
     if path is None:
         if resume:
@@ -530,6 +531,8 @@ def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working
         return
     info = load_checkpoint(accelerator, path, state.modules(ctx), state.states(), state.randomness.as_dict())
     state.step = int(info["step"])
+    accumulation = ctx.train_cfg.gradient_accumulation_steps
+    state.loader_position = saved_loader_position(accelerator, path, state.step * accumulation)
     logger.info("resumed from %s at step %d", path, state.step)
 
 
@@ -562,6 +565,7 @@ def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State
     return save_checkpoint(
         accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
         extra={"total_training_iterations": cfg.total_training_iterations}, limit=cfg.checkpoints_total_limit,
+        loader_position=state.loader_position,
     )
 
 
@@ -599,6 +603,9 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
             logs, skipped = train_step(accelerator, ctx, state, batches)
             window.add(logs, keep=~skipped)
             state.step += 1
+            # an InfiniteLoader's position (unreadable batches included) for the checkpoint; the tests' and the
+            # bench's plain iterables have none
+            state.loader_position = getattr(loader, "batches_seen", state.loader_position)
             bar.update(1)
             events = step_events(state.step, cfg, stop, accelerator)
             validate = every(state.step, cfg.val_generation_freq)
