@@ -147,3 +147,33 @@ def test_the_loader_position_is_saved_per_process_and_older_checkpoints_fall_bac
     assert saved_loader_position(accelerator, path, default=3) == 7  # 4 batches were unreadable
     assert saved_loader_position(accelerator, tmp_path / "checkpoint_2", default=2) == 2  # saved without one
     assert saved_loader_position(types.SimpleNamespace(process_index=1), path, default=3) == 3  # no rng_1.pt
+
+
+def test_a_process_the_checkpoint_holds_no_random_state_for_starts_its_own_reproducible_streams(tmp_path, caplog):
+    """A checkpoint of a 1-process run resumed by 3 processes (faked through process_index): rank 0 continues the
+    saved streams; ranks 1 and 2 draw other numbers than rank 0 and than each other, from the torch RNG too (whose
+    fresh seed is alike on every rank here), and the same numbers again at a second resume."""
+    single = types.SimpleNamespace(num_processes=1, process_index=0, is_main_process=True,
+                                   device=torch.device("cpu"), wait_for_everyone=lambda: None)
+    model = torch.nn.Linear(2, 2)
+    fresh = lambda rank: {"noise": torch.Generator().manual_seed(rank)}  # noqa: E731 (the trainers' seed + rank)
+
+    def resume_and_draw(rank: int, path) -> torch.Tensor:
+        torch.manual_seed(0)
+        generators = fresh(rank)
+        load_checkpoint(types.SimpleNamespace(process_index=rank), path, {"model": model}, {}, generators)
+        return torch.cat([torch.randn(4, generator=generators["noise"]), torch.randn(4)])  # (8,)
+
+    with torch.random.fork_rng():
+        generators = fresh(0)
+        torch.manual_seed(0)
+        path = save_checkpoint(single, tmp_path, 10, {"model": model}, {}, generators)
+        continued = torch.cat([torch.randn(4, generator=generators["noise"]), torch.randn(4)])
+        with caplog.at_level(logging.WARNING):
+            draws = [resume_and_draw(rank, path) for rank in (0, 1, 2)]
+        again = resume_and_draw(1, path)
+    assert torch.equal(draws[0], continued)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert not torch.isclose(draws[a], draws[b]).any(), (a, b)
+    assert torch.equal(again, draws[1])
+    assert "written by 1 process(es) and holds no random state for process 2" in caplog.text

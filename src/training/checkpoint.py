@@ -4,7 +4,8 @@ A checkpoint is a folder `working_directory/checkpoint_<step>` holding
     <module>.safetensors      one per model (and the EMA)
     <name>.pt                 optimizer / schedule / loss-scaler / guard state dicts (torch.load(weights_only=True))
     rng_<rank>.pt             torch (and CUDA) RNG states, extra generators and the data loader's position, per
-                              process (a batch whose every file was unreadable moves it without making a step)
+                              process (a batch whose every file was unreadable moves it without making a step); a
+                              run resumed with more processes seeds new streams for the ranks without one
     state.json                step and any other counters the trainer passes
     manifest.json             size and sha256 of every file above, written last
 It is written under a temporary name and renamed when complete, so a run killed mid-save leaves the previous
@@ -298,7 +299,9 @@ def load_checkpoint(
     states: dict[str, object],
     generators: Optional[dict[str, torch.Generator]] = None,
 ) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects, in order; returns state.json's contents."""
+    """Restore what `save_checkpoint` wrote into the given objects, in order; returns state.json's contents.
+    A process the checkpoint has no rng_<rank>.pt for (it was written by fewer processes) starts new random
+    streams of its own instead (see _new_random_streams)."""
     path = Path(path)
     for name, module in modules.items():
         module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
@@ -307,17 +310,42 @@ def load_checkpoint(
         if not file.is_file():
             raise CheckpointError(f"{file} is missing: the checkpoint was written by a run with other settings")
         obj.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
+    info = json.loads((path / "state.json").read_text())
     rng_file = path / f"rng_{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        rng_file = path / "rng_0.pt"
-    rng = torch.load(rng_file, weights_only=True)
+    if rng_file.is_file():
+        _restore_rng(torch.load(rng_file, weights_only=True), generators)
+    else:
+        _new_random_streams(path, accelerator.process_index, int(info["step"]), generators)
+    return info
+
+
+def _restore_rng(rng: dict, generators: Optional[dict[str, torch.Generator]]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     for name, g in (generators or {}).items():
         if f"gen_{name}" in rng:
             g.set_state(rng[f"gen_{name}"])
-    return json.loads((path / "state.json").read_text())
+
+
+def _new_random_streams(path: Path, rank: int, step: int, generators: Optional[dict[str, torch.Generator]]) -> None:
+    """Re-seed the torch RNG and every generator from its fresh seed, the checkpoint's step and the rank. Another
+    rank's saved states would make this process draw the same noise, flips and timesteps as that rank; these
+    seeds differ across ranks (even where the fresh seeds do not) and are the same at every resume from `path`."""
+    written_by = len(list(path.glob("rng_*.pt")))
+    logger.warning(
+        "%s was written by %d process(es) and holds no random state for process %d: it starts new random streams "
+        "(reproducible, but not those of an uninterrupted run with this many processes)", path, written_by, rank,
+    )
+    torch.manual_seed(_stream_seed(torch.initial_seed(), step, rank))  # the CUDA generators too
+    for g in (generators or {}).values():
+        g.manual_seed(_stream_seed(g.initial_seed(), step, rank))
+
+
+def _stream_seed(seed: int, step: int, rank: int) -> int:
+    """A 63-bit seed mixing the three (a hash: seed + rank alone would collide across ranks and seeds)."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def saved_loader_position(accelerator, path, default: int) -> int:
