@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def train(out: Path, name: str, overrides: dict, seed: int, args, lpips_ckpt: Pa
     work = out / f"{list(SETTINGS).index(name)}_seed{seed}"
     if (work / "model.safetensors").is_file():
         return work
+    shutil.rmtree(work, ignore_errors=True)  # an interrupted attempt: start over (the trainer refuses its checkpoints)
     cfg = yaml.safe_load((ROOT / "configs/quickstart/stage1_vae_train.yaml").read_text())
     cfg.update(overrides, seed=seed, use_lpips=True, lpips_checkpoint=str(lpips_ckpt), val_generation_freq=0)
     if args.steps:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,6 +103,7 @@ def main(argv=None) -> None:
     for name in args.variants:
         cfg = variant_config(name, extra, args.steps, out)
         work = out / name / "diffusion"
+        shutil.rmtree(work, ignore_errors=True)  # trained afresh: the trainers refuse to start over a run's checkpoints
         seconds = run([
             args.python, "stage2_diffusion_trainer.py", "--working_directory", str(work), "--training_config", str(cfg),
             "--model_config", str(demo / "ldm.yaml"), "--path_to_vae_backbone", str(demo / "vae" / "model.safetensors"),
