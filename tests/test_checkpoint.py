@@ -94,6 +94,10 @@ def test_truncate_metrics_keeps_steps_up_to_the_resume_step(tmp_path):
     assert truncate_metrics(path, 20) == 2  # step 30 and the line a kill cut short
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
     assert truncate_metrics(path, 20) == 0 and truncate_metrics(tmp_path / "none.jsonl", 0) == 0
+    with open(path, "a") as f:  # lines edited by hand: a step that is not a number, a list instead of a mapping
+        f.write('{"step": null}\n{"step": "30"}\n[1, 2]\n')
+    assert truncate_metrics(path, 20) == 3
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [10, 20]
 
 
 def test_saving_after_a_rollback_sets_later_checkpoints_aside_and_keeps_the_new_one(saved, tmp_path, caplog):

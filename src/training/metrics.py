@@ -81,10 +81,11 @@ def truncate_metrics(path, after_step: int) -> int:
     for line in path.read_text().splitlines():
         try:
             step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
+            later = step > after_step
+        except (ValueError, KeyError, TypeError):  # cut short by a kill, or edited by hand: no step to keep it by
             dropped += 1
             continue
-        if step > after_step:
+        if later:
             dropped += 1
         else:
             kept.append(line)
