@@ -44,8 +44,7 @@ def main(argv=None) -> None:
     accelerator = make_accelerator(args, train_cfg)
     dataset = build_stage1_dataset(args, model_cfg, train_cfg)
     state, loss_fn = build_stage1(accelerator, model_cfg, train_cfg)
-    maybe_resume(accelerator, state, args.working_directory, args.resume_from_checkpoint,
-                 train_cfg.gradient_accumulation_steps)
+    maybe_resume(accelerator, state, args.working_directory, args.resume_from_checkpoint, train_cfg)
     init_trackers(accelerator, args, {"model": model_cfg.vae, "train": train_cfg}, start_step=state.step)
     logger.info("training on %s (%d images), latent %s", args.dataset, len(dataset), latent_shape(model_cfg))
     finished = train_stage1(accelerator, args, state, loss_fn, dataset, train_cfg)

@@ -208,6 +208,32 @@ def test_stage2_resume_after_an_all_unreadable_batch_is_bit_identical(tmp_path):
     assert [row for row in metrics(tmp_path / "ref") if row["step"] > 2] == metrics(tmp_path / "cut")
 
 
+def test_resuming_with_another_batch_size_warns_and_the_same_layout_does_not(tmp_path, capsys):
+    """The checkpoint records how the run cut its data (processes, batch, accumulation); a resume with another cut
+    still runs, but says that its batches are not an uninterrupted run's."""
+    import shutil
+
+    faces = make_flat_folder(tmp_path / "faces")
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 1.0})
+    keys = dict(total_training_iterations=3, checkpoint_iterations=2, val_generation_freq=0, seed=0)
+    argv = lambda work, train, *extra: trainer_argv(work, train, model_cfg, vae, "celebahq", "--path_to_dataset",  # noqa
+                                                    str(faces), "--report_to", "none", *extra)
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "ref", write_train_config(tmp_path / "a.yaml", per_gpu_batch_size=1,
+                                                                                   **keys)))
+    assert json.loads((tmp_path / "ref" / "checkpoint_2" / "state.json").read_text())["data_layout"] == {
+        "num_processes": 1, "per_gpu_batch_size": 1, "gradient_accumulation_steps": 1}
+    for name, batch in (("same", 1), ("other", 2)):
+        (tmp_path / name).mkdir()
+        shutil.copytree(tmp_path / "ref" / "checkpoint_2", tmp_path / name / "checkpoint_2")
+        capsys.readouterr()
+        train = write_train_config(tmp_path / f"{name}.yaml", per_gpu_batch_size=batch, **keys)
+        run_main("stage2_diffusion_trainer", argv(tmp_path / name, train, "--resume_from_checkpoint", "latest"))
+        log = capsys.readouterr().out  # the trainer's log handler writes to stdout
+        assert ("written with another data layout (per_gpu_batch_size 1 -> 2)" in log) == (batch == 2), log
+        assert (tmp_path / name / "checkpoint_3").is_dir()  # it ran on either way
+
+
 TORCHRUN_SCRIPT = SIGNAL_ON_READ + '''
 import json, sys
 sys.path.insert(0, {root!r})

@@ -348,6 +348,24 @@ def _stream_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def data_layout(accelerator, cfg) -> dict:
+    """How a run cuts its data into steps; the trainers keep it in state.json (see check_data_layout)."""
+    return {"num_processes": accelerator.num_processes, "per_gpu_batch_size": cfg.per_gpu_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+
+
+def check_data_layout(info: dict, layout: dict, path) -> None:
+    """Warn when a run resumes with another data layout than its checkpoint's (older checkpoints record none).
+    It still runs, but the loader's position counts batches of the old size and the data is sharded anew, so
+    the rest of the epoch repeats or skips images and the batches are not an uninterrupted run's."""
+    saved = info.get("data_layout")
+    if saved is None or saved == layout:
+        return
+    changes = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in layout.items() if saved.get(key) != value)
+    logger.warning("%s was written with another data layout (%s): this epoch's remaining images are repeated or "
+                   "skipped, and the batches differ from an uninterrupted run's", path, changes)
+
+
 def saved_loader_position(accelerator, path, default: int) -> int:
     """The batches this process's loader had handed out at the checkpoint `path`, where a resumed loader starts.
     `default` (step x gradient accumulation) for a checkpoint that does not record it: written before positions

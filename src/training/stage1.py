@@ -27,7 +27,14 @@ from ..losses.perceptual import build_perceptual_loss
 from ..models.discriminator import build_discriminator, sync_batchnorm_if_distributed
 from ..models.serialization import save_models
 from ..models.vae import Autoencoder, build_autoencoder
-from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint, saved_loader_position
+from .checkpoint import (
+    check_data_layout,
+    data_layout,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+    saved_loader_position,
+)
 from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
@@ -142,10 +149,9 @@ def latent_shape(model_cfg: ModelConfig) -> str:
 
 
 def maybe_resume(
-    accelerator: Accelerator, state: Stage1State, working_dir, resume: Optional[str], accumulation: int
+    accelerator: Accelerator, state: Stage1State, working_dir, resume: Optional[str], cfg: Stage1TrainConfig
 ) -> None:
-    """--resume_from_checkpoint: restore every state of the run, its step and its data position;
-    `accumulation` (micro-batches per step) gives the position for checkpoints that do not record it."""
+    """--resume_from_checkpoint: restore every state of the run, its step and its data position."""
     path = resolve_resume_path(working_dir, resume, accelerator)
     if path is None:
         if resume:
@@ -154,7 +160,8 @@ def maybe_resume(
     info = load_checkpoint(accelerator, path, state.modules(), state.states(), state.generators())
     state.step = int(info["step"])
     state.skipped_files = int(info.get("skipped_files", 0))
-    state.loader_position = saved_loader_position(accelerator, path, state.step * accumulation)
+    state.loader_position = saved_loader_position(accelerator, path, state.step * cfg.gradient_accumulation_steps)
+    check_data_layout(info, data_layout(accelerator, cfg), path)
     logger.info("resumed from %s at step %d", path, state.step)
 
 
@@ -264,7 +271,7 @@ def save_training_checkpoint(accelerator: Accelerator, state: Stage1State, worki
         state.modules(),
         state.states(),
         state.generators(),
-        extra={"skipped_files": state.skipped_files},
+        extra={"skipped_files": state.skipped_files, "data_layout": data_layout(accelerator, cfg)},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )

@@ -34,7 +34,14 @@ from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_bac
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
-from .checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint, saved_loader_position
+from .checkpoint import (
+    check_data_layout,
+    data_layout,
+    load_checkpoint,
+    resolve_resume_path,
+    save_checkpoint,
+    saved_loader_position,
+)
 from .ema import EMA
 from .guard import NonFiniteGuard, any_process
 from .images import save_image_grid
@@ -533,6 +540,7 @@ def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working
     state.step = int(info["step"])
     accumulation = ctx.train_cfg.gradient_accumulation_steps
     state.loader_position = saved_loader_position(accelerator, path, state.step * accumulation)
+    check_data_layout(info, data_layout(accelerator, ctx.train_cfg), path)
     logger.info("resumed from %s at step %d", path, state.step)
 
 
@@ -564,7 +572,8 @@ def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State
     cfg = ctx.train_cfg
     return save_checkpoint(
         accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
-        extra={"total_training_iterations": cfg.total_training_iterations}, limit=cfg.checkpoints_total_limit,
+        extra={"total_training_iterations": cfg.total_training_iterations, "data_layout": data_layout(accelerator, cfg)},
+        limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )
 
