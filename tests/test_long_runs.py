@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,15 +260,20 @@ dist.destroy_process_group()
 
 def test_torchrun_two_processes_bf16_vq_gan_stop_on_one_rank_then_resume(tmp_path):
     """One torchrun launch runs three legs: uninterrupted; SIGTERM to rank 1 only (both ranks must stop after
-    the same step); resume. VQ-VAE with the PatchGAN (SyncBatchNorm) under bf16."""
+    the same step); resume. VQ-VAE with the PatchGAN (SyncBatchNorm) under bf16, on a folder with two unreadable
+    files, whose count over both processes the resumed run must report as the uninterrupted one does."""
+    from tests.test_stage1_trainer import make_mixed_folder
+
+    make_mixed_folder(tmp_path / "data")
     cfgs = write_configs(tmp_path / "cfg", quantize=True, per_gpu_batch_size=4, total_training_iterations=6,
                          checkpoint_iterations=0, val_generation_freq=6, disc_start=2, log_every=1)
     script = tmp_path / "legs.py"
     script.write_text(TORCHRUN_SCRIPT.format(root=str(ROOT)))
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    legs = [{"argv": stage1_args(ref, cfgs), "signal_rank": -1, "read": 0},
-            {"argv": stage1_args(cut, cfgs), "signal_rank": 1, "read": 2 * 4 + 2},  # rank 1, inside step 3
-            {"argv": stage1_args(cut, cfgs) + ["--resume_from_checkpoint", "latest"], "signal_rank": -1, "read": 0}]
+    args = lambda work: stage1_args(work, cfgs, "celebahq", tmp_path / "data")  # noqa: E731
+    legs = [{"argv": args(ref), "signal_rank": -1, "read": 0},
+            {"argv": args(cut), "signal_rank": 1, "read": 2 * 4 + 2},  # rank 1, inside step 3
+            {"argv": args(cut) + ["--resume_from_checkpoint", "latest"], "signal_rank": -1, "read": 0}]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_MIXED_PRECISION": "bf16", "WANDB_MODE": "offline"}
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", str(script),
            json.dumps(legs)]
@@ -283,6 +289,9 @@ def test_torchrun_two_processes_bf16_vq_gan_stop_on_one_rank_then_resume(tmp_pat
     assert "perplexity" in logged[-1] and "disc_loss" in logged[-1]
     assert all(torch.isfinite(torch.tensor(row["rec_loss"])) for row in logged)
     assert_same_run(ref, cut, "checkpoint_6")
+    reports = re.findall(r"skipped (\d+) unreadable image\(s\) during training", out)  # ref's, then the resumed run's
+    assert len(set(reports)) == 1 and int(reports[0]) == json.loads((ref / "checkpoint_6" / "state.json").read_text())[
+        "skipped_files"] > 0, reports
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -73,7 +73,7 @@ class Stage1State:
     vae_module: Autoencoder = dataclasses.field(init=False, repr=False)
     disc_module: Optional[nn.Module] = dataclasses.field(init=False, repr=False)
     step: int = 0
-    skipped_files: int = 0
+    skipped_files: int = 0  # this process's unreadable files; summed over processes, the run's
     loader_position: int = 0  # batches this process's loader handed out, unreadable ones included
 
     def __post_init__(self):
@@ -159,7 +159,8 @@ def maybe_resume(
         return
     info = load_checkpoint(accelerator, path, state.modules(), state.states(), state.generators())
     state.step = int(info["step"])
-    state.skipped_files = int(info.get("skipped_files", 0))
+    # state.json holds the count over every process: the main process carries it on, the others start from 0
+    state.skipped_files = int(info.get("skipped_files", 0)) if accelerator.is_main_process else 0
     state.loader_position = saved_loader_position(accelerator, path, state.step * cfg.gradient_accumulation_steps)
     check_data_layout(info, data_layout(accelerator, cfg), path)
     logger.info("resumed from %s at step %d", path, state.step)
@@ -271,7 +272,8 @@ def save_training_checkpoint(accelerator: Accelerator, state: Stage1State, worki
         state.modules(),
         state.states(),
         state.generators(),
-        extra={"skipped_files": state.skipped_files, "data_layout": data_layout(accelerator, cfg)},
+        extra={"skipped_files": files_skipped(accelerator, state.skipped_files),
+               "data_layout": data_layout(accelerator, cfg)},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )
@@ -339,7 +341,7 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
                 stop.report(state.step, total, path)
                 return False
     bar.close()
-    report_skipped(accelerator, state.skipped_files)
+    report_skipped(accelerator, files_skipped(accelerator, state.skipped_files))
     if accelerator.is_main_process:
         logger.info("reconstruction grids (originals above reconstructions) are in %s", gens_dir.resolve())
     return True
@@ -352,13 +354,17 @@ def log_step(accelerator, state: Stage1State, window: MetricWindow, metrics, bar
     if state.disc_opt is not None:
         extra["disc_lr"] = state.disc_opt.schedule.lr
     values = window.pop(extra, accelerator)
-    metrics.log({**values, "skipped_files": state.skipped_files}, state.step)
+    metrics.log({**values, "skipped_files": files_skipped(accelerator, state.skipped_files)}, state.step)
     shown = ("rec_loss", "lpips_loss", "disc_loss") if loss_fn.perceptual is not None else ("rec_loss", "disc_loss")
     bar.set_postfix({k: f"{values[k]:.4f}" for k in shown if k in values})
 
 
-def report_skipped(accelerator: Accelerator, skipped: int) -> None:
-    total = int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum").item())
+def files_skipped(accelerator: Accelerator, skipped: int) -> int:
+    """The run's count of unreadable files: every process's `skipped`, summed (a collective)."""
+    return int(accelerator.reduce(torch.tensor([skipped], device=accelerator.device), reduction="sum").item())
+
+
+def report_skipped(accelerator: Accelerator, total: int) -> None:
     if total:
         logger.warning("skipped %d unreadable image(s) during training (see the warnings above for the files)", total)
     else:
