@@ -154,3 +154,20 @@ def test_a_resumed_run_replaces_the_tensorboard_events_after_its_checkpoint(tmp_
         accelerator.end_training()
     curve = [(e.step, e.value) for e in events(tmp_path, "run").Scalars("loss")]
     assert curve == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+
+
+def test_a_run_started_again_at_step_0_replaces_the_events_of_an_attempt_with_no_checkpoint(tmp_path):
+    """An attempt killed before its first checkpoint, run again from step 0: TensorBoard shows the new run only,
+    as metrics.jsonl does, instead of a curve that doubles back to step 1."""
+    from accelerate import Accelerator
+
+    from src.training.trackers import start_trackers, tracker_accelerator_kwargs
+
+    for values in ({1: 1.0, 2: 2.0, 3: 3.0}, {1: 10.0, 2: 20.0}):
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True, **tracker_accelerator_kwargs(flags("--report_to", "tensorboard"), tmp_path))
+        start_trackers(accelerator, "run", None, tmp_path, {}, start_step=0)
+        for step, value in values.items():
+            accelerator.log({"loss": value}, step=step)
+        accelerator.end_training()
+    assert [(e.step, e.value) for e in events(tmp_path, "run").Scalars("loss")] == [(1, 10.0), (2, 20.0)]

@@ -94,8 +94,9 @@ def start_trackers(
     A run resumed at `start_step` hides the TensorBoard events an earlier attempt wrote after that step
     (SummaryWriter's purge_step), so its curves continue instead of doubling back."""
     init_kwargs = {"wandb": {"name": run_name, "dir": str(working_dir)}}
-    if start_step > 0:
-        init_kwargs["tensorboard"] = {"purge_step": start_step + 1}  # events up to start_step stay
+    # events up to start_step stay; a run (re)started at step 0 hides every event of an attempt that died
+    # before its first checkpoint (metrics.jsonl drops those lines too)
+    init_kwargs["tensorboard"] = {"purge_step": start_step + 1}
     accelerator.init_trackers(project, config=tracker_config(configs) if configs else None, init_kwargs=init_kwargs)
     if accelerator.is_main_process:
         for tracker in accelerator.trackers:
