@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from src.data import cc_prep
@@ -59,6 +60,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    # SIGTERM (kill, timeout, a scheduler) would end the process without running `finally`: raise instead, so the
+    # staging folder with its datasets caches is removed as on Ctrl-C
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return prepare(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def prepare(args: argparse.Namespace) -> int:
     try:
         save_path = cc_prep.check_save_path(args.path_to_save, args.overwrite)
         survey = cc_prep.require_rows(cc_prep.inspect_shards(cc_prep.find_shards(args.path_to_data_root)))

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -301,6 +302,30 @@ def test_prep_with_only_empty_shards_fails_clearly_and_writes_nothing(raw_shards
     assert prep_cc.main(_prep_argv(only_empty, tmp_path / "cc", clip_folder)) != 0
     assert "none of the shards has rows" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_prep_stopped_by_sigterm_removes_its_staging_folder(raw_shards, clip_folder, tmp_path):
+    """kill, timeout and schedulers send SIGTERM, which ends Python without running `finally`: prep turns it into
+    an exit, so the staging folder (with the datasets caches) goes as on Ctrl-C, and the signal's handler is put
+    back afterwards. The signal arrives while rows are processed, inside the staging folder."""
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import prep_cc
+from src.data import cc_prep
+def killed_while_processing(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+cc_prep.process_rows = killed_while_processing
+before = signal.getsignal(signal.SIGTERM)
+try:
+    prep_cc.main({_prep_argv(raw_shards[0], tmp_path / "cc", clip_folder)!r})
+finally:
+    print("handler restored:", signal.getsignal(signal.SIGTERM) is before)
+"""
+    proc = subprocess.run([PY, "-c", script], capture_output=True, text=True, timeout=STAGE_TIMEOUT, cwd=tmp_path)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, proc.stderr[-2000:])  # -15: killed mid-prep
+    assert "handler restored: True" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # neither a staging folder nor a half-written dataset
 
 
 def test_clean_caption():
