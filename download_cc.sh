@@ -47,7 +47,8 @@ if printf '%s\n' "$first_line" | tr '\t' '\n' | grep -qx url && printf '%s\n' "$
     TSV=$TSV_IN  # already has a header naming "url" and "caption"
 else
     TSV="$OUT.with_header.tsv"
-    if [ ! -f "$TSV" ]; then
+    # reuse the copy only when it holds exactly this input (a copy made from another TSV would be downloaded instead)
+    if [ ! -f "$TSV" ] || ! tail -n +2 "$TSV" | cmp -s - "$TSV_IN"; then
         echo "writing $TSV (the input with a 'caption<TAB>url' header line)"
         { printf 'caption\turl\n'; cat "$TSV_IN"; } > "$TSV.partial"
         mv "$TSV.partial" "$TSV"

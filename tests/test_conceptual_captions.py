@@ -328,6 +328,24 @@ finally:
     assert list(tmp_path.iterdir()) == []  # neither a staging folder nor a half-written dataset
 
 
+def test_download_reuses_its_header_copy_only_for_the_same_tsv(tmp_path):
+    """The header copy sits next to the output folder and outlives it: a copy made from another TSV (a small trial
+    file) must be rewritten, or img2dataset would download the trial's rows instead. img2dataset itself is `true`."""
+    small, full = tmp_path / "small.tsv", tmp_path / "full.tsv"
+    small.write_text("a cat\thttp://x/1\n")
+    full.write_text("a cat\thttp://x/1\na dog\thttp://x/2\n")
+    env = {**os.environ, "IMG2DATASET": "true"}
+
+    def download(tsv):
+        cmd = ["bash", str(ROOT / "download_cc.sh"), str(tsv), str(tmp_path / "raw")]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=True).stdout
+
+    copy = tmp_path / "raw.with_header.tsv"
+    assert "writing" in download(small) and copy.read_text() == "caption\turl\n" + small.read_text()
+    assert "writing" in download(full) and copy.read_text() == "caption\turl\n" + full.read_text()
+    assert "writing" not in download(full)  # the same input: the copy is reused
+
+
 def test_clean_caption():
     assert clean_caption(INVALID_UTF8) == (INVALID_UTF8_CLEAN, True)
     assert clean_caption("caf\u0065\u0301  au\tlait\n".encode()) == ("caf\u00e9 au lait", False)
