@@ -41,12 +41,13 @@ def nearest_codes(z_flat: torch.Tensor, codebook: torch.Tensor, chunk: int = 409
 
     ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2; the ||z||^2 term does not change the argmin and is dropped.
     """
-    codebook = codebook.float()
-    e_sq = (codebook**2).sum(1)  # (K,)
-    out = []
-    for rows in z_flat.float().split(chunk):
-        dist_sq = e_sq[None, :] - 2.0 * rows @ codebook.t()  # (n, K)
-        out.append(dist_sq.argmin(1))
+    with torch.autocast(z_flat.device.type, enabled=False):  # autocast would run the matmul in fp16/bf16
+        codebook = codebook.float()
+        e_sq = (codebook**2).sum(1)  # (K,)
+        out = []
+        for rows in z_flat.float().split(chunk):
+            dist_sq = e_sq[None, :] - 2.0 * rows @ codebook.t()  # (n, K)
+            out.append(dist_sq.argmin(1))
     return torch.cat(out)  # (N,)
 
 
