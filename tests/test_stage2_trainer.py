@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from src.models.serialization import load_models
-from src.training.stage2 import Stage2SetupError, read_prompts
+from src.training.stage2 import Stage2SetupError, read_prompts, trained_classes, validation_labels
 from tests.helpers import make_tiny_clip
 from tests.stage2_helpers import (
     make_flat_folder,
@@ -153,3 +153,11 @@ def test_non_finite_losses_skip_updates_then_stop_the_run(assets, tmp_path):
     assert int(ema["num_updates"]) == 0
     assert all(torch.equal(unet[k], ema[f"shadow.{k}"]) for k in unet)
     assert not (work / "checkpoint_4").exists() and not (work / "model.safetensors").exists()
+
+
+def test_class_validation_grids_use_the_datasets_classes_not_every_embedding():
+    """ldm.yaml's UNet has 1000 class embeddings; trained on 10 class folders, only labels 0-9 ever get a gradient,
+    so the grid's labels are spread over those."""
+    names = {"class_names": [f"n{i:08d}" for i in range(10)]}
+    assert validation_labels(8, trained_classes(names, 1000)) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert validation_labels(8, trained_classes({}, 1000)) == [0, 125, 250, 375, 500, 625, 750, 875]  # no names

@@ -360,6 +360,12 @@ def read_prompts(path=DEFAULT_PROMPTS_FILE) -> list[str]:
     return prompts
 
 
+def trained_classes(metadata: dict, num_classes: int) -> int:
+    """How many class labels the run trains: the dataset's classes, which may be fewer than the UNet's
+    (ldm.yaml's 1000 for a 10-class ImageNet subset; the other embeddings never get a gradient)."""
+    return len(metadata.get("class_names", [])) or num_classes
+
+
 def validation_labels(num_samples: int, num_classes: int) -> list[int]:
     """Fixed class labels spread evenly over the classes, the same at every validation."""
     return [int(i * num_classes / num_samples) % num_classes for i in range(num_samples)]
@@ -392,7 +398,7 @@ def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> O
         cond = ctx.val_text
         uncond = ema_unet.null_condition(cond.batch_size)
     elif ctx.conditioning == "class":
-        labels = validation_labels(cfg.num_val_random_samples, ema_unet.num_classes)
+        labels = validation_labels(cfg.num_val_random_samples, trained_classes(ctx.extra_metadata, ema_unet.num_classes))
         cond = Condition(labels=torch.tensor(labels, dtype=torch.long, device=ctx.device))
         uncond = ema_unet.null_condition(len(labels))
     else:
