@@ -28,6 +28,25 @@ class ConfigError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Value checks shared by the sections below (from_dict applies them at load)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def bounded(default: Any, min: Any = None, max: Any = None, below: Any = None, odd: bool = False) -> Any:
+    """A field whose YAML value must lie in [min, max] (or below `below`, exclusive), and be odd if `odd`;
+    checked at load."""
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("below", below)) if v is not None}
+    return field(default=default, metadata={**bounds, "odd": True} if odd else bounds)
+
+
+COUNT = dict(min=1)  # a batch size, a number of steps or images: at least one
+NONNEGATIVE = dict(min=0)
+PROBABILITY = dict(min=0.0, max=1.0)
+ADAM_BETA = dict(min=0.0, below=1.0)
+KERNEL = dict(min=1, odd=True)  # padding k // 2 keeps H x factor / H / factor only for odd kernels
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Model configuration (configs/ldm.yaml)
 # --------------------------------------------------------------------------------------------------------------
 
@@ -46,8 +65,8 @@ class VAEConfig:
     post_encoder_latent_proj: bool = True  # 1x1 conv after the encoder ("quant_conv")
     pre_decoder_latent_proj: bool = True  # 1x1 conv before the decoder ("post_quant_conv")
     vae_channels_per_block: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
-    vae_up_down_factor: int = 2
-    vae_up_down_kernel_size: int = 3
+    vae_up_down_factor: int = bounded(2, **COUNT)
+    vae_up_down_kernel_size: int = bounded(3, **KERNEL)
     groupnorm_groups: int = 32
     norm_eps: float = 1e-6
     # VQ-VAE
@@ -80,8 +99,8 @@ class UNetConfig:
     up_block_types: list[str] = field(default_factory=lambda: ["Up", "AttnUp", "AttnUp", "AttnUp"])
     unet_channels_per_block: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
     unet_residual_layers_per_block: int = 2
-    unet_up_down_factor: int = 2
-    unet_up_down_kernel_size: int = 3
+    unet_up_down_factor: int = bounded(2, **COUNT)
+    unet_up_down_kernel_size: int = bounded(3, **KERNEL)
     transformer_blocks_per_layer: int = 1
     transformer_dim_mult: int = 4
     attention_bias: bool = False
@@ -113,18 +132,6 @@ class ModelConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Training configuration (configs/stage*_train*.yaml)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def bounded(default: Any, min: Any = None, max: Any = None, below: Any = None) -> Any:
-    """A field whose YAML value must lie in [min, max] (or below `below`, exclusive); checked at load."""
-    bounds = {k: v for k, v in (("min", min), ("max", max), ("below", below)) if v is not None}
-    return field(default=default, metadata=bounds)
-
-
-COUNT = dict(min=1)  # a batch size, a number of steps or images: at least one
-NONNEGATIVE = dict(min=0)
-PROBABILITY = dict(min=0.0, max=1.0)
-ADAM_BETA = dict(min=0.0, below=1.0)
 
 
 @dataclass
@@ -334,6 +341,8 @@ def _check_bounds(cls: type, key: str, value: Any, source: str) -> None:
         raise ConfigError(f"{source}: key '{key}' must be <= {bounds['max']}, got {value!r}")
     if "below" in bounds and value >= bounds["below"]:
         raise ConfigError(f"{source}: key '{key}' must be < {bounds['below']}, got {value!r}")
+    if bounds.get("odd") and value % 2 == 0:
+        raise ConfigError(f"{source}: key '{key}' must be odd (same-size padding), got {value!r}")
 
 
 def to_dict(cfg: Any) -> dict:

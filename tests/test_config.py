@@ -136,6 +136,18 @@ def test_zero_intervals_mean_never_and_load(tmp_path):
     assert not any(every(step, 0) for step in range(1, 10)) and [s for s in range(1, 10) if every(s, 3)] == [3, 6, 9]
 
 
+@pytest.mark.parametrize("section", ["vae", "unet"])
+def test_an_even_up_down_kernel_is_rejected_at_load(tmp_path, section):
+    """Padding k // 2 keeps sizes only for odd kernels: an even one made the UNet fail deep in its forward pass and
+    the VAE return 17x17 reconstructions of 16x16 images."""
+    path = tmp_path / "ldm.yaml"
+    path.write_text(f"{section}:\n  {section}_up_down_kernel_size: 4\n")
+    with pytest.raises(ConfigError, match=f"key '{section}_up_down_kernel_size' must be odd"):
+        load_model_config(path)
+    path.write_text(f"{section}:\n  {section}_up_down_kernel_size: 5\n")
+    assert getattr(getattr(load_model_config(path), section), f"{section}_up_down_kernel_size") == 5
+
+
 def test_a_key_given_twice_in_a_nested_section_is_rejected(tmp_path):
     path = tmp_path / "ldm.yaml"
     path.write_text("vae:\n  latent_channels: 4\n  latent_channels: 8\n")
