@@ -1,9 +1,11 @@
 """Prompt adherence of a text-conditional model trained on the built-in `shapes` dataset.
 
 Generates one image per prompt ("a <colour> <shape> on a <colour> background", drawn at random from the public
-vocabulary in src/data/shapes.py, skipping the prompts of --exclude_prompts), reads back the shape's colour, the
-background's colour and the shape class from the pixels (src/evaluation/shapes.py), and prints the fraction
-correct for each of the three and the fraction of clean images (one region, one palette colour, uniform background).
+vocabulary in src/data/shapes.py, skipping the prompts of --exclude_prompts, by default the demo's validation
+prompts), reads back the shape's colour, the background's colour and the shape class from the pixels
+(src/evaluation/shapes.py), and prints the fraction correct for each of the three and the fraction of clean images
+(one region, one palette colour, a uniform background, a sharp edge). Every colour/shape/background combination is
+in the training data: this scores prompt adherence on seen combinations, not generalisation to unseen ones.
 
     python evaluate_shapes.py --path_to_weights work_dir/diffusion_shapes/model.safetensors \
         --num_prompts 64 --output outputs/eval
@@ -41,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--prompt_seed", type=int, default=2024, help="picks the evaluation prompts")
     p.add_argument("--seed", type=int, default=0, help="sampling noise")
-    p.add_argument("--exclude_prompts", default="sample_text_cond_prompts.txt",
+    p.add_argument("--exclude_prompts", default="configs/quickstart/prompts.txt",
                    help="prompts seen during training sampling; never used for evaluation")
     # the defaults are the demo's (scripts/quickstart.sh), so a plain call reproduces its evaluation
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")

@@ -87,6 +87,30 @@ def test_clean_rejects_mosaics_second_shapes_two_colour_shapes_and_blank_images(
     assert result["clean"] == 0.5 and result["clean_and_right"] == 0.5
 
 
+def test_no_single_shape_reads_as_no_shape_class_and_two_shapes_as_their_own_class():
+    """Moments over everything that is not background made uniform noise a purple square on purple, and two
+    circles a square: a noise generator scored every square prompt, and two circles answered one."""
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert read_image(Image.fromarray(noise)).shape is None
+    two = _canvas("blue")
+    yy, xx = np.mgrid[:32, :32]
+    for cy, cx in ((9, 9), (22, 22)):
+        two[(yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = COLORS["red"]
+    reading = read_image(Image.fromarray(two))
+    assert reading.shape == "circle" and not reading.clean
+
+
+def test_clean_rejects_smeared_edges_that_keep_the_right_colours():
+    """A blur of radius 2.5, or the mean of many drawings (a mean-seeking generator's blob), blends the two right
+    colours but has no sharp edge; radius-1 blur, as the demo's decoder gives, is still clean."""
+    square = render("red", "square", "blue", 32, random.Random(1))
+    assert read_image(square.filter(ImageFilter.GaussianBlur(1))).clean
+    assert not read_image(square.filter(ImageFilter.GaussianBlur(2.5))).clean
+    rng = random.Random(7)
+    mean = np.mean([np.asarray(render("red", "circle", "green", 32, rng), float) for _ in range(100)], axis=0)
+    assert not read_image(Image.fromarray(mean.round().astype(np.uint8))).clean  # read as clean before
+
+
 def test_shape_moments_match_theory_and_ignore_blur():
     """c_4 of a square is 1/60 and c_3 of a disc or square is 0, at any position, size and rotation; blur moves them
     only a little (exactly invariant in theory; dropping faint coverage far from the shape costs ~10 %)."""

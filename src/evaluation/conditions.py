@@ -1,11 +1,12 @@
-"""What each evaluation sample is conditioned on: class-balanced labels, or prompts held out from training.
+"""What each evaluation sample is conditioned on: class-balanced labels, or prompts from validation data.
 
     labels = balanced_labels(50000, 1000)                      # 50 of each class
     prompts = evaluation_prompts("conceptual_captions", path, cfg, captions_file=None)
 
 Prompts come from a captions file (one per line) when given, otherwise from the dataset's validation data:
 the `validation` split prep_cc.py writes with --val_fraction, or, for the built-in shapes, captions drawn with
-another seed than training's. Sample i uses prompt i mod len(prompts), so any number of samples can be drawn.
+another seed than training's. (Shapes has 168 colour/shape/background combinations, and a long enough training
+run sees every one: its "held-out" captions are other draws of seen combinations, not unseen ones.) Sample i uses prompt i mod len(prompts), so any number of samples can be drawn.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def balanced_labels(num_samples: int, num_classes: int) -> list[int]:
 
 
 def validation_captions(dataset: str, path: Optional[str], cfg: TrainConfig, limit: int) -> list[str]:
-    """Up to `limit` captions the model was not trained on, from the dataset's validation data."""
+    """Up to `limit` captions from the dataset's validation data: rows the model was not trained on for
+    conceptual_captions; for shapes, another seed's draws (mostly combinations and captions it has seen)."""
     if dataset == "conceptual_captions":
         from ..data.conceptual_captions import load_prepared
 

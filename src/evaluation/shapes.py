@@ -43,6 +43,7 @@ COVERAGE_RADIUS = 2.0  # shape moments use coverage within this many equivalent-
 MIN_REGION = 3  # connected foreground regions smaller than this (pixels) are specks, not regions
 SOLID_COVERAGE = 0.8  # pixels this far along from background to shape colour are the shape's body, not its edge
 BLEND_TOLERANCE = 40.0  # RGB distance from the background-to-shape colour segment still counted as a blend
+MAX_EDGE_WIDTH = 4.5  # px
 CLEAN_FRACTION = 0.95  # share of shape / background pixels that must snap to the one expected palette colour
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
@@ -92,7 +93,10 @@ def is_clean(arr: np.ndarray, mask: np.ndarray, color: Optional[str], background
     blend = background_rgb + alpha[..., None] * (shape_rgb - background_rgb)  # (H, W, 3)
     off_blend = np.sqrt(((arr - blend) ** 2).sum(-1))  # (H, W)
     blend_ok = (off_blend <= BLEND_TOLERANCE).mean() >= CLEAN_FRACTION
-    return bool(shape_ok and background_ok and blend_ok)
+    # a sharp edge: partial-coverage pixels form a band at most MAX_EDGE_WIDTH px wide around the shape
+    edge = ((alpha > ALPHA_FLOOR) & (alpha < 1 - ALPHA_FLOOR)).sum()
+    sharp_ok = edge <= MAX_EDGE_WIDTH * 2 * np.sqrt(np.pi * max(int((alpha >= 0.5).sum()), 1))
+    return bool(shape_ok and background_ok and blend_ok and sharp_ok)
 
 
 def _interior(mask: np.ndarray) -> np.ndarray:
@@ -178,7 +182,13 @@ def read_image(img: Image.Image) -> Reading:
     if len(pixels):
         shape_rgb = np.median(pixels, axis=0)
         color = nearest_color(shape_rgb)
-        shape = classify_shape(coverage(arr, bg_rgb, shape_rgb))
+        alpha = coverage(arr, bg_rgb, shape_rgb)
+        labels, _ = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+        areas = np.bincount(labels.ravel())[1:]  # (regions,)
+        if (areas >= MIN_REGION).sum() > 1:  # moments of the largest region only: two shapes are not one square
+            largest = 1 + int(np.argmax(areas))  # (a speck is left alone: cutting to a region clips soft edges)
+            alpha = np.where(_dilate(_dilate(labels == largest)), alpha, 0.0)
+        shape = None if color == background else classify_shape(alpha)  # noise reads as its own background
     clean = color is not None and is_clean(arr, mask, color, background, bg_rgb, shape_rgb)
     return Reading(color=color, shape=shape, background=background, clean=clean)
 
