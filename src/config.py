@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -396,7 +397,11 @@ def update_yaml_value(path: str | Path, section: str, key: str, value: float) ->
     path = Path(path)
     lines = path.read_text().splitlines(keepends=True)
     rendered = f"{value:.7g}" if isinstance(value, float) else str(value)
-    sec_idx = next((i for i, ln in enumerate(lines) if ln.rstrip() == f"{section}:" ), None)
+    header = re.compile(rf"^{re.escape(section)}\s*:\s*(#.*)?$")
+    sec_idx = next((i for i, ln in enumerate(lines) if header.match(ln.rstrip())), None)
+    if sec_idx is None and any(re.match(rf"^{re.escape(section)}\s*:", ln) for ln in lines):
+        raise ConfigError(f"{path}: '{section}:' is written in flow style on one line; write it as a block "
+                          f"(one '  key: value' per line) so that {section}.{key} can be updated")
     if sec_idx is None:
         if lines and not lines[-1].endswith("\n"):
             lines[-1] += "\n"
@@ -427,4 +432,11 @@ def update_yaml_value(path: str | Path, section: str, key: str, value: float) ->
             lines.insert(insert_at, f"{indent}{key}: {rendered}\n")
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(lines))
+    try:  # the rewrite must read back with the new value, or the original stays as it was
+        written = read_yaml(tmp).get(section) or {}
+        if not isinstance(written, dict) or written.get(key) != yaml.safe_load(rendered):
+            raise ConfigError(f"{path}: could not set {section}.{key} by rewriting one line; set it by hand")
+    except (ConfigError, yaml.YAMLError):
+        tmp.unlink()
+        raise
     tmp.replace(path)

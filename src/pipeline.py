@@ -82,6 +82,8 @@ class LatentDiffusion:
         if self.conditioning == "text":
             if not prompts:
                 raise PipelineError("this model is text-conditional: give at least one prompt (--prompt)")
+            if labels:  # ignored silently before; an unconditional model already refused them
+                raise PipelineError("--class_label needs a class-conditional model; this one is text-conditional")
             check_prompts(prompts)
             repeated = [p for p in prompts for _ in range(n)]
             cond = self.encode_prompts(repeated)

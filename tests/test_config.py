@@ -126,6 +126,25 @@ def test_update_yaml_value_rewrites_one_line(tmp_path):
     }
 
 
+@pytest.mark.parametrize("header", ["scaling_constants:  # per dataset\n  celebahq: 0.5\n",
+                                    "scaling_constants:\n  celebahq: 0.5  # measured\n"])
+def test_update_yaml_value_finds_a_section_header_with_a_comment(tmp_path, header):
+    """A comment after `scaling_constants:` made the writer add a second section, and every script then refused
+    the file (a key given twice)."""
+    path = tmp_path / "ldm.yaml"
+    path.write_text("vae:\n  latent_channels: 4\n" + header)
+    update_yaml_value(path, "scaling_constants", "shapes", 0.25)
+    assert load_model_config(path).scaling_constants == {"celebahq": 0.5, "shapes": 0.25}
+
+
+def test_update_yaml_value_refuses_a_flow_style_section_and_leaves_the_file_alone(tmp_path):
+    path = tmp_path / "ldm.yaml"
+    path.write_text("scaling_constants: {celebahq: 0.5}\n")
+    with pytest.raises(ConfigError, match="flow style"):
+        update_yaml_value(path, "scaling_constants", "shapes", 0.25)
+    assert path.read_text() == "scaling_constants: {celebahq: 0.5}\n" and list(tmp_path.iterdir()) == [path]
+
+
 def test_zero_intervals_mean_never_and_load(tmp_path):
     path = tmp_path / "t.yaml"
     path.write_text("checkpoint_iterations: 0\nval_generation_freq: 0\nlog_every: 3\ndisc_adam_beta2: 0.99\n")

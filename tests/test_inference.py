@@ -103,6 +103,13 @@ def test_empty_prompt_is_a_clear_error(models, capsys):
 def test_wrong_files_and_no_flags_are_clear_errors(models, tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         load_pipeline(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="a folder: pass the model.safetensors"):
+        load_pipeline(tmp_path)  # a checkpoint_N folder, say
+    torch.save({"lpips": {}}, tmp_path / "lpips.pt")  # another kind of file: named, not a safetensors traceback
+    with pytest.raises(ValueError, match="lpips.pt is not a safetensors file"):
+        load_pipeline(tmp_path / "lpips.pt")
+    with pytest.raises(PipelineError, match="--class_label needs a class-conditional model"):
+        load_pipeline(models["text"]).generate(prompts=["a red circle"], labels=[2], num_steps=2)
     with pytest.raises(PipelineError, match="--text_conditional given"):
         inference_ldm.main(["--path_to_weights", str(models["none"]), "--text_conditional", "--prompt", "a"])
     # the design's first inference command runs `python inference_ldm.py` with no flags: a usage error, no traceback

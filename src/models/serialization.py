@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT = "ldm-toolkit/1"
@@ -39,8 +39,15 @@ def load_models(path, device: str | torch.device = "cpu") -> tuple[dict[str, dic
     """Return ({prefix: state_dict}, metadata) of a file written by `save_models`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        hint = (" (a folder: pass the model.safetensors in a run's working_directory, not a checkpoint_N or "
+                "diffusers folder)") if path.is_dir() else ""
+        raise FileNotFoundError(f"model file not found: {path}{hint}")
+    try:
+        f = safe_open(str(path), framework="pt", device=str(device))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err}); expected the model.safetensors of "
+                         "stage1_vae_trainer.py or stage2_diffusion_trainer.py") from err
+    with f:
         raw_meta = f.metadata() or {}
         if raw_meta.get("format") != FORMAT:
             raise ValueError(
