@@ -73,7 +73,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture
 def signals_caught():
     """A stray signal must not kill pytest: a no-op handler under the trainers' own (which they restore)."""
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     yield
     for sig, handler in previous.items():
         signal.signal(sig, handler)
@@ -134,7 +134,8 @@ def test_stage1_fp16_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch,
     assert_same_run(tmp_path / "ref", tmp_path / "cut", "checkpoint_6")
 
 
-def test_stage2_fp16_sigusr1_then_resume_is_bit_identical(tmp_path, monkeypatch, signals_caught):
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])  # SLURM's --signal, and Ctrl-C at a terminal
+def test_stage2_fp16_signal_then_resume_is_bit_identical(tmp_path, monkeypatch, signals_caught, sig):
     """Class-conditional (ImageNet layout), flips, condition dropout and gradient accumulation, under fp16; the
     EMA moves every other step, so the stop at step 3 leaves a step pending in the checkpoint."""
     from src.training import stage2
@@ -150,7 +151,7 @@ def test_stage2_fp16_sigusr1_then_resume_is_bit_identical(tmp_path, monkeypatch,
     run_main("stage2_diffusion_trainer", argv(tmp_path / "ref"))
     real = stage2.build_training_dataset
     with monkeypatch.context() as m:  # 2 x 2 items per step: the 11th read is in step 3's second micro-batch
-        m.setattr(stage2, "build_training_dataset", lambda *a: SignalOnRead(real(*a), 11, signal.SIGUSR1))
+        m.setattr(stage2, "build_training_dataset", lambda *a: SignalOnRead(real(*a), 11, sig))
         run_main("stage2_diffusion_trainer", argv(tmp_path / "cut"))
     assert checkpoints(tmp_path / "cut") == ["checkpoint_2", "checkpoint_3"]  # the periodic one and the stop's
     run_main("stage2_diffusion_trainer", argv(tmp_path / "cut", "--resume_from_checkpoint", "latest"))
@@ -346,3 +347,22 @@ def test_stage2_write_failure_stops_the_run_and_the_resume_continues_the_log(tmp
     run_main("stage2_diffusion_trainer", argv + ["--resume_from_checkpoint", "latest"])
     assert [row["step"] for row in metrics(tmp_path / "w")] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "w" / "model.safetensors").is_file()
+
+
+def test_a_second_ctrl_c_aborts_at_once():
+    """The first Ctrl-C asks for a stop after the step; a second one is the user's 'now', as without a handler."""
+    from src.training.preemption import GracefulStop
+
+    class Unhandled(Exception):
+        pass
+
+    def unhandled(*_):  # stands in for Python's KeyboardInterrupt, which would end the pytest session
+        raise Unhandled("SIGINT reached the handler outside GracefulStop")
+
+    before = signal.signal(signal.SIGINT, unhandled)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the loop finishes its step
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.signal(signal.SIGINT, before) is unhandled  # put back on exit

@@ -52,9 +52,9 @@ def collate(items: list[Optional[dict]]) -> dict:
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """worker_init_fn: a cluster's SIGTERM / SIGUSR1 reaches the whole process tree; workers leave it to the
-    training process, which finishes its step first (a worker killed by the signal would fail that step)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """worker_init_fn: a cluster's SIGTERM / SIGUSR1, or Ctrl-C's SIGINT, reaches the whole process tree; workers
+    leave it to the training process, which finishes its step first (a worker killed by it would fail that step)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -1,6 +1,7 @@
-"""A graceful stop on SIGTERM or SIGUSR1: finish the current step, write a checkpoint, exit with status 0.
+"""A graceful stop on SIGTERM, SIGUSR1 or Ctrl-C: finish the current step, write a checkpoint, exit with status 0.
 
-Clusters send SIGTERM (or SIGUSR1, with SLURM's --signal) some time before they kill a job. The handler only
+Clusters send SIGTERM (or SIGUSR1, with SLURM's --signal) some time before they kill a job; at a terminal it is
+Ctrl-C (SIGINT), and a second Ctrl-C aborts at once (KeyboardInterrupt), as without the handler. The handler only
 sets a flag; the training loop asks `should_stop` after a step and, when it says yes, checkpoints and returns.
 
     with GracefulStop() as stop:
@@ -26,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class GracefulStop:
@@ -49,6 +50,8 @@ class GracefulStop:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
+        elif signum == signal.SIGINT:  # Ctrl-C again: the user does not want to wait for the step
+            raise KeyboardInterrupt
 
     def should_stop(self, accelerator, sync_point: bool) -> bool:
         """True when this run must stop after the current step: the same answer on every process."""
