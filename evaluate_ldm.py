@@ -34,7 +34,7 @@ from src.evaluation.inception import load_inception
 from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats
 from src.evaluation.sharding import map_batches
 from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline
-from src.training.images import save_image_grid
+from src.training.images import save_image_grid, writable_folder
 from src.training.setup import launched_without_gpu
 from src.training.stage2 import read_prompts
 
@@ -165,6 +165,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
     inception = load_inception(args.inception_weights, accelerator.device)  # first: a missing file stops at once
+    if accelerator.is_main_process:
+        writable_folder(args.output)  # before hours of sampling, not after
     pipe = load_pipeline(args.path_to_weights, accelerator.device, DTYPES[args.dtype], args.text_encoder,
                          args.hf_cache_dir)
     source = reference_source(args, pipe)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -32,7 +33,10 @@ from src.models.vae import load_autoencoder
 from src.pipeline import DEFAULT_STEPS, SAMPLERS, load_pipeline
 
 SOURCES = ("samples", "reconstructions", "renders")
-from src.training.images import save_image_grid
+from src.training.images import save_image_grid, writable_folder
+
+
+DEMO_PROMPTS = Path(__file__).resolve().parent / "configs" / "quickstart" / "prompts.txt"  # its validation prompts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_prompts", type=int, default=64)
     p.add_argument("--prompt_seed", type=int, default=2024, help="picks the evaluation prompts")
     p.add_argument("--seed", type=int, default=0, help="sampling noise")
-    p.add_argument("--exclude_prompts", default="configs/quickstart/prompts.txt",
+    p.add_argument("--exclude_prompts", default=str(DEMO_PROMPTS),
                    help="prompts seen during training sampling; never used for evaluation")
     # the defaults are the demo's (scripts/quickstart.sh), so a plain call reproduces its evaluation
     p.add_argument("--sampler", choices=SAMPLERS, default="dpmpp_2m")
@@ -56,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", default="outputs/eval_shapes", help="folder for results.json and grid.png")
     p.add_argument("--source", choices=SOURCES, default="samples",
                    help="score the model's samples, its autoencoder's reconstructions of renders, or the renders")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_prompts < 1:
+        p.error(f"--num_prompts must be at least 1, got {args.num_prompts}")
+    return args
 
 
 def heldout_prompts(n: int, seed: int, exclude: set[str]) -> list[tuple[str, str, str]]:
@@ -73,9 +80,11 @@ def heldout_prompts(n: int, seed: int, exclude: set[str]) -> list[tuple[str, str
 
 
 def read_exclusions(path: str) -> set[str]:
+    """The prompts a run sampled during training, lower-cased; a missing file is an error (a misspelt path would
+    let those prompts into the evaluation)."""
     p = Path(path)
     if not p.is_file():
-        return set()
+        raise FileNotFoundError(f"--exclude_prompts {p}: no such file (the demo's is {DEMO_PROMPTS})")
     return {line.strip().lower() for line in p.read_text().splitlines() if line.strip()}
 
 
@@ -125,6 +134,7 @@ def describe(args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    writable_folder(args.output)  # before sampling, not after
     attrs = heldout_prompts(args.num_prompts, args.prompt_seed, read_exclusions(args.exclude_prompts))
     prompts = [caption(*a) for a in attrs]
     start = time.time()
@@ -147,5 +157,13 @@ def main(argv=None) -> dict:
     return result
 
 
+def cli() -> None:
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as err:  # a missing file, a wrong model file
+        print(f"evaluate_shapes.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

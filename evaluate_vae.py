@@ -38,7 +38,7 @@ from src.evaluation.reference import (
     select_indices,
 )
 from src.models.vae import load_autoencoder
-from src.training.images import save_image_grid
+from src.training.images import save_image_grid, writable_folder
 from src.training.setup import launched_without_gpu
 
 logger = logging.getLogger("evaluate")
@@ -109,6 +109,8 @@ def main(argv=None) -> dict:
     inception = None if args.skip_rfid else load_inception(args.inception_weights, device)
     lpips = build_lpips(args.lpips_checkpoint).to(device)
     vae = load_autoencoder(args.path_to_weights, "cpu").to(device).float().eval().requires_grad_(False)
+    if accelerator.is_main_process:
+        writable_folder(args.output)  # and an unwritable output folder before the evaluation, not after it
     cfg = TrainConfig(interpolation=args.interpolation, shapes_num_images=args.num_images,
                       seed=HELD_OUT_SHAPES_SEED_OFFSET)  # shapes: images drawn apart from any training seed
     source = ImageSource(args.dataset, args.path_to_dataset, vae.config.img_size, cfg, args.num_images)

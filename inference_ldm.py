@@ -29,7 +29,7 @@ from src.config import load_model_config, to_dict
 from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
 from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline
-from src.training.images import save_image_grid
+from src.training.images import save_image_grid, writable_folder
 
 logger = logging.getLogger("inference")
 
@@ -124,9 +124,15 @@ def choose_labels(args, pipe: LatentDiffusion) -> list[int] | None:
 
 
 def save_images(images: torch.Tensor, out_dir, nrow: int) -> list[Path]:
-    """grid.png plus 000.png, 001.png, ... in `out_dir`; returns the paths."""
+    """grid.png plus 000.png, 001.png, ... in `out_dir`; returns the paths. Numbered images an earlier, larger run
+    left there are removed, so the folder holds this run's images only (grid.png and 000.png are replaced anyway)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = [p for p in out_dir.glob("[0-9][0-9][0-9].png") if int(p.stem) >= len(images)]
+    if stale:
+        logger.info("removing %d numbered image(s) an earlier run left in %s", len(stale), out_dir)
+        for path in stale:
+            path.unlink()
     paths = [save_image_grid(images, out_dir / "grid.png", nrow=nrow)]
     for i, img in enumerate(to_pil_images(images)):
         img.save(out_dir / f"{i:03d}.png")
@@ -138,6 +144,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    writable_folder(args.output)  # before sampling, not after
     pipe = load_pipeline(args.path_to_weights, device, DTYPES[args.dtype], args.text_encoder, args.hf_cache_dir,
                          vae_path=args.path_to_vae_backbone)
     check_against_weights(args, pipe)

@@ -81,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume_from_checkpoint", default=None,
                    help="'latest' or a work_dir/checkpoint_N folder (written after every epoch and on SIGTERM/SIGUSR1)")
     args = p.parse_args(argv)
+    for flag in ("batch_size", "num_epochs", "logging_steps", "img_size"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.decay_epochs <= args.num_epochs:
         p.error(f"--decay_epochs ({args.decay_epochs}) must be between 0 and --num_epochs ({args.num_epochs})")
     args.eval_batch_size = args.eval_batch_size or args.batch_size

@@ -150,7 +150,7 @@ def write_plan(plan: ExportPlan, output: Path, overwrite: bool) -> Path:
 def export_diffusers(path, output, overwrite: bool = False, text_encoder: Optional[str] = None,
                      hf_cache_dir: Optional[str] = None) -> Path:
     """Export the stage-2 model file `path` to the diffusers folder `output`; returns `output`."""
-    output = Path(output)
+    output = Path(output).resolve()  # '.' has no name to stage the export next to
     check_output(output, overwrite)  # before loading anything
     pipe = load_pipeline(path, "cpu", torch.float32, text_encoder, hf_cache_dir)
     try:

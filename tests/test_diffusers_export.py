@@ -79,6 +79,15 @@ def test_unet_exports_sample_like_inference_ldm_through_the_documented_loop(mode
     torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-3)
 
 
+def test_export_into_the_current_empty_folder(models, tmp_path, monkeypatch):
+    """`--output .` is an existing empty folder, which --help allows; it used to fail on '.' having no name."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert export_diffusers.main(["--path_to_weights", str(models["none"]), "--output", "."]) == (
+        tmp_path / "here").resolve()
+    assert (tmp_path / "here" / "unet" / "config.json").is_file()
+
+
 def test_existing_folders_and_unexportable_models_are_refused_without_writing(models, tmp_path):
     out = _export(models["none"], tmp_path / "export")
     stamp = (out / "unet" / "config.json").stat().st_mtime_ns

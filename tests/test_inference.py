@@ -70,6 +70,21 @@ def test_the_default_step_count_fits_a_model_with_fewer_timesteps(models):
         pipe.generate(num_per_condition=1, num_steps=50)  # an explicit count above T is still refused
 
 
+def test_a_second_run_into_the_same_folder_leaves_only_its_own_images(models, tmp_path):
+    run = lambda n: inference_ldm.main(["--path_to_weights", str(models["none"]), "--num_images", str(n),  # noqa
+                                        "--num_steps", "2", "--output", str(tmp_path / "out")])
+    run(3)
+    run(1)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "grid.png"]
+
+
+def test_an_unwritable_output_folder_fails_before_sampling(tmp_path):
+    (tmp_path / "file").write_text("")  # --output under a file: no folder can be made there
+    with pytest.raises(ValueError, match="cannot write to the output folder"):  # not the missing model's error
+        inference_ldm.main(["--path_to_weights", str(tmp_path / "missing.safetensors"),
+                            "--output", str(tmp_path / "file" / "out")])
+
+
 def test_class_and_unconditional_models(models, tmp_path):
     inference_ldm.main(["--path_to_weights", str(models["class"]), "--training_dataset", "imagenet",
                         "--class_label", "0", "--class_label", "2", "--num_images", "2", "--num_steps", "3",

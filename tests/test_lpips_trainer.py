@@ -149,3 +149,13 @@ def test_two_processes_evaluate_to_the_same_numbers(trained, tmp_path):
     assert result["jnd"]["LPIPS Reproduction"]["cnn"] == pytest.approx(single["jnd"]["LPIPS Reproduction"]["cnn"], abs=1e-9)
     assert result["num_samples"] == {"2afc/cnn": 16, "2afc/color": 16, "jnd/cnn": 16}
     assert "Dataset: CNN -> Accuracy" in out
+
+
+@pytest.mark.parametrize("flag", ["--batch_size", "--num_epochs", "--logging_steps", "--img_size"])
+def test_counts_below_one_are_usage_errors(flag, capsys):
+    """--logging_steps 0 divided by zero after the first step; --num_epochs 0 reported a checkpoint it never wrote."""
+    import lpips_trainer
+
+    with pytest.raises(SystemExit) as exit_info:
+        lpips_trainer.parse_args(["--path_to_root", "x", "--work_dir", "y", flag, "0"])
+    assert exit_info.value.code == 2 and f"{flag} must be at least 1, got 0" in capsys.readouterr().err

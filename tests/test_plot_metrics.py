@@ -56,6 +56,12 @@ def test_two_runs_one_png_with_a_truncated_last_line(tmp_path, capsys):
     assert runs[1].series["loss"][0] == list(range(1, 41))  # the good lines all read
 
 
+def test_an_output_name_without_a_suffix_is_reported_as_the_png_written(tmp_path, capsys):
+    run = write_run(tmp_path / "run", range(1, 11), 1.0)
+    assert plot_metrics.main([str(run), "--output", str(tmp_path / "curves")]) == 0
+    assert (tmp_path / "curves.png").is_file() and str(tmp_path / "curves.png") in capsys.readouterr().out
+
+
 def test_resumed_run_is_one_continuous_curve_with_the_later_values(tmp_path):
     path = write_run(tmp_path / "run", range(1, 31), 1.0, resumed_from=20)
     run = read_metrics(path)

@@ -173,3 +173,15 @@ def test_low_contrast_pairs_read_back_when_soft(color, background):
         img = render(color, shape, background, 32, rng).filter(ImageFilter.GaussianBlur(1.0))
         reading = read_image(img)
         assert (reading.color, reading.shape, reading.background, reading.clean) == (color, shape, background, True)
+
+
+def test_a_misspelt_exclusion_file_or_no_prompts_is_an_error_not_a_quiet_default(tmp_path, capsys):
+    import evaluate_shapes
+
+    with pytest.raises(FileNotFoundError, match="--exclude_prompts .*typo.txt: no such file"):
+        evaluate_shapes.main(["--path_to_weights", "x", "--source", "renders", "--exclude_prompts",
+                              str(tmp_path / "typo.txt"), "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        evaluate_shapes.parse_args(["--path_to_weights", "x", "--num_prompts", "0"])
+    assert "--num_prompts must be at least 1" in capsys.readouterr().err
+    assert evaluate_shapes.parse_args(["--path_to_weights", "x"]).exclude_prompts.endswith("configs/quickstart/prompts.txt")

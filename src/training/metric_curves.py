@@ -191,6 +191,8 @@ def plot_runs(
     if title:
         fig.suptitle(title)
     out_path = Path(out_path)
+    if not out_path.suffix:  # matplotlib would add .png itself, and the path reported would not exist
+        out_path = out_path.with_name(out_path.name + ".png")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
     return out_path
