@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     smp = p.add_argument_group("sampling")
     smp.add_argument("--num_samples", type=int, default=50000, help="samples (50000 for paper-comparable FID)")
     smp.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    smp.add_argument("--num_steps", type=int, default=50, help="sampler steps (DDPM always runs every step)")
+    smp.add_argument("--num_steps", type=int, default=None,
+                     help="sampler steps; default: DDIM 50, DPM-Solver++ 20, as inference_ldm.py (DDPM runs every step)")
     smp.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     smp.add_argument("--seed", type=int, default=0, help="batch k of samples is seeded with seed + k")
@@ -82,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_samples < 2:
         parser.error("--num_samples must be at least 2 (FID needs a covariance)")
-    if args.num_steps < 1 or args.batch_size < 1 or args.feature_batch_size < 1:
+    if (args.num_steps is not None and args.num_steps < 1) or args.batch_size < 1 or args.feature_batch_size < 1:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
+    if args.sampler == "ddpm" and args.num_steps is not None:
+        parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
     if args.reference and args.dataset:
         parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
                      "supplies the validation captions of a text model)")
@@ -189,7 +192,7 @@ def main(argv=None) -> dict:
         **metrics(fake, reference, args),
         "num_samples": args.num_samples, "num_reference": reference.count, "reference": described,
         "reference_statistics": status, "model": str(args.path_to_weights), "dataset": pipe.metadata["dataset"],
-        "conditioning": pipe.conditioning, "sampler": args.sampler, "num_steps": args.num_steps,
+        "conditioning": pipe.conditioning, "sampler": args.sampler, "num_steps": pipe.sampler_steps(args.sampler, args.num_steps),
         "guidance_scale": args.guidance_scale, "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
     images = torch.cat(grid)[:GRID_IMAGES]
     save_image_grid(images, out / "grid.png", nrow=min(8, len(images)))
     kid = "n/a" if result["kid"] is None else f"{result['kid']:.5f} +- {result['kid_std']:.5f}"
-    print(f"FID {result['fid']:.3f}  KID {kid}  ({args.num_samples} samples, {args.sampler}-{args.num_steps}, "
+    print(f"FID {result['fid']:.3f}  KID {kid}  ({args.num_samples} samples, {args.sampler}-{result['num_steps']}, "
           f"guidance {args.guidance_scale}; reference {described}, {status})")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     accelerator.wait_for_everyone()

@@ -141,11 +141,18 @@ class LatentDiffusion:
                       generator=generator, device=self.device, progress=progress)
         if sampler == "ddpm":
             return ddpm_sample(self.unet, self.process, shape, **common)
-        # the default never asks for more steps than the model has timesteps; an explicit count still must fit
-        steps = num_steps if num_steps is not None else min(DEFAULT_STEPS[sampler], self.process.num_timesteps)
+        steps = self.sampler_steps(sampler, num_steps)
         if sampler == "dpmpp_2m":
             return dpmpp_2m_sample(self.unet, self.process, shape, num_steps=steps, **common)
         return ddim_sample(self.unet, self.process, shape, num_steps=steps, eta=eta, **common)
+
+    def sampler_steps(self, sampler: str, num_steps: Optional[int] = None) -> int:
+        """The UNet evaluations per image `sampler` makes: every timestep for DDPM; otherwise `num_steps`, or the
+        sampler's default, which never asks for more steps than the model has timesteps (an explicit count above
+        them is the sampler's error)."""
+        if sampler == "ddpm":
+            return self.process.num_timesteps
+        return num_steps if num_steps is not None else min(DEFAULT_STEPS[sampler], self.process.num_timesteps)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,13 @@ def test_the_default_step_count_fits_a_model_with_fewer_timesteps(models):
                                                                                         num_steps=20))
     with pytest.raises(ValueError, match=r"num_steps must be in \[1, 20\], got 50"):
         pipe.generate(num_per_condition=1, num_steps=50)  # an explicit count above T is still refused
+    # what evaluate_ldm.py records in results.json: the steps actually run (DDPM: every timestep, not --num_steps)
+    assert [pipe.sampler_steps(s) for s in ("ddim", "dpmpp_2m", "ddpm")] == [20, 20, 20]
+    assert pipe.sampler_steps("ddim", 7) == 7
+    import evaluate_ldm
+
+    with pytest.raises(SystemExit):
+        evaluate_ldm.parse_args(["--path_to_weights", "x", "--sampler", "ddpm", "--num_steps", "7"])
 
 
 def test_a_second_run_into_the_same_folder_leaves_only_its_own_images(models, tmp_path):
