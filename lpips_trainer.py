@@ -14,8 +14,10 @@ and exits with status 0 (continue with --resume_from_checkpoint latest). No BAPP
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -119,6 +121,14 @@ def train(args, accelerator, checkpoint: Path, metrics: MetricsLog):
     return accelerator.unwrap_model(model).lpips.eval(), progress.epoch_losses, total
 
 
+def earlier_epoch_losses(path: Path) -> Optional[list]:
+    """The training losses an earlier eval.json in this work_dir holds (None when there is none)."""
+    try:
+        return json.loads(path.read_text()).get("train_epoch_losses")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main(args) -> dict:
     accelerator = Accelerator(  # torchrun on CPU: gloo
         mixed_precision=args.mixed_precision, cpu=launched_without_gpu(),
@@ -150,6 +160,8 @@ def main(args) -> dict:
     if steps is not None:  # a training run: its held-out scores join its curves
         metrics_log.log(results_as_scalars(results), steps)
     if accelerator.is_main_process:
+        if losses is None:  # --evaluation_only: the training run's losses stay in eval.json
+            losses = earlier_epoch_losses(work_dir / "eval.json")
         info = {"checkpoint": str(checkpoint), "lpips_package": note, "train_epoch_losses": losses,
                 "mixed_precision": accelerator.mixed_precision}
         write_eval_json(work_dir / "eval.json", results, info)

@@ -131,6 +131,7 @@ def test_evaluation_only_reloads_the_checkpoint_and_prints_the_same_numbers(trai
     assert after["2afc"]["LPIPS Reproduction"] == pytest.approx(before["2afc"]["LPIPS Reproduction"], abs=1e-9)
     assert after["jnd"]["LPIPS Reproduction"] == pytest.approx(before["jnd"]["LPIPS Reproduction"], abs=1e-9)
     assert "not requested" in after["lpips_package"]
+    assert after["train_epoch_losses"] == before["train_epoch_losses"] and before["train_epoch_losses"]  # kept
 
 
 def test_two_processes_evaluate_to_the_same_numbers(trained, tmp_path):
