@@ -39,6 +39,13 @@ def saved(tmp_path):
     return accelerator, model, opt, weights
 
 
+def test_another_trainers_checkpoint_is_named_not_a_bare_file_error(saved, tmp_path):
+    """Stage 2 pointed at a stage-1 checkpoint: the missing weights file and what the folder holds instead."""
+    accelerator, model, opt, _ = saved
+    with pytest.raises(CheckpointError, match=r"unet.safetensors is missing \(the checkpoint holds model.safetensors\)"):
+        load_checkpoint(accelerator, tmp_path / "checkpoint_2", {"unet": model}, {"optimizer": opt})
+
+
 def test_latest_skips_a_truncated_checkpoint_and_an_explicit_path_names_the_file(saved, tmp_path, caplog):
     accelerator, model, opt, weights = saved
     assert json.loads((tmp_path / "checkpoint_2" / "manifest.json").read_text())["files"].keys() == {

@@ -304,7 +304,12 @@ def load_checkpoint(
     streams of its own instead (see _new_random_streams)."""
     path = Path(path)
     for name, module in modules.items():
-        module.load_state_dict(load_file(str(path / f"{name}.safetensors")))
+        file = path / f"{name}.safetensors"
+        if not file.is_file():  # e.g. a stage-1 checkpoint given to stage 2
+            found = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "none"
+            raise CheckpointError(f"{file} is missing (the checkpoint holds {found}): it was written by another "
+                                  "trainer or a run with other settings")
+        module.load_state_dict(load_file(str(file)))
     for name, obj in states.items():
         file = path / f"{name}.pt"
         if not file.is_file():
