@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--num_samples", type=int, default=50000, help="samples (50000 for paper-comparable FID)")
     smp.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     smp.add_argument("--num_steps", type=int, default=None,
-                     help="sampler steps; default: DDIM 50, DPM-Solver++ 20, as inference_ldm.py (DDPM runs every step)")
+                     help="sampler steps; default: DDIM 50, DPM-Solver++ 20, as inference_ldm.py (DDPM: every step)")
     smp.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     smp.add_argument("--seed", type=int, default=0, help="batch k of samples is seeded with seed + k")
@@ -192,7 +192,8 @@ def main(argv=None) -> dict:
         **metrics(fake, reference, args),
         "num_samples": args.num_samples, "num_reference": reference.count, "reference": described,
         "reference_statistics": status, "model": str(args.path_to_weights), "dataset": pipe.metadata["dataset"],
-        "conditioning": pipe.conditioning, "sampler": args.sampler, "num_steps": pipe.sampler_steps(args.sampler, args.num_steps),
+        "conditioning": pipe.conditioning, "sampler": args.sampler,
+        "num_steps": pipe.sampler_steps(args.sampler, args.num_steps),
         "guidance_scale": args.guidance_scale, "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],

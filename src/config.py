@@ -150,7 +150,8 @@ class TrainConfig:
     adam_beta1: float = bounded(0.9, **ADAM_BETA)
     adam_beta2: float = bounded(0.999, **ADAM_BETA)
     adam_epsilon: float = bounded(1e-8, **NONNEGATIVE)
-    weight_decay: float = bounded(0.005, **NONNEGATIVE)  # AdamW's decoupled decay; never applied to biases, norms and embeddings
+    # AdamW's decoupled decay; never applied to biases, norms and embeddings
+    weight_decay: float = bounded(0.005, **NONNEGATIVE)
     seed: int = 0
     max_nonfinite_steps: int = bounded(5, **COUNT)  # this many skipped steps in a row stop the run
     # logging, checkpoints and validation
@@ -195,7 +196,8 @@ class Stage1TrainConfig(TrainConfig):
     disc_kernel_size: int = bounded(4, **COUNT)
     disc_leaky_relu: float = bounded(0.2, **NONNEGATIVE)
     disc_learning_rate: float = bounded(5e-5, **NONNEGATIVE)
-    disc_adam_beta1: float = bounded(0.5, **ADAM_BETA)  # taming-transformers / LDM train the PatchGAN with Adam(0.5, 0.9), no decay
+    # taming-transformers / LDM train the PatchGAN with Adam(0.5, 0.9), no decay
+    disc_adam_beta1: float = bounded(0.5, **ADAM_BETA)
     disc_adam_beta2: float = bounded(0.9, **ADAM_BETA)
     disc_weight_decay: float = bounded(0.0, **NONNEGATIVE)
     disc_lr_scheduler: str = "constant_with_warmup"
@@ -218,7 +220,7 @@ class Stage2TrainConfig(TrainConfig):
     beta_end: float = bounded(0.02, **PROBABILITY)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     rescale_betas_zero_snr: bool = False  # zero terminal SNR (Lin et al. 2024); needs v_prediction
-    snr_gamma: Optional[float] = bounded(None, **NONNEGATIVE)  # min-SNR-gamma loss weighting (Hang et al. 2023); null = uniform
+    snr_gamma: Optional[float] = bounded(None, **NONNEGATIVE)  # min-SNR-gamma weights (Hang et al. 2023); null: uniform
     noise_offset: float = bounded(0.0, **NONNEGATIVE)  # offset noise (Guttenberg 2023); 0 = plain N(0, I)
     cfg_dropout_prob: float = bounded(0.1, **PROBABILITY)
     pre_encoded_text: Optional[bool] = None  # overrides ldm.yaml's unet.pre_encoded_text when set
@@ -228,7 +230,7 @@ class Stage2TrainConfig(TrainConfig):
     val_sampler: Literal["ddim", "dpmpp_2m", "ddpm"] = "ddim"
     val_sampler_steps: int = bounded(50, **COUNT)
     val_guidance_scale: float = 4.0
-    val_guidance_rescale: float = bounded(0.0, **PROBABILITY)  # Lin et al. 2024 eq. 15-16; 0 = plain classifier-free guidance
+    val_guidance_rescale: float = bounded(0.0, **PROBABILITY)  # Lin et al. 2024 eq. 15-16; 0: plain guidance
     # periodic FID / KID of EMA samples against the training images (src/training/periodic_fid.py)
     fid_num_samples: int = bounded(0, **NONNEGATIVE)  # samples (and reference images) per evaluation; 0 = off
     fid_eval_freq: int = bounded(0, **NONNEGATIVE)  # every this many steps; 0 = off
@@ -350,33 +352,32 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps the
-    last value silently, so an edited copy of a key would otherwise win without a word."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides on purpose
-                continue
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, typing.Hashable):
-                continue  # the base class reports it
-            if key in seen:
-                raise ConfigError(f"{node.start_mark.name}: key '{key}' is given twice (lines {seen[key] + 1} and "
-                                  f"{key_node.start_mark.line + 1}); keep one")
-            seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
+def _check_unique_keys(node, source: str) -> None:
+    """A key given twice in one mapping of the YAML node tree is an error: PyYAML keeps the last value silently,
+    so an edited copy of a key would otherwise win without a word. (`<<: *anchor` merges override on purpose.)"""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    first, again = seen[key_node.value] + 1, key_node.start_mark.line + 1
+                    raise ConfigError(f"{source}: key '{key_node.value}' is given twice (lines {first} and {again}); "
+                                      "keep one")
+                seen[key_node.value] = key_node.start_mark.line
+            _check_unique_keys(value_node, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item, source)
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML file's contents, read safely (no Python objects) and with every key given once."""
+    """A YAML file's contents, read with yaml.safe_load (no Python objects), every key given once."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        data = yaml.load(f, Loader=_UniqueKeyLoader)  # a yaml.SafeLoader
-    return data or {}
+    text = path.read_text()
+    _check_unique_keys(yaml.compose(text, Loader=yaml.SafeLoader), str(path))
+    return yaml.safe_load(text) or {}
 
 
 def load_config(path: str | Path, cls: type) -> Any:

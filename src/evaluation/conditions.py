@@ -6,7 +6,8 @@
 Prompts come from a captions file (one per line) when given, otherwise from the dataset's validation data:
 the `validation` split prep_cc.py writes with --val_fraction, or, for the built-in shapes, captions drawn with
 another seed than training's. (Shapes has 168 colour/shape/background combinations, and a long enough training
-run sees every one: its "held-out" captions are other draws of seen combinations, not unseen ones.) Sample i uses prompt i mod len(prompts), so any number of samples can be drawn.
+run sees every one: its "held-out" captions are other draws of seen combinations, not unseen ones.) Sample i
+uses prompt i mod len(prompts), so any number of samples can be drawn.
 """
 
 from __future__ import annotations

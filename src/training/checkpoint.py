@@ -366,7 +366,7 @@ def check_data_layout(info: dict, layout: dict, path) -> None:
     saved = info.get("data_layout")
     if saved is None or saved == layout:
         return
-    changes = ", ".join(f"{key} {saved.get(key)} -> {value}" for key, value in layout.items() if saved.get(key) != value)
+    changes = ", ".join(f"{key} {saved.get(key)} -> {new}" for key, new in layout.items() if saved.get(key) != new)
     logger.warning("%s was written with another data layout (%s): this epoch's remaining images are repeated or "
                    "skipped, and the batches differ from an uninterrupted run's", path, changes)
 

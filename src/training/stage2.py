@@ -398,7 +398,8 @@ def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> O
         cond = ctx.val_text
         uncond = ema_unet.null_condition(cond.batch_size)
     elif ctx.conditioning == "class":
-        labels = validation_labels(cfg.num_val_random_samples, trained_classes(ctx.extra_metadata, ema_unet.num_classes))
+        classes = trained_classes(ctx.extra_metadata, ema_unet.num_classes)
+        labels = validation_labels(cfg.num_val_random_samples, classes)
         cond = Condition(labels=torch.tensor(labels, dtype=torch.long, device=ctx.device))
         uncond = ema_unet.null_condition(len(labels))
     else:
@@ -578,7 +579,8 @@ def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State
     cfg = ctx.train_cfg
     return save_checkpoint(
         accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
-        extra={"total_training_iterations": cfg.total_training_iterations, "data_layout": data_layout(accelerator, cfg)},
+        extra={"total_training_iterations": cfg.total_training_iterations,
+               "data_layout": data_layout(accelerator, cfg)},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )
