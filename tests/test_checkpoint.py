@@ -155,9 +155,12 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_before_any_mode
 def test_the_loader_position_is_saved_per_process_and_older_checkpoints_fall_back_to_the_step(saved, tmp_path):
     accelerator, model, opt, _ = saved
     path = save_checkpoint(accelerator, tmp_path, 3, {"model": model}, {"optimizer": opt}, loader_position=7)
-    assert saved_loader_position(accelerator, path, default=3) == 7  # 4 batches were unreadable
-    assert saved_loader_position(accelerator, tmp_path / "checkpoint_2", default=2) == 2  # saved without one
-    assert saved_loader_position(types.SimpleNamespace(process_index=1), path, default=3) == 3  # no rng_1.pt
+    load = lambda acc, folder: load_checkpoint(acc, folder, {"model": model}, {"optimizer": opt})  # noqa: E731
+    assert saved_loader_position(load(accelerator, path), default=3) == 7  # 4 batches were unreadable
+    assert saved_loader_position(load(accelerator, tmp_path / "checkpoint_2"), default=2) == 2  # saved without one
+    with torch.random.fork_rng():  # rank 1 seeds new streams
+        info = load(types.SimpleNamespace(process_index=1), path)
+    assert saved_loader_position(info, default=3) == 3  # no rng_1.pt
 
 
 def test_a_process_the_checkpoint_holds_no_random_state_for_starts_its_own_reproducible_streams(tmp_path, caplog):

@@ -299,9 +299,10 @@ def load_checkpoint(
     states: dict[str, object],
     generators: Optional[dict[str, torch.Generator]] = None,
 ) -> dict:
-    """Restore what `save_checkpoint` wrote into the given objects, in order; returns state.json's contents.
-    A process the checkpoint has no rng_<rank>.pt for (it was written by fewer processes) starts new random
-    streams of its own instead (see _new_random_streams)."""
+    """Restore what `save_checkpoint` wrote into the given objects, in order; returns state.json's contents plus
+    this process's "loader_position" (None where none was saved; see saved_loader_position). A process the
+    checkpoint has no rng_<rank>.pt for (it was written by fewer processes) starts new random streams of its own
+    instead (see _new_random_streams)."""
     path = Path(path)
     for name, module in modules.items():
         file = path / f"{name}.safetensors"
@@ -318,9 +319,12 @@ def load_checkpoint(
     info = json.loads((path / "state.json").read_text())
     rng_file = path / f"rng_{accelerator.process_index}.pt"
     if rng_file.is_file():
-        _restore_rng(torch.load(rng_file, weights_only=True), generators)
+        rng = torch.load(rng_file, weights_only=True)
+        _restore_rng(rng, generators)
+        info["loader_position"] = rng.get("loader_position")
     else:
         _new_random_streams(path, accelerator.process_index, int(info["step"]), generators)
+        info["loader_position"] = None
     return info
 
 
@@ -371,12 +375,16 @@ def check_data_layout(info: dict, layout: dict, path) -> None:
                    "skipped, and the batches differ from an uninterrupted run's", path, changes)
 
 
-def saved_loader_position(accelerator, path, default: int) -> int:
-    """The batches this process's loader had handed out at the checkpoint `path`, where a resumed loader starts.
-    `default` (step x gradient accumulation) for a checkpoint that does not record it: written before positions
-    were saved, or by fewer processes than this run has."""
-    rng_file = Path(path) / f"rng_{accelerator.process_index}.pt"
-    if not rng_file.is_file():
-        return default
-    position = torch.load(rng_file, weights_only=True).get("loader_position")
+def saved_loader_position(info: dict, default: int) -> int:
+    """The batches this process's loader had handed out at the checkpoint `load_checkpoint` returned `info` for,
+    where a resumed loader starts. `default` (step x gradient accumulation) for a checkpoint that does not record
+    it: written before positions were saved, or by fewer processes than this run has."""
+    position = info.get("loader_position")
     return default if position is None else int(position)
+
+
+def resumed_loader_position(accelerator, info: dict, cfg, path) -> int:
+    """The trainers' resume of their data: where this process's loader starts, with a warning when the run cuts
+    its data into steps otherwise than the checkpoint's run did (check_data_layout)."""
+    check_data_layout(info, data_layout(accelerator, cfg), path)
+    return saved_loader_position(info, int(info["step"]) * cfg.gradient_accumulation_steps)

@@ -269,9 +269,9 @@ def resume_training_state(accelerator, model, optimizer, scheduler, loader, work
                            {"optimizer": optimizer, "scheduler": scheduler})
     for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
         group["fused"] = optimizer.defaults.get("fused")
-    loader.batches_seen = saved_loader_position(accelerator, path, info["step"])  # one batch per step
+    loader.batches_seen = saved_loader_position(info, info["step"])  # one batch per step
     logger.info("resumed from %s at step %d", path, info["step"])
-    return LPIPSProgress(**info)
+    return LPIPSProgress(**{k: v for k, v in info.items() if k != "loader_position"})
 
 
 def save_epoch_checkpoint(accelerator, model, path: Path, info: dict) -> None:

@@ -27,14 +27,7 @@ from ..losses.perceptual import build_perceptual_loss
 from ..models.discriminator import build_discriminator, sync_batchnorm_if_distributed
 from ..models.serialization import save_models
 from ..models.vae import Autoencoder, build_autoencoder
-from .checkpoint import (
-    check_data_layout,
-    data_layout,
-    load_checkpoint,
-    resolve_resume_path,
-    save_checkpoint,
-    saved_loader_position,
-)
+from .checkpoint import data_layout, load_checkpoint, resolve_resume_path, resumed_loader_position, save_checkpoint
 from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
@@ -161,8 +154,7 @@ def maybe_resume(
     state.step = int(info["step"])
     # state.json holds the count over every process: the main process carries it on, the others start from 0
     state.skipped_files = int(info.get("skipped_files", 0)) if accelerator.is_main_process else 0
-    state.loader_position = saved_loader_position(accelerator, path, state.step * cfg.gradient_accumulation_steps)
-    check_data_layout(info, data_layout(accelerator, cfg), path)
+    state.loader_position = resumed_loader_position(accelerator, info, cfg, path)
     logger.info("resumed from %s at step %d", path, state.step)
 
 

@@ -34,14 +34,7 @@ from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_bac
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
-from .checkpoint import (
-    check_data_layout,
-    data_layout,
-    load_checkpoint,
-    resolve_resume_path,
-    save_checkpoint,
-    saved_loader_position,
-)
+from .checkpoint import data_layout, load_checkpoint, resolve_resume_path, resumed_loader_position, save_checkpoint
 from .ema import EMA
 from .guard import NonFiniteGuard, any_process
 from .images import save_image_grid
@@ -545,9 +538,7 @@ def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working
         return
     info = load_checkpoint(accelerator, path, state.modules(ctx), state.states(), state.randomness.as_dict())
     state.step = int(info["step"])
-    accumulation = ctx.train_cfg.gradient_accumulation_steps
-    state.loader_position = saved_loader_position(accelerator, path, state.step * accumulation)
-    check_data_layout(info, data_layout(accelerator, ctx.train_cfg), path)
+    state.loader_position = resumed_loader_position(accelerator, info, ctx.train_cfg, path)
     logger.info("resumed from %s at step %d", path, state.step)
 
 
