@@ -87,6 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
     if args.sampler == "ddpm" and args.num_steps is not None:
         parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
+    if not args.eta >= 0:
+        parser.error("--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if args.eta != 0 and args.sampler != "ddim":
+        parser.error(f"--eta applies to --sampler ddim only; {args.sampler} would ignore it")
     if args.reference and args.dataset:
         parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
                      "supplies the validation captions of a text model)")

@@ -91,6 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_steps must be at least 1")
     if args.sampler == "ddpm" and args.num_steps is not None:
         parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
+    if not args.eta >= 0:
+        parser.error("--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
+    if args.eta != 0 and args.sampler != "ddim":
+        parser.error(f"--eta applies to --sampler ddim only; {args.sampler} would ignore it")
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error("--guidance_rescale must be in [0, 1]")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):

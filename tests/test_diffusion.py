@@ -227,3 +227,21 @@ def test_guidance_combines_one_batched_forward():
                      generator=torch.Generator().manual_seed(2))
     assert model.calls == [16] * 10
     assert xs.mean().item() > 3.5
+
+
+def test_negative_eta_is_refused_not_a_collapsed_sampler():
+    """eta < 0 would shrink DDIM's eps_hat term by sigma^2 and add no noise: the samples collapsed onto their mean
+    (std 0.002 instead of 0.5 on the toy). The sampler and both scripts refuse it; --eta with another sampler too."""
+    import evaluate_ldm
+    import inference_ldm
+
+    p = DiffusionProcess(1000)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        ddim_sample(gaussian_eps_denoiser(p), p, (8, 1), num_steps=5, eta=-1.0,
+                    generator=torch.Generator().manual_seed(0))
+    for parse in (inference_ldm.parse_args, evaluate_ldm.parse_args):
+        for flags in (["--eta", "-1"], ["--sampler", "dpmpp_2m", "--eta", "1"], ["--sampler", "ddpm", "--eta", "0.5"]):
+            with pytest.raises(SystemExit):
+                parse(["--path_to_weights", "model.safetensors", *flags])
+        assert parse(["--path_to_weights", "model.safetensors", "--eta", "1"]).eta == 1.0  # DDIM takes it
+        assert parse(["--path_to_weights", "model.safetensors", "--sampler", "dpmpp_2m", "--eta", "0"]).eta == 0.0

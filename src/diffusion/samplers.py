@@ -98,8 +98,11 @@ def ddim_sample(
       2. (x0_hat, eps_hat) from pred                                   (eq. 9, or the v-parameterisation)
       3. sigma = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s)          (eq. 16)
       4. x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z         (eq. 12)
-    Returns x_0 with `shape`, float32.
+    Returns x_0 with `shape`, float32. eta < 0 is refused: step 4 would shrink the eps_hat term by sigma^2 yet add
+    no noise, collapsing the samples towards their mean.
     """
+    if not eta >= 0:
+        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
     x = _randn(shape, generator, device)  # x_T ~ N(0, I), (B, C, H, W)
     timesteps = ddim_timesteps(process.num_timesteps, num_steps)
     ab_all = process.alphas_cumprod  # float64 (T,)
