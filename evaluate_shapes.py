@@ -63,6 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_prompts < 1:
         p.error(f"--num_prompts must be at least 1, got {args.num_prompts}")
+    if args.num_steps is not None and args.num_steps < 1:
+        p.error(f"--num_steps must be at least 1, got {args.num_steps}")
+    if args.sampler == "ddpm" and args.num_steps is not None:
+        p.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
     return args
 
 

@@ -185,3 +185,16 @@ def test_a_misspelt_exclusion_file_or_no_prompts_is_an_error_not_a_quiet_default
         evaluate_shapes.parse_args(["--path_to_weights", "x", "--num_prompts", "0"])
     assert "--num_prompts must be at least 1" in capsys.readouterr().err
     assert evaluate_shapes.parse_args(["--path_to_weights", "x"]).exclude_prompts.endswith("configs/quickstart/prompts.txt")
+
+
+def test_num_steps_with_ddpm_or_below_one_is_refused_not_ignored(capsys):
+    """DDPM runs every training step: a --num_steps beside it used to be dropped silently (1000 steps run for 5)."""
+    import evaluate_shapes
+
+    for extra, message in ((["--sampler", "ddpm", "--num_steps", "5"], "DDPM runs every training step"),
+                           (["--num_steps", "0"], "--num_steps must be at least 1")):
+        with pytest.raises(SystemExit):
+            evaluate_shapes.parse_args(["--path_to_weights", "x", *extra])
+        assert message in capsys.readouterr().err
+    assert evaluate_shapes.parse_args(["--path_to_weights", "x", "--sampler", "ddpm"]).num_steps is None
+    assert evaluate_shapes.parse_args(["--path_to_weights", "x", "--sampler", "ddim", "--num_steps", "5"]).num_steps == 5
