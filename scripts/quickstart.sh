@@ -46,8 +46,8 @@ cp "$CONFIGS/ldm.yaml" "$WORK/ldm.yaml"
 for name in stage1_vae_train stage2_diffusion_train; do
   sed -e "s|^seed: [0-9]*|seed: $SEED|" "$CONFIGS/$name.yaml" > "$WORK/$name.yaml"
 done
-if [ -n "${QUICKSTART_GPU:-}" ]; then  # one GPU: bf16; stage 1 at half the steps and twice the batch, stage 2's
-  export ACCELERATE_MIXED_PRECISION=bf16  # UNet in CUDA graphs with its EMA every 10 steps (the script says why)
+if [ -n "${QUICKSTART_GPU:-}" ]; then  # one GPU: bf16; stage 1 as on the CPU, stage 2's UNet in CUDA graphs
+  export ACCELERATE_MIXED_PRECISION=bf16  # with its EMA every 10 steps (the script says why)
   bash scripts/quickstart_gpu_configs.sh "$WORK"
 fi
 
