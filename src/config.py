@@ -40,6 +40,11 @@ def bounded(default: Any, min: Any = None, max: Any = None, below: Any = None, o
     return field(default=default, metadata={**bounds, "odd": True} if odd else bounds)
 
 
+# the transformers.get_scheduler names that are a function of the step alone (src/training/optim.py builds a table
+# of their factors); the others need extra arguments or a metric
+LRScheduler = Literal[
+    "constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "inverse_sqrt"
+]
 COUNT = dict(min=1)  # a batch size, a number of steps or images: at least one
 NONNEGATIVE = dict(min=0)
 PROBABILITY = dict(min=0.0, max=1.0)
@@ -141,7 +146,7 @@ class TrainConfig:
 
     # optimisation
     learning_rate: float = bounded(5e-5, **NONNEGATIVE)
-    lr_scheduler: str = "constant_with_warmup"  # any name transformers.get_scheduler knows
+    lr_scheduler: LRScheduler = "constant_with_warmup"  # a transformers.get_scheduler name (LRScheduler)
     lr_warmup_steps: int = bounded(1500, **NONNEGATIVE)
     total_training_iterations: int = bounded(400000, **COUNT)
     per_gpu_batch_size: int = bounded(12, **COUNT)
@@ -200,7 +205,7 @@ class Stage1TrainConfig(TrainConfig):
     disc_adam_beta1: float = bounded(0.5, **ADAM_BETA)
     disc_adam_beta2: float = bounded(0.9, **ADAM_BETA)
     disc_weight_decay: float = bounded(0.0, **NONNEGATIVE)
-    disc_lr_scheduler: str = "constant_with_warmup"
+    disc_lr_scheduler: LRScheduler = "constant_with_warmup"
     disc_lr_warmup_steps: int = bounded(500, **NONNEGATIVE)
     disc_start: int = bounded(50000, **NONNEGATIVE)
     disc_weight: float = bounded(0.5, **NONNEGATIVE)

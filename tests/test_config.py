@@ -179,3 +179,24 @@ def test_bounds_hold_at_their_edges(tmp_path):
     path.write_text("learning_rate: 0.0\nrandom_flip_p: 1.0\nadam_beta1: 0.0\ncfg_dropout_prob: 1.0\nema_decay: 1.0\n")
     cfg = load_config(path, Stage2TrainConfig)
     assert (cfg.learning_rate, cfg.random_flip_p, cfg.adam_beta1, cfg.cfg_dropout_prob) == (0.0, 1.0, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("key,cls", [("lr_scheduler", Stage2TrainConfig), ("disc_lr_scheduler", Stage1TrainConfig)])
+def test_a_misspelt_lr_scheduler_stops_at_load_naming_file_and_key(tmp_path, key, cls):
+    """A schedule name used to be checked only when the optimiser was built, after the models, with an error
+    naming neither the file nor the key."""
+    path = tmp_path / "train.yaml"
+    path.write_text(f"{key}: cosin\n")
+    with pytest.raises(ConfigError, match=rf"{path}: key '{key}': 'cosin' is not one of \[.*'cosine'"):
+        load_config(path, cls)
+
+
+def test_every_lr_scheduler_the_config_accepts_builds_a_schedule():
+    import typing
+
+    from src.config import LRScheduler
+    from src.training.optim import schedule_factors
+
+    for name in typing.get_args(LRScheduler):
+        factors = schedule_factors(name, warmup_steps=2, total_steps=10)
+        assert len(factors) == 11 and all(0.0 <= f <= 1.0 for f in factors), name
