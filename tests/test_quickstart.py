@@ -129,3 +129,32 @@ def test_gpu_configs_set_cuda_graphs_and_the_ema_every_10_steps_and_nothing_else
     (tmp_path / "stage2_diffusion_train.yaml").write_text(text.replace("ema_update_every:", "# ema_update_every:"))
     proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode != 0 and "ema_update_every" in proc.stderr
+
+
+
+def test_every_sampler_knob_gives_arguments_the_sampling_scripts_accept(tmp_path):
+    """SAMPLER is a documented knob of the demo. DDPM runs every training step and inference_ldm.py /
+    evaluate_shapes.py refuse --num_steps beside it, so SAMPLER=ddpm used to stop the demo at stage 5. The stage
+    scripts are replaced by a recorder of their arguments, which go through the two scripts' real parsers here."""
+    import evaluate_shapes
+    import inference_ldm
+
+    log = tmp_path / "calls.jsonl"
+    recorder = tmp_path / "python"
+    recorder.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        f"open({str(log)!r}, 'a').write(json.dumps([os.path.basename(sys.argv[1]), sys.argv[2:]]) + '\\n')\n")
+    recorder.chmod(0o755)
+    for sampler in ("ddpm", "ddim"):
+        log.write_text("")
+        env = dict(os.environ, PYTHON=str(recorder), QUICKSTART_OUT=str(tmp_path / "out"), SAMPLER=sampler,
+                   SAMPLE_STEPS="7")
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, cwd=ROOT,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        calls = [json.loads(line) for line in log.read_text().splitlines()]
+        sampling = [(script, argv) for script, argv in calls if "--sampler" in argv]
+        assert [script for script, _ in sampling] == ["inference_ldm.py", "evaluate_shapes.py"]
+        for script, argv in sampling:
+            parser = {"inference_ldm.py": inference_ldm, "evaluate_shapes.py": evaluate_shapes}[script]
+            args = parser.parse_args(argv)  # SystemExit on a combination the script refuses
+            assert args.sampler == sampler and args.num_steps == (None if sampler == "ddpm" else 7), (script, argv)
