@@ -148,11 +148,17 @@ class LatentDiffusion:
 
     def sampler_steps(self, sampler: str, num_steps: Optional[int] = None) -> int:
         """The UNet evaluations per image `sampler` makes: every timestep for DDPM; otherwise `num_steps`, or the
-        sampler's default, which never asks for more steps than the model has timesteps (an explicit count above
-        them is the sampler's error)."""
+        sampler's default, which never asks for more steps than the model has timesteps. An explicit count above
+        them is a PipelineError, so a script can check it before hours of other work."""
+        T = self.process.num_timesteps
         if sampler == "ddpm":
-            return self.process.num_timesteps
-        return num_steps if num_steps is not None else min(DEFAULT_STEPS[sampler], self.process.num_timesteps)
+            return T
+        if num_steps is None:
+            return min(DEFAULT_STEPS[sampler], T)
+        if not 1 <= num_steps <= T:
+            raise PipelineError(f"--num_steps {num_steps}: this model has {T} training timesteps, so {sampler} "
+                                f"takes 1 to {T} steps")
+        return num_steps
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:

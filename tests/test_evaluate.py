@@ -20,6 +20,7 @@ from src.config import ConfigError, Stage2TrainConfig, load_config
 from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError
 from src.evaluation.reconstruction import psnr, ssim
 from src.models.lpips import VGG16_IMAGENET_FILE, vgg16_trunk
+from src.pipeline import PipelineError, load_pipeline
 from tests.eval_helpers import make_random_inception_file
 from tests.helpers import make_tiny_clip, reset_accelerate
 from tests.stage2_helpers import make_vae_file, run_trainer, tiny_unet, trainer_argv, write_model_config, write_train_config
@@ -86,6 +87,17 @@ def test_evaluate_ldm_writes_fid_kid_and_a_grid_reusing_the_reference_training_c
     assert (result["sampler"], result["num_steps"], result["guidance_scale"], result["seed"]) == ("ddim", 2, 2.0, 5)
     assert result["conditioning"] == "text" and result["reference"] == "shapes"
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 18)  # 2 samples of 16 px
+
+
+def test_evaluate_ldm_refuses_more_steps_than_timesteps_before_reading_the_reference(trained, tmp_path):
+    """--num_steps above the model's T is refused once the model is loaded: before the reference (here a folder
+    that does not exist, whose error would come first otherwise) and hours of statistics."""
+    reset_accelerate()
+    T = load_pipeline(trained["model"]).process.num_timesteps
+    with pytest.raises(PipelineError, match=f"--num_steps {T + 1}: this model has {T} training timesteps"):
+        evaluate_ldm.main(["--path_to_weights", str(trained["model"]), "--num_steps", str(T + 1),
+                           "--reference", str(tmp_path / "no_such_folder"),
+                           "--inception_weights", str(trained["inception"]), "--output", str(tmp_path / "out")])
 
 
 def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):

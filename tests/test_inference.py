@@ -66,7 +66,7 @@ def test_the_default_step_count_fits_a_model_with_fewer_timesteps(models):
     assert pipe.process.num_timesteps == 20
     torch.testing.assert_close(pipe.generate(num_per_condition=1, seed=2), pipe.generate(num_per_condition=1, seed=2,
                                                                                         num_steps=20))
-    with pytest.raises(ValueError, match=r"num_steps must be in \[1, 20\], got 50"):
+    with pytest.raises(PipelineError, match="--num_steps 50: this model has 20 training timesteps"):
         pipe.generate(num_per_condition=1, num_steps=50)  # an explicit count above T is still refused
     # what evaluate_ldm.py records in results.json: the steps actually run (DDPM: every timestep, not --num_steps)
     assert [pipe.sampler_steps(s) for s in ("ddim", "dpmpp_2m", "ddpm")] == [20, 20, 20]
