@@ -32,7 +32,7 @@ from src.evaluation.conditions import balanced_labels, evaluation_prompts
 from src.evaluation.fid import fid_from_stats, kernel_inception_distance, stats_from_features
 from src.evaluation.inception import load_inception
 from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats
-from src.evaluation.sharding import map_batches
+from src.evaluation.sharding import gather_in_order, local_rows, map_batches
 from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline
 from src.training.images import save_image_grid, writable_folder
 from src.training.setup import launched_without_gpu
@@ -126,10 +126,11 @@ def sample_conditions(args, pipe: LatentDiffusion) -> tuple[list[str] | None, li
     return None, None
 
 
-def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts, labels) -> tuple[torch.Tensor, list, float]:
-    """Inception features (N, 2048) of all samples in order, this process's first images, and its sampling
-    seconds per image (generation alone, without the Inception)."""
-    grid: list[torch.Tensor] = []
+def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts, labels) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Inception features (N, 2048) of all samples in order, the first GRID_IMAGES samples (n, 3, H, W) gathered
+    from whichever processes drew them, and this process's sampling seconds per image (generation alone, without
+    the Inception)."""
+    grid: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images (b, 3, H, W), their sample indices (b,))
     timing = {"seconds": 0.0, "images": 0}
 
     def one_batch(k: int, start: int, end: int):
@@ -145,12 +146,16 @@ def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts
             torch.cuda.synchronize()
         timing["seconds"] += time.perf_counter() - t0
         timing["images"] += end - start
-        if sum(len(g) for g in grid) < GRID_IMAGES:
-            grid.append(images.cpu())
+        if start < GRID_IMAGES:  # batch k of several processes is process k % W's: not all on the main one
+            keep = min(end, GRID_IMAGES) - start
+            grid.append((images[:keep].cpu(), torch.arange(start, start + keep)))
         return inception(images), torch.arange(start, end)
 
     features = map_batches(args.num_samples, args.batch_size, one_batch, accelerator, desc="sampling")
-    return features, grid, timing["seconds"] / max(1, timing["images"])
+    size = pipe.vae.config.img_size
+    rows, indices = local_rows([g.flatten(1) for g, _ in grid], [i for _, i in grid], 3 * size * size)
+    first = gather_in_order(rows, indices, accelerator).view(-1, 3, size, size)  # (min(N, GRID_IMAGES), 3, H, W)
+    return features, first, timing["seconds"] / max(1, timing["images"])
 
 
 def metrics(fake: torch.Tensor, reference, args) -> dict:
@@ -208,8 +213,7 @@ def main(argv=None) -> dict:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    images = torch.cat(grid)[:GRID_IMAGES]
-    save_image_grid(images, out / "grid.png", nrow=min(8, len(images)))
+    save_image_grid(grid, out / "grid.png", nrow=min(8, len(grid)))
     kid = "n/a" if result["kid"] is None else f"{result['kid']:.5f} +- {result['kid_std']:.5f}"
     print(f"FID {result['fid']:.3f}  KID {kid}  ({args.num_samples} samples, {args.sampler}-{result['num_steps']}, "
           f"guidance {args.guidance_scale}; reference {described}, {status})")

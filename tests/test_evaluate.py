@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +25,7 @@ from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWei
 from src.evaluation.reconstruction import psnr, ssim
 from src.models.lpips import VGG16_IMAGENET_FILE, vgg16_trunk
 from src.pipeline import PipelineError, load_pipeline
+from tests.conftest import ROOT
 from tests.eval_helpers import make_random_inception_file
 from tests.helpers import make_tiny_clip, reset_accelerate
 from tests.stage2_helpers import make_vae_file, run_trainer, tiny_unet, trainer_argv, write_model_config, write_train_config
@@ -98,6 +103,27 @@ def test_evaluate_ldm_refuses_more_steps_than_timesteps_before_reading_the_refer
         evaluate_ldm.main(["--path_to_weights", str(trained["model"]), "--num_steps", str(T + 1),
                            "--reference", str(tmp_path / "no_such_folder"),
                            "--inception_weights", str(trained["inception"]), "--output", str(tmp_path / "out")])
+
+
+def test_evaluate_ldm_on_two_processes_gives_one_process_numbers_and_grid(trained, tmp_path):
+    """torchrun with 2 CPU processes (gloo): 3 samples in batches of 1 (process 0 draws samples 0 and 2, process 1
+    sample 1) give the single process's FID, KID and grid.png, which holds the first samples in order."""
+    flags = ["--path_to_weights", str(trained["model"]), "--num_samples", "3", "--num_reference", "2",
+             "--batch_size", "1", "--num_steps", "2", "--seed", "5", "--inception_weights", str(trained["inception"]),
+             "--stats_cache", str(trained["work"] / "fid_reference"), "--num_workers", "0", "--kid_subset_size", "2"]
+    reset_accelerate()
+    single = evaluate_ldm.main(flags + ["--output", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "evaluate_ldm.py", *flags, "--output", str(tmp_path / "two")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["num_processes"] == 2 and two["num_samples"] == 3
+    for key in ("fid", "kid", "kid_std"):
+        assert two[key] == pytest.approx(single[key], rel=1e-5), key
+    grids = [np.asarray(Image.open(tmp_path / name / "grid.png")) for name in ("one", "two")]
+    assert grids[0].shape == (2 + 18, 2 + 3 * 18, 3) and np.array_equal(grids[0], grids[1])
 
 
 def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
