@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Subset
 
@@ -33,6 +34,7 @@ from src.data import DATASET_NAMES, DatasetError, build_dataset
 from src.data.loader import collate
 from src.models.diffusers_compat import is_diffusers_model, load_vae_backbone
 from src.models.vae import Autoencoder
+from src.training.setup import launched_without_gpu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -120,7 +122,10 @@ def load_backbone(args) -> tuple[Autoencoder, float | None]:
 
 def main(argv=None) -> float:
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # under accelerate launch / torchrun every process measures the same subset on its own device (the numbers are
+    # the same), and only the main one reports them and writes the config: concurrent rewrites of one file collide
+    state = PartialState(cpu=launched_without_gpu())
+    device = args.device or state.device
     vae, config_factor = load_backbone(args)
     vae = vae.to(device).float().eval()
     if args.update_config:
@@ -129,6 +134,8 @@ def main(argv=None) -> float:
     loader = subset_loader(dataset, args.batch_size, args.num_batches, args.num_workers, args.seed)
     mean, std, images = latent_statistics(vae, loader, device, args.seed)
     factor = 1.0 / std
+    if not state.is_main_process:
+        return factor
     print(f"latent mean {mean:.6f}, std {std:.6f} over {images} images of {args.dataset}")
     print(f"scaling factor ({args.dataset}): {factor:.7f}")
     if config_factor is not None:

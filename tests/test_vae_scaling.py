@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +76,22 @@ def test_update_config_rewrites_only_the_scaling_constant(tmp_path, capsys):
     final = Path(cfg).read_text().splitlines()
     assert [ln for ln in final if ln not in after] == [f"  shapes: {factor_shapes:.7g}"]
     assert load_model_config(cfg).scaling_constants["shapes"] == pytest.approx(factor_shapes, rel=1e-6)
+
+
+def test_two_processes_report_and_write_the_factor_once(tmp_path, capsys):
+    """torchrun with 2 CPU processes (gloo): the factor of one process, printed and written to the config by the
+    main process alone (two processes rewriting one file at once collide: one's rename finds no file)."""
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    faces = make_flat_folder(tmp_path / "faces", count=6)
+    cfg = shutil.copy(ROOT / "configs" / "ldm.yaml", tmp_path / "ldm.yaml")
+    flags = ["--path_to_pretrained_weights", str(vae), "--model_config", str(cfg), "--dataset", "celebahq",
+             "--path_to_dataset", str(faces), "--batch_size", "4", "--num_batches", "2", "--num_workers", "0"]
+    single = compute_vae_scaling.main(flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "compute_vae_scaling.py", *flags, "--update_config"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("scaling factor (celebahq)") == 1 and done.stdout.count("wrote scaling_constants") == 1
+    assert f"{single:.7f}" in done.stdout
+    assert load_model_config(cfg).scaling_constants["celebahq"] == pytest.approx(single, rel=1e-6)
