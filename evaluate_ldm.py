@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
         writable_folder(args.output)  # before hours of sampling, not after
     pipe = load_pipeline(args.path_to_weights, accelerator.device, DTYPES[args.dtype], args.text_encoder,
                          args.hf_cache_dir)
+    num_steps = pipe.sampler_steps(args.sampler, args.num_steps)  # a count above T stops here, not after the reference
     source = reference_source(args, pipe)
     prompts, labels = sample_conditions(args, pipe)
     start = time.perf_counter()
@@ -202,7 +203,7 @@ def main(argv=None) -> dict:
         "num_samples": args.num_samples, "num_reference": reference.count, "reference": described,
         "reference_statistics": status, "model": str(args.path_to_weights), "dataset": pipe.metadata["dataset"],
         "conditioning": pipe.conditioning, "sampler": args.sampler,
-        "num_steps": pipe.sampler_steps(args.sampler, args.num_steps),
+        "num_steps": num_steps,
         "guidance_scale": args.guidance_scale, "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],
