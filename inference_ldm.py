@@ -30,7 +30,6 @@ from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
 from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline
 from src.training.images import save_image_grid, writable_folder
-from src.training.stage2 import trained_classes
 
 logger = logging.getLogger("inference")
 
@@ -120,12 +119,10 @@ def check_against_weights(args, pipe: LatentDiffusion) -> None:
 
 
 def choose_labels(args, pipe: LatentDiffusion) -> list[int] | None:
-    """--class_label, or one random class from --seed among those the model was trained on (the dataset's classes
-    in the metadata, which may be fewer than the UNet's num_classes: ldm.yaml's 1000 for a 10-class subset)."""
     if pipe.conditioning != "class" or args.class_label:
         return args.class_label
     g = torch.Generator().manual_seed(args.seed)
-    labels = torch.randint(0, trained_classes(pipe.metadata, pipe.unet.num_classes), (1,), generator=g).tolist()
+    labels = torch.randint(0, pipe.unet.num_classes, (1,), generator=g).tolist()
     logger.info("no --class_label: using class %s", labels)
     return labels
 

@@ -108,19 +108,6 @@ def test_class_and_unconditional_models(models, tmp_path):
     assert _pixels(tmp_path / "unc", 3).shape == (3, 16, 16, 3)
 
 
-def test_the_default_class_label_is_one_the_model_was_trained_on(models):
-    """A model trained on a subset of its UNet's classes (ldm.yaml's 1000 for a 10-class ImageNet folder) records the
-    dataset's classes; without --class_label the random class comes from those, not from untrained embeddings."""
-    import argparse
-
-    pipe = load_pipeline(models["class"])  # a 3-class UNet
-    pipe.metadata = {**pipe.metadata, "class_names": ["n01440764", "n01443537"]}  # trained on classes 0 and 1
-    labels = [inference_ldm.choose_labels(argparse.Namespace(class_label=None, seed=s), pipe) for s in range(16)]
-    assert all(len(chosen) == 1 and chosen[0] in (0, 1) for chosen in labels)
-    assert {chosen[0] for chosen in labels} == {0, 1}
-    assert inference_ldm.choose_labels(argparse.Namespace(class_label=[2], seed=0), pipe) == [2]  # explicit: kept
-
-
 def test_empty_prompt_is_a_clear_error(models, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inference_ldm.main(["--path_to_weights", str(models["text"]), "--prompt", "  "])
