@@ -153,3 +153,27 @@ def test_two_processes_build_one_cache_in_dataset_order(tmp_path):
     cache = LatentCacheDataset(tmp_path / "cache", "none")
     assert cache.dataset_indices == list(range(9)) and cache[4]["moments"].shape == (1, 2, 4, 8, 8)
     assert sorted(read_losses(tmp_path / "w")) == [1, 2] and (tmp_path / "w" / "model.safetensors").is_file()
+
+
+def test_a_vq_autoencoder_trains_stage_2_from_the_cache_as_from_images(tmp_path):
+    """A VQ-VAE's state dict holds a 0-d step counter: the cache's VAE fingerprint must hash it, not crash on it.
+    Stage 2 diffuses the pre-quantisation latent (zero std), so the cached run's losses equal the images' run."""
+    import dataclasses
+
+    from tests.stage2_helpers import TINY_VAE
+
+    vq_cfg = dataclasses.replace(TINY_VAE, quantize=True, codebook_size=16, vq_embed_dim=4)
+    faces = make_flat_folder(tmp_path / "faces", count=8)
+    vae = make_vae_file(tmp_path / "vq.safetensors", vae_cfg=vq_cfg)
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 0.8}, vae_cfg=vq_cfg)
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=2, checkpoint_iterations=2,
+                               random_flip_p=0.5)
+    argv = ("--path_to_dataset", str(faces))
+    run_trainer(trainer_argv(tmp_path / "images", train, model_cfg, vae, "celebahq", *argv))
+    run_trainer(trainer_argv(tmp_path / "cached", train, model_cfg, vae, "celebahq", *argv,
+                             "--cache_latents", str(tmp_path / "cache")))
+    from_images, from_cache = read_losses(tmp_path / "images"), read_losses(tmp_path / "cached")
+    assert sorted(from_cache) == [1, 2]
+    for step in from_cache:
+        assert from_cache[step] == pytest.approx(from_images[step], rel=1e-5, abs=1e-6)
+    assert load_autoencoder(tmp_path / "cached" / "model.safetensors").config.quantize
