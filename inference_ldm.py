@@ -122,7 +122,7 @@ def choose_labels(args, pipe: LatentDiffusion) -> list[int] | None:
     if pipe.conditioning != "class" or args.class_label:
         return args.class_label
     g = torch.Generator().manual_seed(args.seed)
-    labels = torch.randint(0, pipe.unet.num_classes, (1,), generator=g).tolist()
+    labels = torch.randint(0, pipe.num_trained_classes, (1,), generator=g).tolist()  # a class it was trained on
     logger.info("no --class_label: using class %s", labels)
     return labels
 

@@ -40,6 +40,12 @@ class PipelineError(ValueError):
     """Bad input to sampling (empty prompt, wrong kind of model file, class label out of range)."""
 
 
+def trained_classes(metadata: dict, num_classes: int) -> int:
+    """How many class labels the run trains: the dataset's classes, which may be fewer than the UNet's
+    (ldm.yaml's 1000 for a 10-class ImageNet subset; the other embeddings never get a gradient)."""
+    return len(metadata.get("class_names", [])) or num_classes
+
+
 @dataclass
 class LatentDiffusion:
     vae: Autoencoder
@@ -53,6 +59,11 @@ class LatentDiffusion:
     @property
     def device(self) -> torch.device:
         return self.unet.conv_in.weight.device
+
+    @property
+    def num_trained_classes(self) -> int:
+        """Class labels 0 .. n-1 the model was trained on (its dataset's class folders, stored as class_names)."""
+        return trained_classes(self.metadata, self.unet.num_classes)
 
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         cfg = self.vae.config
@@ -104,10 +115,13 @@ class LatentDiffusion:
         if self.conditioning == "class":
             if not labels:
                 raise PipelineError("this model is class-conditional: give class labels (--class_label)")
-            num_classes = self.unet.num_classes
+            num_classes = self.num_trained_classes
             for label in labels:
                 if not 0 <= label < num_classes:
-                    raise PipelineError(f"class label {label} is out of range: the model knows 0 .. {num_classes - 1}")
+                    names = self.metadata.get("class_names") or []
+                    known = f" ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names else ""
+                    raise PipelineError(f"class label {label} is out of range: the model was trained on classes "
+                                        f"0 .. {num_classes - 1}{known}")
             repeated = torch.tensor([c for c in labels for _ in range(n)], dtype=torch.long, device=self.device)
             return len(repeated), Condition(labels=repeated), self.unet.null_condition(len(repeated))
         if labels:

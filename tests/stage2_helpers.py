@@ -44,8 +44,9 @@ def make_vae_file(path, seed: int = 0, vae_cfg: VAEConfig = TINY_VAE) -> Path:
 
 
 def make_stage2_file(path, conditioning: str, unet_cfg: UNetConfig, dataset: str, text_model=None,
-                     vae_cfg: VAEConfig = TINY_VAE, num_timesteps: int = 20) -> Path:
-    """A stage-2 model.safetensors with random weights (scaling factor 0.7, a DDPM schedule of num_timesteps)."""
+                     vae_cfg: VAEConfig = TINY_VAE, num_timesteps: int = 20, extra: dict | None = None) -> Path:
+    """A stage-2 model.safetensors with random weights (scaling factor 0.7, a DDPM schedule of num_timesteps);
+    `extra` adds metadata (class_names, ...)."""
     torch.manual_seed(0)
     vae = build_autoencoder(vae_cfg)
     unet = build_unet(unet_cfg, vae_cfg.latent_dim, conditioning)
@@ -55,7 +56,7 @@ def make_stage2_file(path, conditioning: str, unet_cfg: UNetConfig, dataset: str
     model_cfg = ModelConfig(vae=vae_cfg, unet=unet_cfg, scaling_constants={dataset: 0.7})
     process = DiffusionProcess(num_timesteps=num_timesteps)
     meta = stage2_metadata(model_cfg, Stage2TrainConfig(num_diffusion_timesteps=num_timesteps), process, dataset,
-                           conditioning, 0.7, text_model)
+                           conditioning, 0.7, text_model, extra)
     return save_stage2_model(path, unet, vae, meta)
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import inference_ldm
 from src.pipeline import PipelineError, load_pipeline
-from tests.stage2_helpers import make_conditioning_models
+from tests.stage2_helpers import make_conditioning_models, make_stage2_file, tiny_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,6 +106,22 @@ def test_class_and_unconditional_models(models, tmp_path):
                         "--training_dataset", "celebahq", "--num_images", "3", "--num_steps", "2",
                         "--output", str(tmp_path / "unc")])
     assert _pixels(tmp_path / "unc", 3).shape == (3, 16, 16, 3)
+
+
+def test_class_labels_are_those_of_the_trained_class_folders(tmp_path):
+    """A UNet with more class embeddings than the dataset had folders (ldm.yaml's 1000 for a 10-class subset): the
+    extra embeddings were never trained, so inference neither picks nor accepts their labels."""
+    # num_classes 3; the training folder had two classes
+    path = make_stage2_file(tmp_path / "two.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet",
+                            extra={"class_names": ["cat", "dog"]})
+    pipe = load_pipeline(path)
+    assert pipe.unet.num_classes == 3
+    picked = {inference_ldm.choose_labels(inference_ldm.parse_args(
+        ["--path_to_weights", "x", "--seed", str(seed)]), pipe)[0] for seed in range(30)}
+    assert picked == {0, 1}
+    with pytest.raises(PipelineError, match=r"trained on classes 0 \.\. 1 \(cat, dog\)"):
+        pipe.generate(labels=[2], num_steps=2)
+    assert pipe.generate(labels=[1], num_steps=2).shape == (1, 3, 16, 16)
 
 
 def test_empty_prompt_is_a_clear_error(models, capsys):

@@ -33,7 +33,7 @@ from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
-from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata
+from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata, trained_classes
 from .checkpoint import data_layout, load_checkpoint, resolve_resume_path, resumed_loader_position, save_checkpoint
 from .ema import EMA
 from .guard import NonFiniteGuard, any_process
@@ -351,12 +351,6 @@ def read_prompts(path=DEFAULT_PROMPTS_FILE) -> list[str]:
     if not prompts:
         raise ValueError(f"{path} holds no prompts (one prompt per line; blank lines are ignored)")
     return prompts
-
-
-def trained_classes(metadata: dict, num_classes: int) -> int:
-    """How many class labels the run trains: the dataset's classes, which may be fewer than the UNet's
-    (ldm.yaml's 1000 for a 10-class ImageNet subset; the other embeddings never get a gradient)."""
-    return len(metadata.get("class_names", [])) or num_classes
 
 
 def validation_labels(num_samples: int, num_classes: int) -> list[int]:
