@@ -81,6 +81,21 @@ def test_stage2_trains_on_a_diffusers_vae_from_an_exported_unet(tmp_path, capsys
     assert 0 < moved < 0.02
 
 
+def test_a_config_constant_that_differs_from_the_diffusers_vaes_is_used_with_a_warning(tmp_path, caplog):
+    """configs/ldm.yaml ships scaling constants measured on its own VAE; README's Stable Diffusion VAE command uses
+    that config, so a constant the SD VAE's own 0.18215 contradicts must not pass silently."""
+    _diffusers_vae(tmp_path / "sd_vae")  # scaling_factor 0.5
+    with caplog.at_level("WARNING", logger="ldm"):
+        assert resolve_scaling_factor(ModelConfig(scaling_constants={"shapes": 0.5}), "shapes", "m.yaml",
+                                      tmp_path / "sd_vae") == 0.5
+    assert not caplog.records  # the same value: nothing to say
+    with caplog.at_level("WARNING", logger="ldm"):
+        assert resolve_scaling_factor(ModelConfig(scaling_constants={"shapes": 0.9}), "shapes", "m.yaml",
+                                      tmp_path / "sd_vae") == 0.9  # the model config still wins
+    assert "scaling_constants.shapes of m.yaml is used" in caplog.text and "config.json says 0.5" in caplog.text
+    assert "compute_vae_scaling.py" in caplog.text
+
+
 def test_init_unet_refuses_another_conditioning_or_latent_width(tmp_path):
     model = make_stage2_file(tmp_path / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet")
     with pytest.raises(InitUNetError, match="class-conditional model, but this run is text-conditional"):

@@ -72,9 +72,10 @@ def resolve_conditioning(dataset: str, unet_cfg: UNetConfig) -> str:
 
 def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_path, vae_path=None) -> float:
     """scaling_constants[dataset] of the model config; else a diffusers VAE's own scaling_factor (config.json);
-    else an error saying how to compute it."""
+    else an error saying how to compute it. A config constant that differs from the diffusers VAE's own is used,
+    with a warning: it may have been computed for another VAE (configs/ldm.yaml ships constants for its own)."""
+    from_vae = diffusers_vae_scaling_factor(vae_path) if vae_path is not None and Path(vae_path).exists() else None
     if dataset not in model_cfg.scaling_constants:
-        from_vae = diffusers_vae_scaling_factor(vae_path) if vae_path is not None and Path(vae_path).exists() else None
         if from_vae is not None:
             logger.info("scaling factor %.6g from %s's config.json (set scaling_constants.%s to override it)",
                         from_vae, vae_path, dataset)
@@ -87,6 +88,13 @@ def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_pa
     value = model_cfg.scaling_constants[dataset]
     if not (math.isfinite(value) and value > 0):
         raise Stage2SetupError(f"{model_config_path}: scaling_constants.{dataset} must be a positive number, got {value}")
+    if from_vae is not None and not math.isclose(value, from_vae, rel_tol=1e-6):
+        logger.warning(
+            "scaling factor %.7g from scaling_constants.%s of %s is used, but %s's config.json says %.7g. If that "
+            "constant was computed for another VAE, the latents will not have unit variance: run "
+            "compute_vae_scaling.py --path_to_pretrained_weights %s --model_config %s --dataset %s --update_config, "
+            "or delete the line to use the config.json's", value, dataset, model_config_path, vae_path, from_vae,
+            vae_path, model_config_path, dataset)
     return value
 
 
