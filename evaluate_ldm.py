@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         "reference_statistics": status, "model": str(args.path_to_weights), "dataset": pipe.metadata["dataset"],
         "conditioning": pipe.conditioning, "sampler": args.sampler,
         "num_steps": num_steps,
-        "guidance_scale": args.guidance_scale, "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
+        "guidance_scale": pipe.guidance_used(args.guidance_scale), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],
         "kid_subset_size": args.kid_subset_size, "kid_subsets": args.kid_subsets,
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
     save_image_grid(grid, out / "grid.png", nrow=min(8, len(grid)))
     kid = "n/a" if result["kid"] is None else f"{result['kid']:.5f} +- {result['kid_std']:.5f}"
     print(f"FID {result['fid']:.3f}  KID {kid}  ({args.num_samples} samples, {args.sampler}-{result['num_steps']}, "
-          f"guidance {args.guidance_scale}; reference {described}, {status})")
+          f"guidance {result['guidance_scale']}; reference {described}, {status})")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     accelerator.wait_for_everyone()
     return result

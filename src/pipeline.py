@@ -148,8 +148,7 @@ class LatentDiffusion:
         most the model's number of timesteps)."""
         if sampler not in SAMPLERS:
             raise PipelineError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
-        if self.conditioning == "none":
-            guidance_scale = 1.0  # nothing to guide towards
+        guidance_scale = self.guidance_used(guidance_scale)
         shape = self.latent_shape(batch_size)
         common = dict(cond=cond, uncond=uncond, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                       generator=generator, device=self.device, progress=progress)
@@ -159,6 +158,10 @@ class LatentDiffusion:
         if sampler == "dpmpp_2m":
             return dpmpp_2m_sample(self.unet, self.process, shape, num_steps=steps, **common)
         return ddim_sample(self.unet, self.process, shape, num_steps=steps, eta=eta, **common)
+
+    def guidance_used(self, guidance_scale: float) -> float:
+        """The guidance scale sampling applies: 1 (off: nothing to guide towards) for an unconditional model."""
+        return 1.0 if self.conditioning == "none" else guidance_scale
 
     def sampler_steps(self, sampler: str, num_steps: Optional[int] = None) -> int:
         """The UNet evaluations per image `sampler` makes: every timestep for DDPM; otherwise `num_steps`, or the

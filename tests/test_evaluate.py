@@ -126,6 +126,23 @@ def test_evaluate_ldm_on_two_processes_gives_one_process_numbers_and_grid(traine
     assert grids[0].shape == (2 + 18, 2 + 3 * 18, 3) and np.array_equal(grids[0], grids[1])
 
 
+def test_evaluate_ldm_records_the_guidance_an_unconditional_model_was_sampled_with(trained, tmp_path):
+    """Sampling an unconditional model ignores --guidance_scale (nothing to guide towards): results.json must say
+    1, the scale the samples were drawn with, not the flag's value."""
+    from tests.stage2_helpers import make_flat_folder, make_stage2_file
+
+    model = make_stage2_file(tmp_path / "none.safetensors", "none", tiny_unet(), "celebahq")
+    reset_accelerate()
+    result = evaluate_ldm.main([
+        "--path_to_weights", str(model), "--reference", str(make_flat_folder(tmp_path / "faces", count=2)),
+        "--num_samples", "2", "--num_reference", "2", "--batch_size", "2", "--num_steps", "2",
+        "--guidance_scale", "3", "--inception_weights", str(trained["inception"]),
+        "--stats_cache", str(tmp_path / "cache"), "--num_workers", "0", "--output", str(tmp_path / "out"),
+    ])
+    assert result["conditioning"] == "none" and result["guidance_scale"] == 1.0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["guidance_scale"] == 1.0
+
+
 def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
     with pytest.raises(SystemExit):
         evaluate_ldm.parse_args(["--path_to_weights", str(trained["model"]), "--sampler", "euler_a"])
