@@ -37,7 +37,7 @@ from src.evaluation.reference import (
     describe,
     select_indices,
 )
-from src.models.vae import load_autoencoder
+from src.models.diffusers_compat import load_vae_backbone
 from src.training.images import save_image_grid, writable_folder
 from src.training.setup import launched_without_gpu
 
@@ -49,7 +49,8 @@ GRID_PAIRS = 8
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--path_to_weights", required=True, help="model.safetensors of stage 1 (or stage 2: its VAE)")
+    p.add_argument("--path_to_weights", required=True, help="model.safetensors of stage 1 (or stage 2: its VAE), or a "
+                   "diffusers AutoencoderKL folder (evaluated at its config's sample_size)")
     p.add_argument("--dataset", required=True, choices=DATASET_NAMES)
     p.add_argument("--path_to_dataset", default=None, help="held-out images (not needed for 'shapes')")
     p.add_argument("--num_images", type=int, default=10000, help="images evaluated (default 10000; fewer if the data ends)")
@@ -108,7 +109,8 @@ def main(argv=None) -> dict:
     # missing weights stop the run before any work
     inception = None if args.skip_rfid else load_inception(args.inception_weights, device)
     lpips = build_lpips(args.lpips_checkpoint).to(device)
-    vae = load_autoencoder(args.path_to_weights, "cpu").to(device).float().eval().requires_grad_(False)
+    vae, _ = load_vae_backbone(args.path_to_weights)  # a diffusers AutoencoderKL: at its config's sample_size
+    vae = vae.to(device).float().eval().requires_grad_(False)
     if accelerator.is_main_process:
         writable_folder(args.output)  # and an unwritable output folder before the evaluation, not after it
     cfg = TrainConfig(interpolation=args.interpolation, shapes_num_images=args.num_images,

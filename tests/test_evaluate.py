@@ -188,6 +188,28 @@ def test_evaluate_vae_reports_rfid_psnr_ssim_lpips_with_weights_from_torch_home(
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)  # originals over recons
 
 
+def test_evaluate_vae_takes_a_diffusers_autoencoderkl_folder(tmp_path, monkeypatch):
+    """README: every script that takes an autoencoder takes a diffusers AutoencoderKL (converted on load, as
+    test_diffusers_compat checks); evaluate_vae.py scores it at its config's sample_size."""
+    from diffusers import AutoencoderKL
+
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in vgg16_trunk().state_dict().items()}, hub / VGG16_IMAGENET_FILE)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=["DownEncoderBlock2D"] * 2,
+                  up_block_types=["UpDecoderBlock2D"] * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                  sample_size=16).save_pretrained(tmp_path / "sd_vae")
+    reset_accelerate()
+    result = evaluate_vae.main(["--path_to_weights", str(tmp_path / "sd_vae"), "--dataset", "shapes",
+                                "--num_images", "2", "--batch_size", "2", "--num_workers", "0", "--skip_rfid",
+                                "--output", str(tmp_path / "out")])
+    assert result["image_size"] == 16 and result["num_images"] == 2
+    assert 0 < result["psnr"] < 40 and result["lpips"] > 0
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 + 2 * 18, 2 + 2 * 18)
+
+
 def test_evaluate_vae_skip_rfid_needs_no_inception_and_gives_the_same_scores(trained, tmp_path, monkeypatch):
     """--skip_rfid: no Inception file anywhere, no reference statistics; PSNR, SSIM and LPIPS as in a full run."""
     hub = tmp_path / "torch_home" / "hub" / "checkpoints"
