@@ -86,9 +86,10 @@ def test_a_config_constant_that_differs_from_the_diffusers_vaes_is_used_with_a_w
     that config, so a constant the SD VAE's own 0.18215 contradicts must not pass silently."""
     _diffusers_vae(tmp_path / "sd_vae")  # scaling_factor 0.5
     with caplog.at_level("WARNING", logger="ldm"):
-        assert resolve_scaling_factor(ModelConfig(scaling_constants={"shapes": 0.5}), "shapes", "m.yaml",
-                                      tmp_path / "sd_vae") == 0.5
-    assert not caplog.records  # the same value: nothing to say
+        for measured in (0.5, 0.6, 0.4):  # the VAE's own, or one measured on the user's data for this VAE
+            assert resolve_scaling_factor(ModelConfig(scaling_constants={"shapes": measured}), "shapes", "m.yaml",
+                                          tmp_path / "sd_vae") == measured
+    assert not caplog.records  # nothing to say
     with caplog.at_level("WARNING", logger="ldm"):
         assert resolve_scaling_factor(ModelConfig(scaling_constants={"shapes": 0.9}), "shapes", "m.yaml",
                                       tmp_path / "sd_vae") == 0.9  # the model config still wins

@@ -70,10 +70,15 @@ def resolve_conditioning(dataset: str, unet_cfg: UNetConfig) -> str:
     return kind
 
 
+SCALING_MISMATCH = 1.5  # a ratio between a config constant and a diffusers VAE's own factor worth a warning
+
+
 def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_path, vae_path=None) -> float:
     """scaling_constants[dataset] of the model config; else a diffusers VAE's own scaling_factor (config.json);
     else an error saying how to compute it. A config constant that differs from the diffusers VAE's own is used,
-    with a warning: it may have been computed for another VAE (configs/ldm.yaml ships constants for its own)."""
+    with a warning when they are more than SCALING_MISMATCH apart: it was probably computed for another VAE
+    (configs/ldm.yaml ships constants for its own, ~5x Stable Diffusion's), while the constant measured on the
+    user's own data for this VAE stays close to its config.json's."""
     from_vae = diffusers_vae_scaling_factor(vae_path) if vae_path is not None and Path(vae_path).exists() else None
     if dataset not in model_cfg.scaling_constants:
         if from_vae is not None:
@@ -88,7 +93,7 @@ def resolve_scaling_factor(model_cfg: ModelConfig, dataset: str, model_config_pa
     value = model_cfg.scaling_constants[dataset]
     if not (math.isfinite(value) and value > 0):
         raise Stage2SetupError(f"{model_config_path}: scaling_constants.{dataset} must be a positive number, got {value}")
-    if from_vae is not None and not math.isclose(value, from_vae, rel_tol=1e-6):
+    if from_vae is not None and not 1 / SCALING_MISMATCH < value / from_vae < SCALING_MISMATCH:
         logger.warning(
             "scaling factor %.7g from scaling_constants.%s of %s is used, but %s's config.json says %.7g. If that "
             "constant was computed for another VAE, the latents will not have unit variance: run "
