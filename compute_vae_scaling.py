@@ -29,6 +29,7 @@ from accelerate import PartialState
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Subset
 
+from src.cli import run_cli
 from src.config import ConfigError, Stage1TrainConfig, from_dict, load_model_config, to_dict, update_yaml_value
 from src.data import DATASET_NAMES, DatasetError, build_dataset
 from src.data.loader import collate
@@ -148,4 +149,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from src.cli import run_cli
 from src.config import Stage2TrainConfig, from_dict
 from src.data import DATASET_NAMES
 from src.evaluation.conditions import balanced_labels, evaluation_prompts
@@ -224,11 +224,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # missing weights / data, bad model file, bad flags
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2)
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from src.cli import run_cli
 from src.data.shapes import caption, render, sample_attributes
 from src.data.transforms import ImageTransform, to_pil_images
 from src.evaluation.shapes import score
@@ -162,11 +162,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # a missing file, a wrong model file
-        print(f"evaluate_shapes.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)
 
 
 if __name__ == "__main__":

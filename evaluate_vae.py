@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
+from src.cli import run_cli
 from src.config import TrainConfig
 from src.data import DATASET_NAMES
 from src.evaluation.conditions import HELD_OUT_SHAPES_SEED_OFFSET
@@ -148,11 +148,7 @@ def main(argv=None) -> dict:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2)
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ existing --output folder is replaced only with --overwrite.
 from __future__ import annotations
 
 import argparse
-import sys
 
+from src.cli import run_cli
 from src.diffusers_export import export_diffusers
 
 
@@ -36,11 +36,7 @@ def main(argv=None):
 
 
 def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # ExportError, PipelineError, DiffusersFormatError
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2)
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from src.cli import run_cli
 from src.config import load_model_config, to_dict
 from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
@@ -171,11 +172,7 @@ def main(argv=None) -> list[Path]:
 
 
 def cli() -> None:
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as err:  # PipelineError, ConfigError, --num_steps beyond the schedule
-        sys.stderr.write(f"error: {err}\n")
-        raise SystemExit(2)
+    run_cli(main)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from typing import Optional
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from src.cli import run_cli
 from src.data.bapps import IMG_RANGES, JND_CATEGORIES, TRAIN_CATEGORIES, VAL_CATEGORIES
 from src.losses.ranking import RankingHead
 from src.models.lpips import load_lpips_checkpoint
@@ -46,6 +47,7 @@ from src.training.lpips_train import (
 )
 from src.training.setup import MetricsLog, launched_without_gpu, setup_logging
 from src.training.trackers import add_tracker_args, start_trackers, tracker_accelerator_kwargs
+from src.training.user_errors import TRAINING_INPUT_ERRORS
 
 logger = logging.getLogger("ldm")
 
@@ -170,4 +172,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()), TRAINING_INPUT_ERRORS)

@@ -16,6 +16,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from src.cli import run_cli
 from src.training.checkpoint import check_fresh_start
 from src.training.setup import add_stage_args, init_trackers, make_accelerator
 from src.training.stage1 import (
@@ -27,6 +28,7 @@ from src.training.stage1 import (
     save_final_model,
     train_stage1,
 )
+from src.training.user_errors import TRAINING_INPUT_ERRORS
 
 logger = logging.getLogger("ldm.stage1")
 
@@ -56,4 +58,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, TRAINING_INPUT_ERRORS)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from src.cli import run_cli
 from src.config import Stage2TrainConfig, load_config, load_model_config
 from src.data.loader import InfiniteLoader
 from src.training.checkpoint import check_fresh_start
@@ -33,6 +34,7 @@ from src.training.stage2 import (
     setup_context,
     train_loop,
 )
+from src.training.user_errors import TRAINING_INPUT_ERRORS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,4 +82,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, TRAINING_INPUT_ERRORS)
