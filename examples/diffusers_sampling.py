@@ -104,7 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> Path:
     args = parse_args(argv)
-    conditioning = json.loads((Path(args.model) / "export_info.json").read_text())["conditioning"]
+    info_file = Path(args.model) / "export_info.json"
+    if not info_file.is_file():
+        sys.exit(f"error: {info_file} not found: --model takes a folder written by export_diffusers.py")
+    info = json.loads(info_file.read_text())
+    conditioning = info["conditioning"]
     kw = dict(num_images=args.num_images, seed=args.seed, num_steps=args.num_steps, guidance_scale=args.guidance_scale)
     if conditioning == "text":
         if not args.prompt:
@@ -114,6 +118,11 @@ def main(argv=None) -> Path:
         if (conditioning == "class") != bool(args.class_label) or args.prompt:
             sys.exit(f"error: this export is {conditioning}-conditional: "
                      + ("give --class_label" if conditioning == "class" else "give neither --prompt nor --class_label"))
+        # the class folders the model was trained on; the null class (guidance's "no class") is the last embedding
+        unet_config = json.loads((Path(args.model) / "unet" / "config.json").read_text())
+        trained = len(info.get("class_names") or []) or (unet_config["num_class_embeds"] or 1) - 1
+        if any(not 0 <= c < trained for c in args.class_label or []):
+            sys.exit(f"error: --class_label must be in 0 .. {trained - 1}, the classes the model was trained on")
         images = sample_unet(args.model, args.class_label, **kw)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from src.training.images import save_image_grid  # the grid layout of inference_ldm.py

@@ -119,3 +119,15 @@ def test_existing_folders_and_unexportable_models_are_refused_without_writing(mo
     with pytest.raises(OSError, match="disk full"):
         write_plan(ExportPlan({"a.txt": lambda p: p.write_text("a"), "b.txt": failing}), tmp_path / "partial", False)
     assert not any(p.name.startswith((".partial", "partial")) for p in tmp_path.iterdir())
+
+
+def test_the_sampling_example_refuses_an_untrained_class_and_a_folder_that_is_no_export(models, tmp_path):
+    from examples.diffusers_sampling import main as sample_main
+
+    out = _export(models["class"], tmp_path / "class")
+    classes = load_pipeline(models["class"]).num_trained_classes
+    with pytest.raises(SystemExit, match=f"--class_label must be in 0 .. {classes - 1}"):  # label `classes` is the null
+        sample_main(["--model", str(out), "--class_label", str(classes), "--output", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match="export_info.json not found: --model takes a folder written by"):
+        sample_main(["--model", str(tmp_path / "nothing"), "--output", str(tmp_path / "s")])
+    assert not (tmp_path / "s").exists()
