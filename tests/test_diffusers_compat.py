@@ -191,6 +191,12 @@ def test_folders_that_are_not_convertible_get_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(dc.DiffusersFormatError, match="not a diffusers model: no config.json"):
         dc.load_vae_backbone(tmp_path / "empty")
+    checkpoint = tmp_path / "run" / "checkpoint_20"  # a stage-1 checkpoint given where its model file belongs
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"step": 20}))
+    with pytest.raises(dc.DiffusersFormatError, match="training checkpoint folder, not a model: pass the run's "
+                       f"model.safetensors \\({tmp_path / 'run' / 'model.safetensors'}\\)"):
+        dc.load_vae_backbone(checkpoint)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))

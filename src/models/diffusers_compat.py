@@ -97,6 +97,10 @@ def diffusers_files(path, subfolder: str) -> tuple[dict, Path]:
             "toolkit's own model.safetensors file")
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: {hint}")
+    if (folder / "state.json").is_file():  # a trainer's checkpoint_N/ folder (src/training/checkpoint.py)
+        raise DiffusersFormatError(f"{path} is a training checkpoint folder, not a model: pass the run's "
+                                   f"model.safetensors ({folder.parent / 'model.safetensors'}), which the trainer "
+                                   "writes at the end; a checkpoint resumes with --resume_from_checkpoint")
     if not (folder / CONFIG_NAME).is_file():
         raise DiffusersFormatError(f"{path} is not a diffusers model: no {CONFIG_NAME} in {folder}; {hint}")
     config = json.loads((folder / CONFIG_NAME).read_text())
