@@ -305,6 +305,10 @@ def load_pipeline(
 def replacement_vae(path, stored: VAEConfig) -> Autoencoder:
     """The autoencoder at `path`, checked to decode the stored VAE's latents (same channels and downsampling)."""
     vae, _ = load_vae_backbone(path, img_size=stored.img_size)
+    kinds = {False: "a KL autoencoder", True: "a VQ autoencoder"}
+    if vae.config.quantize != stored.quantize:  # the decoder would read another kind of latent space
+        raise PipelineError(f"{path} is {kinds[vae.config.quantize]}, but the model was trained on the latents of "
+                            f"{kinds[stored.quantize]}: it can't decode them")
     got = (vae.config.latent_dim, vae.config.downsample_factor)
     if got != (stored.latent_dim, stored.downsample_factor):
         raise PipelineError(

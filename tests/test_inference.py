@@ -170,3 +170,16 @@ def test_dpm_solver_and_guidance_rescale_through_the_cli(models, tmp_path):
     assert not np.array_equal(dpm, run("rescaled", "--sampler", "dpmpp_2m", "--guidance_rescale", "0.7"))
     with pytest.raises(SystemExit):
         inference_ldm.main(["--path_to_weights", str(models["text"]), "--prompt", "a", "--guidance_rescale", "2"])
+
+
+def test_a_replacement_vae_of_the_other_kind_is_refused_though_its_latents_have_the_same_shape(tmp_path):
+    import dataclasses
+
+    from src.pipeline import replacement_vae
+    from tests.stage2_helpers import TINY_VAE, make_vae_file
+
+    vq = dataclasses.replace(TINY_VAE, quantize=True, vq_embed_dim=TINY_VAE.latent_dim, codebook_size=16)
+    assert (vq.latent_dim, vq.downsample_factor) == (TINY_VAE.latent_dim, TINY_VAE.downsample_factor)
+    with pytest.raises(PipelineError, match="is a VQ autoencoder, but the model was trained on the latents of a KL"):
+        replacement_vae(make_vae_file(tmp_path / "vq.safetensors", vae_cfg=vq), TINY_VAE)
+    assert replacement_vae(make_vae_file(tmp_path / "kl.safetensors", seed=3), TINY_VAE).config.quantize is False
