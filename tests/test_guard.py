@@ -144,8 +144,10 @@ def test_stage2_skipped_step_leaves_the_ema_and_its_count():
     assert int(ema.num_updates) == 1
 
 
-@pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear"])
+@pytest.mark.parametrize("name", ["constant_with_warmup", "cosine", "linear", "polynomial"])
 def test_device_schedule_follows_transformers_and_advances_only_on_updates(name):
+    """polynomial decays to an absolute lr_end (1e-7): its factors depend on the base rate, which the table used
+    to take as 1 (ending at 1e-7 x base_lr)."""
     from transformers import get_scheduler
 
     p = torch.nn.Parameter(torch.zeros(2))
@@ -154,7 +156,7 @@ def test_device_schedule_follows_transformers_and_advances_only_on_updates(name)
     module = torch.nn.Linear(2, 2)
     opt = build_adamw(module, 0.1, (0.9, 0.999), 1e-8, 0.0, "cpu")
     sched = LRSchedule(opt, name, 0.1, 3, 10)
-    for k in range(10):
+    for k in range(11):
         assert opt.param_groups[0]["lr"].item() == pytest.approx(ref.get_last_lr()[0], rel=1e-6), k
         sched.advance(torch.tensor(0.0))  # a skipped step: the rate stays
         assert opt.param_groups[0]["lr"].item() == pytest.approx(ref.get_last_lr()[0], rel=1e-6), k

@@ -81,12 +81,13 @@ def with_fused_kernel(make: Callable[[bool], torch.optim.Optimizer]) -> torch.op
 # --------------------------------------------------------------------------------------------------- schedule
 
 
-def schedule_factors(name: str, warmup_steps: int, total_steps: int) -> list[float]:
+def schedule_factors(name: str, warmup_steps: int, total_steps: int, base_lr: float = 1.0) -> list[float]:
     """f(k) for k = 0 .. total_steps: the multipliers of the base rate that transformers.get_scheduler(name)
-    applies after k scheduler steps."""
+    applies after k scheduler steps to an optimizer whose rate is `base_lr` (polynomial's factors depend on it:
+    they decay base_lr to its absolute lr_end, 1e-7; a rate of 0 stays 0 whatever the factors)."""
     from transformers import get_scheduler
 
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr if base_lr > 0 else 1.0)
     try:
         sched = get_scheduler(name, dummy, num_warmup_steps=warmup_steps, num_training_steps=max(1, total_steps))
     except (ValueError, TypeError, KeyError) as err:
@@ -112,7 +113,7 @@ class LRSchedule:
         lr = optimizer.param_groups[0]["lr"]
         self.tensor_lr = isinstance(lr, torch.Tensor)
         device = lr.device if self.tensor_lr else optimizer.param_groups[0]["params"][0].device
-        self.factors = torch.tensor(schedule_factors(name, warmup_steps, total_steps), dtype=torch.float32,
+        self.factors = torch.tensor(schedule_factors(name, warmup_steps, total_steps, base_lr), dtype=torch.float32,
                                     device=device)  # (total + 1,)
         self.updates = torch.zeros((), dtype=torch.long, device=device)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
