@@ -160,3 +160,40 @@ def test_counts_below_one_are_usage_errors(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         lpips_trainer.parse_args(["--path_to_root", "x", "--work_dir", "y", flag, "0"])
     assert exit_info.value.code == 2 and f"{flag} must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_fp16_training_checkpoint_keeps_the_loss_scale(tmp_path):
+    """Under fp16 (a GPU: accelerate gives no scaler on a CPU, so the test hands the Accelerator the CPU one) the
+    training checkpoint holds accelerate's loss scaler and the resume restores its scale and growth tracker; a
+    checkpoint of a run without one still resumes."""
+    from accelerate import Accelerator
+
+    from src.training.lpips_train import (LPIPSProgress, build_scheduler, resume_training_state,
+                                          save_training_state)
+    from tests.helpers import reset_accelerate
+
+    def run(scaler):
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = scaler  # what Accelerator(mixed_precision="fp16") holds on a GPU
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return accelerator, model, optimizer, build_scheduler(optimizer, 10, 0)
+
+    class Loader:
+        batches_seen = 0
+
+    trained = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    trained.load_state_dict({**trained.state_dict(), "scale": 256.0, "_growth_tracker": 7})
+    accelerator, model, optimizer, scheduler = run(trained)
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp16", 3)
+    accelerator, model, optimizer, scheduler = run(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path / "fp16", "latest")
+    assert accelerator.scaler.get_scale() == 256.0 and accelerator.scaler.state_dict()["_growth_tracker"] == 7
+
+    accelerator, model, optimizer, scheduler = run(None)  # fp32 run, resumed under fp16: a fresh scale
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp32", 3)
+    accelerator, model, optimizer, scheduler = run(torch.amp.GradScaler("cpu", init_scale=2.0**16))
+    assert resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path / "fp32",
+                                 "latest").step == 3
+    assert accelerator.scaler.get_scale() == 2.0**16

@@ -249,9 +249,12 @@ def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIP
     from .checkpoint import save_checkpoint
 
     extra = {k: v for k, v in asdict(progress).items() if k != "step"}
+    states = {"optimizer": optimizer, "scheduler": scheduler}
+    if accelerator.scaler is not None:  # fp16: accelerate's loss scaler, so that the resume keeps its scale
+        states["grad_scaler"] = accelerator.scaler
     return save_checkpoint(
         accelerator, work_dir, progress.step, {"model": accelerator.unwrap_model(model)},
-        {"optimizer": optimizer, "scheduler": scheduler}, extra=extra, limit=2, loader_position=loader_position,
+        states, extra=extra, limit=2, loader_position=loader_position,
     )
 
 
@@ -265,8 +268,10 @@ def resume_training_state(accelerator, model, optimizer, scheduler, loader, work
         if resume:
             logger.info("no checkpoint in %s yet: starting from step 0", work_dir)
         return LPIPSProgress()
-    info = load_checkpoint(accelerator, path, {"model": accelerator.unwrap_model(model)},
-                           {"optimizer": optimizer, "scheduler": scheduler})
+    states = {"optimizer": optimizer, "scheduler": scheduler}
+    if accelerator.scaler is not None and (Path(path) / "grad_scaler.pt").is_file():  # written by an fp16 run
+        states["grad_scaler"] = accelerator.scaler
+    info = load_checkpoint(accelerator, path, {"model": accelerator.unwrap_model(model)}, states)
     for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
         group["fused"] = optimizer.defaults.get("fused")
     loader.batches_seen = saved_loader_position(info, info["step"])  # one batch per step
