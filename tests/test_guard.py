@@ -103,6 +103,27 @@ def test_fp16_overflow_is_skipped_by_the_scaler_without_counting_and_the_scale_i
     state.guard.check()
 
 
+def test_fp16_gradient_skips_count_once_the_scale_is_below_one():
+    """A NaN gradient of a finite loss is no overflow: backing off cannot cure it. Its skips are the scaler's
+    while the scale is >= 1, then they count, and the run stops instead of skipping every step forever."""
+    from src.training.precision import MixedPrecision
+    from src.training.stage1 import train_step
+
+    accelerator, state, loss_fn, cfg = tiny_stage1(accum=1, use_patchgan=False)  # max_nonfinite_steps 3
+    state.precision = MixedPrecision("fp16", torch.device("cpu"))
+    state.precision.scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    state.vae_module.decoder.conv_out.weight.register_hook(lambda g: g * float("nan"))
+    in_row = []
+    for i in range(5):
+        _, skipped = train_step(accelerator, state, loss_fn, iter([images(i)]), cfg)
+        state.step += 1
+        assert bool(skipped)
+        in_row.append(int(state.guard.in_row))
+    assert in_row == [0, 0, 1, 2, 3]  # scale 4 -> 2 -> 1: the scaler's; -> 0.5, 0.25, 0.125: counted
+    with pytest.raises(NonFiniteLossError, match="3 non-finite steps in a row, the last at step 5"):
+        state.guard.check()
+
+
 def test_adaptive_weight_under_fp16_uses_the_loss_scale():
     """Unscaled, the small adversarial loss's fp16 gradients (1e-8 per output element) underflow to 0 at the
     last layer, and d is inflated; with the loss scale they survive and d matches fp32."""

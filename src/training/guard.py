@@ -40,7 +40,8 @@ class NonFiniteGuard:
 
     `terms` names the values whose flags `record` receives (losses, then gradient norms), so the error can say
     which of them went non-finite. Steps skipped by the fp16 loss scaler for an overflow of its scaled
-    gradients are skipped but not counted against `max_in_row`: backing off is the scaler's job.
+    gradients are skipped but not counted against `max_in_row`: backing off is the scaler's job, until the scale
+    has fallen below 1 (MixedPrecision.gradient_skip_counts).
     """
 
     def __init__(self, terms: Sequence[str], max_in_row: int = 5, device="cpu"):

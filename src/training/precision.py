@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MIN_LOSS_SCALE = 1.0  # below it an fp16 gradient skip is no longer an overflow the scaler can fix
 
 
 class MixedPrecision:
@@ -46,6 +47,17 @@ class MixedPrecision:
         if self.scaler is None:
             return None
         return self.scaler.scale(torch.ones((), device=self.device))
+
+    def gradient_skip_counts(self) -> torch.Tensor | bool:
+        """Whether a step skipped for non-finite gradients (with finite losses) counts against the guard's limit of
+        skips in a row. Without a scaler, always. Under fp16 an overflow is the scaler's to fix by backing off, so
+        it does not count until the scale, after this step's update, is below MIN_LOSS_SCALE: then the unscaled
+        gradients themselves are not finite, which no back-off cures (a NaN gradient of a finite loss would
+        otherwise skip every step without a word while the scale shrinks towards 0). A () bool device tensor
+        under fp16 (no host sync)."""
+        if self.scaler is None:
+            return True
+        return self.loss_scale() < MIN_LOSS_SCALE
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is not None:

@@ -215,7 +215,7 @@ def train_step(
     skipped, grad_bad, norms = guarded_update(units, state.precision, loss_flags.any(), overflow)
     state.forward_state.restore_if(skipped)
     grad_flags = torch.cat([grad_bad, grad_bad.new_zeros(len(GRAD_TERMS) - len(units))])
-    counted = loss_flags.any() | (grad_bad.any() & (state.precision.scaler is None))  # not an fp16 overflow
+    counted = loss_flags.any() | (grad_bad.any() & state.precision.gradient_skip_counts())  # not an fp16 overflow
     state.guard.record(state.step + 1, torch.cat([loss_flags, grad_flags]), skipped, counted)
     logs = mean_over(micro_logs)
     logs["grad_norm"] = norms[0]

@@ -568,7 +568,7 @@ def train_step(accelerator, ctx: Stage2Context, state: Stage2State, batches) -> 
     loss_bad = any_process(accelerator, ~torch.isfinite(losses).all()[None])  # (1,)
     skipped, grad_bad, norms = guarded_update([state.trainable], state.precision, loss_bad[0])
     state.ema.update(ctx.unet_module, skipped, step=state.step + 1)
-    counted = loss_bad[0] | (grad_bad[0] & (state.precision.scaler is None))  # not an fp16 overflow
+    counted = loss_bad[0] | (grad_bad[0] & state.precision.gradient_skip_counts())  # not an fp16 overflow
     state.guard.record(state.step + 1, torch.cat([loss_bad, grad_bad]), skipped, counted)
     return {"loss": losses.mean(), "grad_norm": norms[0]}, skipped
 
