@@ -232,3 +232,33 @@ def test_evaluate_vae_skip_rfid_needs_no_inception_and_gives_the_same_scores(tra
     assert math.isfinite(full["rfid"])
     for name in ("psnr", "ssim", "lpips", "psnr_std", "ssim_std", "lpips_std"):
         assert result[name] == pytest.approx(full[name], rel=1e-6, abs=1e-7), name
+
+
+
+def test_periodic_fid_leaves_the_training_random_state_as_it_was(tmp_path, monkeypatch):
+    """The first evaluation extracts the reference features through a DataLoader, whose iterator draws its seed from
+    the global torch RNG, the one UNet dropout draws from: turning FID on must not change the training run.
+    (The evaluation itself is the end-to-end test's above; here it is stood in for by that DataLoader pass.)"""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    import src.training.periodic_fid as periodic
+
+    weights = tmp_path / INCEPTION_FILE
+    weights.write_bytes(b"")  # looked up (exists), never read by the stand-in
+    calls = []
+
+    def evaluation(args, accelerator, ctx, ema_unet, step, found):
+        calls.append(found)
+        list(DataLoader(list(range(4)), batch_size=2))  # as reference_stats does: the iterator seeds itself
+        return {"fid": 1.0}
+
+    monkeypatch.setattr(periodic, "evaluate_fid", evaluation)
+    cfg = Stage2TrainConfig(fid_num_samples=2, fid_eval_freq=2, fid_inception_weights=str(weights))
+    ctx = SimpleNamespace(train_cfg=cfg, device=torch.device("cpu"))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    assert periodic.periodic_fid(None, None, ctx, None, 1) == {}  # not due
+    assert periodic.periodic_fid(None, None, ctx, None, 2) == {"fid": 1.0} and len(calls) == 1
+    assert torch.equal(torch.get_rng_state(), before)

@@ -10,7 +10,7 @@ image i's caption, pre-encoded text or class label. The reference statistics are
 working_directory/fid_reference, so only the first evaluation extracts them. All processes share the sampling.
 
 The Inception weights file is looked up at every step while FID is on (one stat call), so a missing file stops
-the run at its first step instead of hours later.
+the run at its first step instead of hours later. An evaluation leaves the global RNG states as it found them.
 """
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def periodic_fid(args, accelerator, ctx: Stage2Context, ema_unet: UNet, step: in
     weights = resolve_inception_weights(ctx.train_cfg.fid_inception_weights)
     if not fid_due(ctx, step):
         return {}
-    return evaluate_fid(args, accelerator, ctx, ema_unet, step, weights)
+    # the evaluation's DataLoader draws its seed from the global RNG, which training's dropout draws from too:
+    # monitoring must not change the training run, so the global CPU (and CUDA) RNG states are put back after it
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return evaluate_fid(args, accelerator, ctx, ema_unet, step, weights)
 
 
 @torch.no_grad()
