@@ -50,7 +50,7 @@ def make_stage2_file(path, conditioning: str, unet_cfg: UNetConfig, dataset: str
     torch.manual_seed(0)
     vae = build_autoencoder(vae_cfg)
     unet = build_unet(unet_cfg, vae_cfg.latent_dim, conditioning)
-    with torch.no_grad():  # a spread beyond the initialisation, so that conditions and seeds give clearly different samples
+    with torch.no_grad():  # a spread beyond the initialisation: conditions and seeds give clearly different samples
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     model_cfg = ModelConfig(vae=vae_cfg, unet=unet_cfg, scaling_constants={dataset: 0.7})
