@@ -174,6 +174,25 @@ def test_imagenet_layout_sorts_classes(tmp_path):
     assert ds.paths[2].parent.name == "zebra"
 
 
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, caplog):
+    # a notebook's .ipynb_checkpoints sorts first: as a class it would shift every real label by one
+    for name in ["cat", "dog", ".ipynb_checkpoints"]:
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    (tmp_path / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png")  # a copy
+    (tmp_path / "dog" / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    with caplog.at_level(logging.INFO, logger="src.data.image_folder"):
+        ds = ClassFolderDataset(tmp_path, 8)
+        flat = ImageFolderDataset(tmp_path, 8)
+    assert ds.classes == ["cat", "dog"]
+    assert [(p.relative_to(tmp_path).as_posix(), label) for p, label in zip(ds.paths, ds.labels)] == [
+        ("cat/a.png", 0), ("dog/a.png", 1)]
+    assert any("skipped 1 hidden folder" in r.getMessage() for r in caplog.records)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in flat.paths) == ["cat/a.png", "dog/a.png"]
+    assert any("skipped 3 image file(s) below hidden names" in r.getMessage() for r in caplog.records)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # loader
 # ----------------------------------------------------------------------------------------------------------------

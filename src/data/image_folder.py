@@ -19,8 +19,26 @@ class DatasetError(ValueError):
     """A dataset path that cannot be used (missing, empty, wrong layout)."""
 
 
+def is_hidden(name: str) -> bool:
+    """A file or folder name that tools, not people, put in a dataset: `.ipynb_checkpoints/` (copies of images),
+    macOS `._x.jpg` resource forks and `.DS_Store`, `.git/`."""
+    return name.startswith(".")
+
+
 def find_images(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files below `root`, sorted. Anything below a hidden file or folder name is skipped, and counted in a
+    log line: a notebook's `.ipynb_checkpoints/` holds copies of images, and a macOS `._x.jpg` is no image."""
+    images, hidden = [], 0
+    for p in root.rglob("*"):
+        if p.suffix.lower() not in IMAGE_EXTENSIONS or not p.is_file():
+            continue
+        if any(is_hidden(part) for part in p.relative_to(root).parts):
+            hidden += 1
+        else:
+            images.append(p)
+    if hidden:
+        logger.info("skipped %d image file(s) below hidden names (starting with '.') in %s", hidden, root)
+    return sorted(images)
 
 
 def _check_root(root) -> Path:
@@ -72,11 +90,16 @@ class ImageFolderDataset(SafeImageDataset):
 
 
 class ClassFolderDataset(SafeImageDataset):
-    """ImageNet layout `root/<class>/**/image`: classes in sorted order; items are {'image', 'label'}."""
+    """ImageNet layout `root/<class>/**/image`: classes in sorted order (hidden folders such as
+    `.ipynb_checkpoints` are not classes); items are {'image', 'label'}."""
 
     def __init__(self, root, img_size: int, interpolation: str = "bicubic"):
         root = _check_root(root)
-        self.classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        folders = [p for p in root.iterdir() if p.is_dir()]
+        hidden = sorted(p.name for p in folders if is_hidden(p.name))
+        if hidden:  # `.ipynb_checkpoints`, `.git`: never a class (it would shift every label after it)
+            logger.info("skipped %d hidden folder(s) in %s: %s", len(hidden), root, ", ".join(hidden))
+        self.classes = sorted(p.name for p in folders if not is_hidden(p.name))
         if not self.classes:
             raise DatasetError(f"no class subfolders in {root} (expected root/<class_name>/<images>)")
         paths, labels = [], []
