@@ -177,3 +177,28 @@ def test_a_vq_autoencoder_trains_stage_2_from_the_cache_as_from_images(tmp_path)
     for step in from_cache:
         assert from_cache[step] == pytest.approx(from_images[step], rel=1e-5, abs=1e-6)
     assert load_autoencoder(tmp_path / "cached" / "model.safetensors").config.quantize
+
+
+def test_a_cache_of_other_images_at_the_same_path_is_refused(tmp_path):
+    """Another set of images in the same folder, as many as before (a re-export, a resized copy): the cache's
+    latents are of the old images, so it must be refused, not silently trained from."""
+    from accelerate import Accelerator
+    from PIL import Image
+
+    from src.config import Stage2TrainConfig
+    from src.training.latent_cache import check_cache_dir, open_or_build_latent_cache
+    from src.training.stage2 import cache_identity
+
+    faces = make_flat_folder(tmp_path / "faces", count=3)
+    vae = load_autoencoder(make_vae_file(tmp_path / "vae.safetensors"))
+    dataset = ImageFolderDataset(faces, 16)
+
+    def identity():
+        return cache_identity(vae, "celebahq", str(faces), len(dataset), Stage2TrainConfig(), "none", None, None)
+
+    open_or_build_latent_cache(Accelerator(cpu=True), tmp_path / "cache", dataset, vae, identity(), False, "none",
+                               None, batch_size=3)
+    assert check_cache_dir(tmp_path / "cache", identity())  # unchanged folder: reused
+    Image.new("RGB", (20, 20), (255, 255, 255)).save(faces / "face_01.png")  # same names, same count
+    with pytest.raises(LatentCacheError, match="files differs"):
+        check_cache_dir(tmp_path / "cache", identity())

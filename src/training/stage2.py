@@ -30,6 +30,7 @@ from ..config import ModelConfig, Stage2TrainConfig, UNetConfig, VAEConfig, to_d
 from ..data import CONDITIONING, build_dataset
 from ..data.image_folder import DatasetError
 from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
+from ..evaluation.reference import folder_fingerprint
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
@@ -182,12 +183,14 @@ def cache_identity(
     text_source: Optional[str],
     text_encoder: Optional[torch.nn.Module],
 ) -> dict:
-    """What a latent cache depends on; a cache with another identity is refused."""
+    """What a latent cache depends on; a cache with another identity is refused. 'files' (relative path, size and
+    modification time of every file under the dataset folder) tells other images at the same path and count apart."""
     identity = {
         "vae_weights": weights_fingerprint(vae),
         "vae_config": to_dict(vae.config),
         "dataset": dataset_name,
         "path_to_dataset": str(Path(path_to_dataset).resolve()) if path_to_dataset else None,
+        "files": folder_fingerprint(path_to_dataset) if path_to_dataset else None,
         "num_items": num_items,
         "img_size": vae.config.img_size,
         "interpolation": train_cfg.interpolation,
