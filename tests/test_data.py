@@ -12,7 +12,7 @@ from src.data import DatasetError, build_dataset
 from src.data.image_folder import ClassFolderDataset, ImageFolderDataset
 from src.data.loader import InfiniteLoader, collate
 from src.data.shapes import COLORS, SHAPES, ShapesDataset, caption
-from src.data.transforms import ImageTransform, random_flip, to_pil_images, to_rgb
+from src.data.transforms import ImageTransform, load_image, random_flip, to_pil_images, to_rgb
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,6 +57,15 @@ def test_to_rgb_handles_every_mode():
     assert np.asarray(out["RGBA"]).min() == 255
     assert np.asarray(out["I;16"]).min() == 255  # 16-bit full scale -> 8-bit full scale
     assert np.abs(np.asarray(out["CMYK"]).astype(int) - np.asarray(rgb).astype(int)).max() <= 2
+
+
+def test_a_transparent_colour_is_composited_onto_white_like_alpha(tmp_path):
+    # PNG's tRNS chunk: grayscale and RGB PNGs name one colour as fully transparent, as a palette can
+    Image.new("L", (4, 4), 0).save(tmp_path / "gray.png", transparency=0)
+    Image.new("RGB", (4, 4), (0, 0, 0)).save(tmp_path / "rgb.png", transparency=(0, 0, 0))
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "rgba.png")
+    for name in ("gray.png", "rgb.png", "rgba.png"):
+        assert np.asarray(load_image(tmp_path / name)).min() == 255, name
 
 
 def test_to_pil_round_trip():

@@ -29,7 +29,9 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Return an 8-bit RGB copy of any PIL image (alpha is composited onto white)."""
+    """Return an 8-bit RGB copy of any PIL image (alpha, or a PNG's transparent colour, is composited onto white)."""
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # PNG tRNS / GIF: a colour that is see-through
+        img = img.convert("RGBA")
     if img.mode == "RGB":
         return img
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
@@ -37,8 +39,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
