@@ -1,6 +1,7 @@
 """Data: transforms, the built-in shapes dataset, folder datasets with awkward/broken files, loader determinism."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,6 +234,47 @@ def test_loader_shards_are_disjoint_across_processes():
     r0 = sum(take(InfiniteLoader(Indexed(), 2, seed=1, rank=0, world_size=2), 5), [])
     r1 = sum(take(InfiniteLoader(Indexed(), 2, seed=1, rank=1, world_size=2), 5), [])
     assert not set(r0) & set(r1) and len(r0) == len(r1) == 10
+
+
+CRASH_WITH_WORKERS = """
+import torch
+from src.data.loader import InfiniteLoader
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"image": torch.zeros(1)}
+
+loader = InfiniteLoader(Items(), 2, num_workers=2)
+batches = iter(loader)
+next(batches)
+raise RuntimeError("the training step failed")
+"""
+
+
+def test_a_run_that_fails_with_loader_workers_alive_exits(tmp_path):
+    # the workers ignore SIGTERM, which is how multiprocessing's exit hook stops them: without the loader's own
+    # exit hook the failed process waited forever for its workers
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_WITH_WORKERS)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=root, env=env, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and its workers
+        proc.communicate()
+        pytest.fail("the process hung at exit, waiting for its data loader workers")
+    assert proc.returncode == 1 and "the training step failed" in err
 
 
 def test_collate_pads_variable_length_and_keeps_captions():

@@ -8,8 +8,10 @@ None (unreadable files) are dropped by `collate` and counted in `loader.num_skip
 
 from __future__ import annotations
 
+import atexit
 import logging
 import signal
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -92,6 +94,12 @@ class EpochBatchSampler(Sampler[list[int]]):
             yield mine[b * bs : (b + 1) * bs]
 
 
+def _close_at_exit(ref: "weakref.ref[InfiniteLoader]") -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 class InfiniteLoader:
     """Endless iterator of collated batches; `batches_seen` counts the batches drawn since batch 0, including those
     dropped because every item was unreadable: it, not step x accumulation, is where a resumed loader must start
@@ -123,6 +131,19 @@ class InfiniteLoader:
         )
         self.batches_seen = start_batch
         self.num_skipped = 0
+        if num_workers > 0:
+            # The workers ignore SIGTERM (ignore_stop_signals), and multiprocessing's exit hook stops the workers
+            # still alive at exit with SIGTERM, then joins them: a process leaving with this loader alive (an
+            # uncaught exception keeps it in the traceback, e.g. NonFiniteLossError) would wait forever. This hook,
+            # registered later, runs first and stops them through their queues.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the worker processes (a later iteration starts new ones)."""
+        iterator = getattr(self.loader, "_iterator", None)  # the persistent workers' iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
 
     @property
     def batches_per_epoch(self) -> int:
