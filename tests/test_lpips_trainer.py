@@ -96,6 +96,8 @@ def test_training_curves_reach_metrics_jsonl_and_tensorboard(trained):
     logged = [r for r in rows if "loss" in r]
     assert [r["step"] for r in logged] == list(range(2, 19, 2))  # --logging_steps 2, 18 steps
     assert all(0 <= r["train_2afc"] <= 1 for r in logged) and logged[0]["lr"] > logged[-1]["lr"] >= 0  # decays to 0
+    # the rate step n used: 1e-3 until the last epoch's 6 steps, then falling linearly (step 18 used 1e-3 / 6, not 0)
+    assert [r["lr"] for r in logged] == pytest.approx([1e-3 * min(1.0, (19 - n) / 6) for n in range(2, 19, 2)])
     epochs = [r for r in rows if "epoch_loss" in r]
     assert [r["step"] for r in epochs] == [6, 12, 18]
     assert [r["epoch_loss"] for r in epochs] == pytest.approx(result["train_epoch_losses"])

@@ -171,3 +171,49 @@ def test_a_run_started_again_at_step_0_replaces_the_events_of_an_attempt_with_no
             accelerator.log({"loss": value}, step=step)
         accelerator.end_training()
     assert [(e.step, e.value) for e in events(tmp_path, "run").Scalars("loss")] == [(1, 10.0), (2, 20.0)]
+
+
+def rates_used(name: str, base_lr: float, warmup: int, total: int) -> list[float]:
+    """The rate of each of `total` optimizer steps under transformers' scheduler `name` (read before the step)."""
+    import torch
+    from transformers import get_scheduler
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base_lr)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    used = []
+    for _ in range(total):
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return used
+
+
+def test_stage2_logs_the_learning_rate_each_step_used(tmp_path):
+    """lr at step n is the rate of update n (0 at the first warm-up step), not the next update's."""
+    d = tmp_path
+    vae = make_vae_file(d / "vae.safetensors")
+    model_cfg = write_model_config(d / "ldm.yaml", tiny_unet(), {"celebahq": 0.8})
+    train = write_train_config(d / "train.yaml", total_training_iterations=5, checkpoint_iterations=5, lr_warmup_steps=2,
+                               lr_scheduler="linear", gradient_accumulation_steps=2, learning_rate=1e-3)
+    work = d / "work"
+    run_trainer(trainer_argv(work, train, model_cfg, vae, "celebahq", "--path_to_dataset", str(make_flat_folder(d / "faces")),
+                             "--report_to", "none"))
+    logged = [row["lr"] for row in read_jsonl(work)]
+    assert logged == pytest.approx(rates_used("linear", 1e-3, 2, 5), abs=1e-9)  # 0, 5e-4, 1e-3, 6.7e-4, 3.3e-4
+
+
+def test_stage1_logs_the_learning_rates_each_step_used(tmp_path):
+    """lr and disc_lr at step n are the rates of that step's updates (the discriminator's count from disc_start)."""
+    cfgs = write_configs(tmp_path / "cfg", per_gpu_batch_size=2, total_training_iterations=6, checkpoint_iterations=6,
+                         val_generation_freq=0, disc_start=2, num_val_random_samples=2, shapes_num_images=16,
+                         lr_warmup_steps=2, lr_scheduler="linear", learning_rate=1e-3, disc_lr_warmup_steps=2,
+                         disc_lr_scheduler="linear", disc_learning_rate=1e-4, log_every=1)
+    model = yaml.safe_load(cfgs[1].read_text())
+    model["vae"].update(vae_channels_per_block=[8, 8], attention_layers=0)
+    cfgs[1].write_text(yaml.safe_dump(model))
+    work = tmp_path / "work"
+    run_stage1(stage1_args(work, cfgs) + ["--report_to", "none"])
+    rows = read_jsonl(work)
+    assert [r["lr"] for r in rows] == pytest.approx(rates_used("linear", 1e-3, 2, 6), abs=1e-9)
+    # the discriminator trains from step 3 on: 4 updates under its own schedule
+    assert [r["disc_lr"] for r in rows[2:]] == pytest.approx(rates_used("linear", 1e-4, 2, 4), abs=1e-10)

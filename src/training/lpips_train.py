@@ -233,13 +233,19 @@ def log_window(progress: LPIPSProgress, total: int, per_epoch: int, scheduler, m
     """The log line of the steps since the last one (and the same values to metrics.jsonl / the trackers)."""
     n = progress.window_n
     logged = {"loss": progress.window_loss / n, "train_2afc": progress.window_agreement / n,
-              "lr": scheduler.get_last_lr()[0], "skipped_steps": progress.skipped}
+              "lr": rate_used(scheduler, progress.step), "skipped_steps": progress.skipped}
     logger.info(
         "step %d/%d  epoch %d  loss %.4f  train 2AFC %.3f  lr %.2e  skipped %d",
         progress.step, total, math.ceil(progress.step / per_epoch), *logged.values(),
     )
     if metrics is not None:
         metrics.log(logged, progress.step)
+
+
+def rate_used(scheduler, step: int) -> float:
+    """The learning rate of optimizer step `step` (1-based): the LambdaLR's rate before that step's scheduler.step()
+    (get_last_lr() after it is the next step's)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)
 
 
 def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path,

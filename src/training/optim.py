@@ -103,7 +103,8 @@ class LRSchedule:
     """The rate of every group of `optimizer`, base_lr * factors[updates], kept on the device.
 
     `updates` counts successful optimizer updates (a skipped step does not advance it). state_dict() holds just
-    that count; the table is rebuilt from the config, so resuming is exact.
+    that count; the table is rebuilt from the config, so resuming is exact. `lr` is the rate of the next update;
+    `last_lr` the rate the latest step used (what the trainers log at that step).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, base_lr: float, warmup_steps: int,
@@ -118,6 +119,7 @@ class LRSchedule:
         self.updates = torch.zeros((), dtype=torch.long, device=device)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
         self.refresh()
+        self.last_lr = self.lr.clone()  # no step taken yet: the first step's rate
 
     def refresh(self) -> None:
         index = self.updates.clamp(max=self.factors.numel() - 1).view(1)
@@ -130,6 +132,7 @@ class LRSchedule:
 
     def advance(self, ok: torch.Tensor) -> None:
         """One step: +1 successful update when `ok` (a () tensor, 0 or 1), +0 when the step was skipped."""
+        self.last_lr.copy_(self.lr)  # the rate this step used (a skipped step's too)
         self.updates += ok.long()
         self.refresh()
 
@@ -140,6 +143,7 @@ class LRSchedule:
         """Call after the optimizer's load_state_dict (which replaces the groups' lr with stored values)."""
         self.updates.copy_(state["updates"])
         self.refresh()
+        self.last_lr.copy_(self.lr)
 
 
 # --------------------------------------------------------------------------------------------------- the update

@@ -342,9 +342,9 @@ def train_stage1(accelerator: Accelerator, args, state: Stage1State, loss_fn: Au
 def log_step(accelerator, state: Stage1State, window: MetricWindow, metrics, bar, loss_fn: AutoencoderLoss) -> None:
     """The host reads of a log step: the guard's verdict, the window's means (over processes), the bar."""
     state.guard.check()
-    extra = {"lr": state.vae_opt.schedule.lr, "skipped_steps": state.guard.skipped}
+    extra = {"lr": state.vae_opt.schedule.last_lr, "skipped_steps": state.guard.skipped}
     if state.disc_opt is not None:
-        extra["disc_lr"] = state.disc_opt.schedule.lr
+        extra["disc_lr"] = state.disc_opt.schedule.last_lr
     values = window.pop(extra, accelerator)
     metrics.log({**values, "skipped_files": files_skipped(accelerator, state.skipped_files)}, state.step)
     shown = ("rec_loss", "lpips_loss", "disc_loss") if loss_fn.perceptual is not None else ("rec_loss", "disc_loss")
