@@ -199,3 +199,42 @@ def test_fp16_training_checkpoint_keeps_the_loss_scale(tmp_path):
     assert resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path / "fp32",
                                  "latest").step == 3
     assert accelerator.scaler.get_scale() == 2.0**16
+
+
+RECORDING_DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import src.training.lpips_train as lpips_train
+ranking_loss = lpips_train.ranking_loss
+record = os.path.join(sys.argv[1], "losses_%s.txt" % os.environ["RANK"])
+def recorded(logits, judge):
+    loss = ranking_loss(logits, judge)
+    with open(record, "a") as f:
+        f.write("%r\\n" % float(loss.detach()))
+    return loss
+lpips_train.ranking_loss = recorded
+sys.argv = ["lpips_trainer.py"] + sys.argv[2:]
+runpy.run_path("lpips_trainer.py", run_name="__main__")
+"""
+
+
+def test_two_processes_log_the_loss_of_both_processes_batches(tmp_path):
+    """torchrun with 2 CPU processes: each step's logged loss (and the epoch loss) is the mean over both processes'
+    batches, each loss read where it is computed; it was the first process's alone."""
+    data = generate_bapps(tmp_path / "bapps", num_train=8, num_val=4, patch_size=16, seed=0, num_jnd=4)
+    driver = tmp_path / "driver.py"
+    driver.write_text(RECORDING_DRIVER)
+    work = tmp_path / "work"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    run(torchrun + [str(driver), str(tmp_path), "--path_to_root", str(data), "--work_dir", str(work),
+                    "--img_size", "16", "--batch_size", "4", "--num_workers", "0", "--num_epochs", "1",
+                    "--decay_epochs", "0", "--logging_steps", "1", "--middle_channels", "8", "--report_to", "none",
+                    "--val_sets", "cnn", "--jnd_sets", "cnn"], env)
+    per_rank = [[float(x) for x in (tmp_path / f"losses_{r}.txt").read_text().split()] for r in (0, 1)]
+    expected = [(a + b) / 2 for a, b in zip(*per_rank)]
+    assert len(expected) >= 2 and per_rank[0] != per_rank[1]
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(expected, rel=1e-6)
+    epoch = [r["epoch_loss"] for r in rows if "epoch_loss" in r]
+    assert epoch == pytest.approx([sum(expected) / len(expected)], rel=1e-6)

@@ -105,14 +105,17 @@ def build_scheduler(optimizer, total_steps: int, decay_steps: int):
 
 
 def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: LPIPSTrainSettings) -> dict:
-    """One update, without a host sync. Returns () device tensors: 'loss', 'agreement' (train 2AFC) and 'finite'
-    (bool): a step whose loss is not finite on any process changes no weight and no Adam state."""
+    """One update, without a host sync. Returns () device tensors, each the mean over the processes' batches (the
+    same on every process): 'loss', 'agreement' (train 2AFC) and 'finite' (bool): a step whose loss is not finite
+    on any process changes no weight and no Adam state."""
     ref, p0, p1 = (to_minus_one_to_one(batch[k].to(accelerator.device), settings.img_range) for k in ("ref", "p0", "p1"))
     judge = batch["judge"].to(accelerator.device)  # (B,)
     with accelerator.autocast():
         d0, d1, logits = model(ref, p0, p1)
     loss = ranking_loss(logits, judge)
-    finite = torch.isfinite(accelerator.gather(loss.detach()[None])).all()  # () bool, the same on every rank
+    agreement = two_afc_scores(d0.detach(), d1.detach(), judge).mean()
+    per_process = accelerator.gather(torch.stack([loss.detach().float(), agreement])[None])  # (processes, 2)
+    finite = torch.isfinite(per_process[:, 0]).all()  # () bool, the same on every rank
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
     if accelerator.scaler is not None:  # fp16: the scaler finds the non-finite gradients and skips the step
@@ -122,8 +125,8 @@ def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: 
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     accelerator.unwrap_model(model).lpips.clamp_weights()
-    agreement = two_afc_scores(d0.detach(), d1.detach(), judge).mean()
-    return {"loss": loss.detach(), "agreement": agreement, "finite": finite}
+    loss_mean, agreement_mean = per_process.mean(0)  # every process's batch, as the logs and epoch losses say
+    return {"loss": loss_mean, "agreement": agreement_mean, "finite": finite}
 
 
 @dataclass
