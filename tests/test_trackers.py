@@ -189,7 +189,7 @@ def rates_used(name: str, base_lr: float, warmup: int, total: int) -> list[float
 
 
 def test_stage2_logs_the_learning_rate_each_step_used(tmp_path):
-    """lr at step n is the rate of update n (0 at the first warm-up step), not the next update's."""
+    """lr and ema_decay at step n are those of update n (lr 0 at the first warm-up step), not the next update's."""
     d = tmp_path
     vae = make_vae_file(d / "vae.safetensors")
     model_cfg = write_model_config(d / "ldm.yaml", tiny_unet(), {"celebahq": 0.8})
@@ -198,8 +198,10 @@ def test_stage2_logs_the_learning_rate_each_step_used(tmp_path):
     work = d / "work"
     run_trainer(trainer_argv(work, train, model_cfg, vae, "celebahq", "--path_to_dataset", str(make_flat_folder(d / "faces")),
                              "--report_to", "none"))
-    logged = [row["lr"] for row in read_jsonl(work)]
-    assert logged == pytest.approx(rates_used("linear", 1e-3, 2, 5), abs=1e-9)  # 0, 5e-4, 1e-3, 6.7e-4, 3.3e-4
+    rows = read_jsonl(work)
+    assert [row["lr"] for row in rows] == pytest.approx(rates_used("linear", 1e-3, 2, 5), abs=1e-9)  # 0, 5e-4, 1e-3, ...
+    # the EMA's warm-up decay of update n (0-based count k = n - 1): min(0.99, (1 + k) / (10 + k))
+    assert [row["ema_decay"] for row in rows] == pytest.approx([min(0.99, (1 + k) / (10 + k)) for k in range(5)])
 
 
 def test_stage1_logs_the_learning_rates_each_step_used(tmp_path):

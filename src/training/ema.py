@@ -41,6 +41,14 @@ class EMA(torch.nn.Module):
             return torch.full_like(n, self.decay)
         return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
+    def last_decay(self) -> torch.Tensor:
+        """The decay of the latest kept update (the first update's before any), a () fp32 device tensor: what a
+        log line at that step reports."""
+        n = (self.num_updates - 1).clamp(min=0).float()
+        if not self.warmup:
+            return torch.full_like(n, self.decay)
+        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, skipped: Optional[torch.Tensor] = None,
                step: Optional[int] = None) -> None:

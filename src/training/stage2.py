@@ -591,7 +591,7 @@ def log_step(accelerator, state: Stage2State, window: MetricWindow, metrics, bar
     """The host reads of a log step: the guard's verdict, the window's means (over processes), the bar;
     `extra_values` (host numbers, e.g. FID) join the line."""
     state.guard.check()
-    extra = {"lr": state.trainable.schedule.last_lr, "ema_decay": state.ema.decay_tensor(),
+    extra = {"lr": state.trainable.schedule.last_lr, "ema_decay": state.ema.last_decay(),
              "skipped_steps": state.guard.skipped}
     values = window.pop(extra, accelerator)
     metrics.log({**values, **extra_values}, state.step)
