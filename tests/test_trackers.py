@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -219,3 +220,12 @@ def test_stage1_logs_the_learning_rates_each_step_used(tmp_path):
     assert [r["lr"] for r in rows] == pytest.approx(rates_used("linear", 1e-3, 2, 6), abs=1e-9)
     # the discriminator trains from step 3 on: 4 updates under its own schedule
     assert [r["disc_lr"] for r in rows[2:]] == pytest.approx(rates_used("linear", 1e-4, 2, 4), abs=1e-10)
+
+
+def test_wandb_asked_for_but_not_installed_is_an_error_not_a_silent_run_without_it(monkeypatch):
+    """accelerate drops a tracker whose package is missing with a warning: the run went on logging to no W&B run."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as on a machine without the package
+    for argv in (["--report_to", "wandb"], ["--report_to", "all"], ["--log_wandb"]):
+        with pytest.raises(TrackerChoiceError, match="needs the wandb package"):
+            tracker_names(flags(*argv))
+    assert tracker_names(flags("--report_to", "tensorboard")) == ["tensorboard"]

@@ -33,6 +33,10 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
+def wandb_available() -> bool:
+    return importlib.util.find_spec("wandb") is not None
+
+
 def default_report_to() -> str:
     """tensorboard when the package is installed, otherwise none."""
     return "tensorboard" if tensorboard_available() else "none"
@@ -66,6 +70,11 @@ def tracker_names(args) -> list[str]:
         raise TrackerChoiceError(
             "--report_to tensorboard needs the tensorboard package (pip install -r requirements.txt), "
             "or pass --report_to wandb|none"
+        )
+    if "wandb" in names and not wandb_available():  # accelerate would only warn, and the run log to no W&B run
+        raise TrackerChoiceError(
+            "--report_to wandb / all (or --log_wandb) needs the wandb package (pip install -r requirements.txt), "
+            "or pass --report_to tensorboard|none"
         )
     return names
 
