@@ -238,3 +238,35 @@ def test_two_processes_log_the_loss_of_both_processes_batches(tmp_path):
     assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(expected, rel=1e-6)
     epoch = [r["epoch_loss"] for r in rows if "epoch_loss" in r]
     assert epoch == pytest.approx([sum(expected) / len(expected)], rel=1e-6)
+
+
+def test_a_skipped_step_is_left_out_of_the_epoch_loss(tmp_path, monkeypatch):
+    """A non-finite step adds nothing to the epoch's sum; the epoch loss divided by every step of the epoch, so
+    one skipped step in six pulled it down by a sixth."""
+    import math
+
+    import lpips_trainer
+    import src.training.lpips_train as lpips_train
+    from tests.helpers import reset_accelerate
+
+    data = generate_bapps(tmp_path / "bapps", num_train=8, num_val=4, patch_size=16, seed=0, num_jnd=4)
+    ranking_loss, seen = lpips_train.ranking_loss, []
+
+    def second_step_not_finite(logits, judge):
+        loss = ranking_loss(logits, judge)
+        seen.append(float(loss.detach()) if len(seen) != 1 else math.nan)
+        return loss * math.nan if len(seen) == 2 else loss
+
+    monkeypatch.setattr(lpips_train, "ranking_loss", second_step_not_finite)
+    reset_accelerate()
+    work = tmp_path / "work"
+    lpips_trainer.main(lpips_trainer.parse_args([
+        "--path_to_root", str(data), "--work_dir", str(work), "--img_size", "16", "--batch_size", "8",
+        "--num_workers", "0", "--num_epochs", "1", "--decay_epochs", "0", "--logging_steps", "1",
+        "--middle_channels", "8", "--report_to", "none", "--val_sets", "cnn", "--jnd_sets", "cnn"]))
+    kept = [x for x in seen if math.isfinite(x)]
+    assert len(seen) == 3 and len(kept) == 2
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in rows if "loss" in r] == [0, 1]  # step 2 had nothing to log
+    assert [r["epoch_loss"] for r in rows if "epoch_loss" in r] == pytest.approx([sum(kept) / 2], rel=1e-6)
+    assert json.loads((work / "eval.json").read_text())["train_epoch_losses"] == pytest.approx([sum(kept) / 2])

@@ -139,6 +139,7 @@ class LPIPSProgress:
     window_agreement: float = 0.0
     window_n: int = 0
     epoch_sum: float = 0.0
+    epoch_n: int = 0  # kept (finite) steps of the current epoch: epoch_sum's count
     epoch_losses: list = field(default_factory=list)
     skipped: int = 0
 
@@ -148,7 +149,8 @@ class DeviceCounters:
     `read` copies them into the progress (one read) at log steps, epoch ends and checkpoints. float64 keeps the sums
     what Python's floats made of the float32 losses, and a resumed run restores them exactly."""
 
-    KEYS = ("window_loss", "window_agreement", "window_n", "epoch_sum", "skipped")
+    KEYS = ("window_loss", "window_agreement", "window_n", "epoch_sum", "epoch_n", "skipped")
+    COUNTS = ("window_n", "epoch_n", "skipped")
 
     def __init__(self, progress: LPIPSProgress, device):
         self.progress = progress
@@ -161,6 +163,7 @@ class DeviceCounters:
         loss = torch.where(finite, out["loss"].double(), 0.0)  # a skipped step adds nothing (not even a NaN)
         self.sums["window_loss"] += loss
         self.sums["epoch_sum"] += loss
+        self.sums["epoch_n"] += finite.double()
         self.sums["window_agreement"] += torch.where(finite, out["agreement"].double(), 0.0)
         self.sums["window_n"] += finite.double()
         self.sums["skipped"] += (~finite).double()
@@ -168,7 +171,7 @@ class DeviceCounters:
     def read(self) -> LPIPSProgress:
         values = torch.stack([self.sums[k] for k in self.KEYS]).tolist()
         for key, value in zip(self.KEYS, values):
-            setattr(self.progress, key, int(value) if key in ("window_n", "skipped") else value)
+            setattr(self.progress, key, int(value) if key in self.COUNTS else value)
         return self.progress
 
     def reset(self, *keys: str) -> None:
@@ -212,8 +215,9 @@ def train_lpips(
                 log_window(progress, total, per_epoch, scheduler, metrics)
                 counters.reset("window_loss", "window_agreement", "window_n")
             if epoch_end:
-                progress.epoch_losses.append(progress.epoch_sum / per_epoch)
-                counters.reset("epoch_sum")
+                # the mean over the epoch's kept steps (a skipped step's loss is no number)
+                progress.epoch_losses.append(progress.epoch_sum / progress.epoch_n if progress.epoch_n else math.nan)
+                counters.reset("epoch_sum", "epoch_n")
                 if metrics is not None:
                     metrics.log({"epoch_loss": progress.epoch_losses[-1]}, step)
                 save_epoch_checkpoint(accelerator, model, checkpoint_path, {**info, "epochs_done": step // per_epoch})
@@ -284,6 +288,7 @@ def resume_training_state(accelerator, model, optimizer, scheduler, loader, work
     for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
         group["fused"] = optimizer.defaults.get("fused")
     loader.batches_seen = saved_loader_position(info, info["step"])  # one batch per step
+    info.setdefault("epoch_n", info["step"] % loader.batches_per_epoch)  # a checkpoint from before the count
     logger.info("resumed from %s at step %d", path, info["step"])
     return LPIPSProgress(**{k: v for k, v in info.items() if k != "loader_position"})
 
