@@ -184,6 +184,7 @@ def test_fp16_training_checkpoint_keeps_the_loss_scale(tmp_path):
 
     class Loader:
         batches_seen = 0
+        batches_per_epoch = 10
 
     trained = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     trained.load_state_dict({**trained.state_dict(), "scale": 256.0, "_growth_tracker": 7})
