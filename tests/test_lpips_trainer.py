@@ -136,24 +136,6 @@ def test_evaluation_only_reloads_the_checkpoint_and_prints_the_same_numbers(trai
     assert after["train_epoch_losses"] == before["train_epoch_losses"] and before["train_epoch_losses"]  # kept
 
 
-def test_two_processes_evaluate_to_the_same_numbers(trained, tmp_path):
-    """torchrun with 2 CPU processes (gloo): each scores half of every category; the gathered table is unchanged."""
-    flags = [f for f in trained["flags"] if f != "--eval_lpips_pkg"]
-    flags[flags.index(str(trained["work"]))] = str(tmp_path)
-    (tmp_path / CKPT).write_bytes((trained["work"] / CKPT).read_bytes())
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    out = run(torchrun + ["lpips_trainer.py", *flags, "--evaluation_only", "--val_sets", "cnn", "color",
-                          "--jnd_sets", "cnn"], trained["env"])
-    single = json.loads((trained["work"] / "eval.json").read_text())  # written by the single-process run(s)
-    result = json.loads((tmp_path / "eval.json").read_text())
-    for category in ("cnn", "color"):
-        assert result["2afc"]["LPIPS Reproduction"][category] == pytest.approx(
-            single["2afc"]["LPIPS Reproduction"][category], abs=1e-6)
-    assert result["jnd"]["LPIPS Reproduction"]["cnn"] == pytest.approx(single["jnd"]["LPIPS Reproduction"]["cnn"], abs=1e-9)
-    assert result["num_samples"] == {"2afc/cnn": 16, "2afc/color": 16, "jnd/cnn": 16}
-    assert "Dataset: CNN -> Accuracy" in out
-
-
 @pytest.mark.parametrize("flag", ["--batch_size", "--num_epochs", "--logging_steps", "--img_size"])
 def test_counts_below_one_are_usage_errors(flag, capsys):
     """--logging_steps 0 divided by zero after the first step; --num_epochs 0 reported a checkpoint it never wrote."""
@@ -219,19 +201,32 @@ runpy.run_path("lpips_trainer.py", run_name="__main__")
 """
 
 
-def test_two_processes_log_the_loss_of_both_processes_batches(tmp_path):
+def test_two_processes_log_both_processes_losses_and_evaluate_to_the_one_process_numbers(tmp_path):
     """torchrun with 2 CPU processes: each step's logged loss (and the epoch loss) is the mean over both processes'
-    batches, each loss read where it is computed; it was the first process's alone."""
-    data = generate_bapps(tmp_path / "bapps", num_train=8, num_val=4, patch_size=16, seed=0, num_jnd=4)
+    batches, each loss read where it is computed (it was the first process's alone); the evaluation, each process
+    scoring half of every category, gathers the table one process computes from the same checkpoint."""
+    import lpips_trainer
+    from tests.helpers import reset_accelerate
+
+    data = generate_bapps(tmp_path / "bapps", num_train=8, num_val=6, patch_size=16, seed=0, num_jnd=6)
     driver = tmp_path / "driver.py"
     driver.write_text(RECORDING_DRIVER)
     work = tmp_path / "work"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    run(torchrun + [str(driver), str(tmp_path), "--path_to_root", str(data), "--work_dir", str(work),
-                    "--img_size", "16", "--batch_size", "4", "--num_workers", "0", "--num_epochs", "1",
-                    "--decay_epochs", "0", "--logging_steps", "1", "--middle_channels", "8", "--report_to", "none",
-                    "--val_sets", "cnn", "--jnd_sets", "cnn"], env)
+    flags = ["--path_to_root", str(data), "--work_dir", str(work), "--img_size", "16", "--batch_size", "4",
+             "--num_workers", "0", "--num_epochs", "1", "--decay_epochs", "0", "--logging_steps", "1",
+             "--middle_channels", "8", "--report_to", "none", "--val_sets", "cnn", "color", "--jnd_sets", "cnn"]
+    run(torchrun + [str(driver), str(tmp_path), *flags], env)
+    two = json.loads((work / "eval.json").read_text())
+    reset_accelerate()
+    lpips_trainer.main(lpips_trainer.parse_args(flags + ["--evaluation_only"]))
+    one = json.loads((work / "eval.json").read_text())
+    assert two["num_samples"] == one["num_samples"] == {"2afc/cnn": 6, "2afc/color": 6, "jnd/cnn": 6}
+    for category in ("cnn", "color"):
+        assert two["2afc"]["LPIPS Reproduction"][category] == pytest.approx(
+            one["2afc"]["LPIPS Reproduction"][category], abs=1e-6)
+    assert two["jnd"]["LPIPS Reproduction"]["cnn"] == pytest.approx(one["jnd"]["LPIPS Reproduction"]["cnn"], abs=1e-9)
     per_rank = [[float(x) for x in (tmp_path / f"losses_{r}.txt").read_text().split()] for r in (0, 1)]
     expected = [(a + b) / 2 for a, b in zip(*per_rank)]
     assert len(expected) >= 2 and per_rank[0] != per_rank[1]
