@@ -1,5 +1,6 @@
 """Data: transforms, the built-in shapes dataset, folder datasets with awkward/broken files, loader determinism."""
 
+import io
 import logging
 from pathlib import Path
 
@@ -67,6 +68,27 @@ def test_a_transparent_colour_is_composited_onto_white_like_alpha(tmp_path):
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(tmp_path / "rgba.png")
     for name in ("gray.png", "rgb.png", "rgba.png"):
         assert np.asarray(load_image(tmp_path / name)).min() == 255, name
+
+
+def test_an_exif_rotated_photo_is_loaded_upright(tmp_path):
+    """A camera stores the sensor's pixels and an orientation tag (6: turn 90 degrees clockwise to view); loading
+    must apply it, or the photo trains sideways. cc_prep's resize goes through the same decode."""
+    from src.data.cc_prep import validate_image
+    from src.data.transforms import EXIF_ORIENTATION, load_image
+
+    stored = Image.new("RGB", (16, 8), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 8, 8))  # the left half red, as stored
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    stored.save(tmp_path / "photo.jpg", quality=95, exif=exif.tobytes())
+    upright = load_image(tmp_path / "photo.jpg")
+    assert upright.size == (8, 16)  # portrait, as the camera saw it
+    top = np.asarray(upright)[2, 4]
+    assert top[0] > 200 and top[2] < 60  # stored left becomes the top after a clockwise turn
+    small, _ = validate_image((tmp_path / "photo.jpg").read_bytes(), img_size=4)  # resized and re-encoded: upright
+    assert Image.open(io.BytesIO(small)).size == (4, 8)
+    Image.new("RGB", (16, 8)).save(tmp_path / "plain.jpg")  # no tag: nothing turns
+    assert load_image(tmp_path / "plain.jpg").size == (16, 8)
 
 
 def test_to_pil_round_trip():

@@ -250,9 +250,11 @@ def validate_image(data: Optional[bytes], img_size: Optional[int]) -> tuple[Opti
                 return None, UNDECODABLE_IMAGE
             if img_size is None or min(width, height) <= img_size:
                 return bytes(data), ""
+            upright = to_rgb(img)  # turned by its EXIF orientation: width and height may swap
+            width, height = upright.size
             scale = img_size / min(width, height)
             size = (max(1, round(width * scale)), max(1, round(height * scale)))
-            small = to_rgb(img).resize(size, Image.Resampling.BICUBIC)
+            small = upright.resize(size, Image.Resampling.BICUBIC)
     except IMAGE_ERRORS:
         return None, UNDECODABLE_IMAGE
     out = io.BytesIO()

@@ -1,6 +1,7 @@
 """Image decoding and transforms shared by every dataset.
 
-Any PIL mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB; images are resized on their shorter
+Any PIL mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB, turned upright by its EXIF orientation
+tag; images are resized on their shorter
 side, centre-cropped to a square and scaled to [-1, 1]. Random flips are applied per batch by the trainer
 (`random_flip`) with a generator whose state is checkpointed, so a resumed run sees the same flips.
 """
@@ -11,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 from torchvision.transforms import InterpolationMode
 
@@ -28,8 +29,14 @@ INTERPOLATIONS = {
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
+EXIF_ORIENTATION = 0x0112  # the EXIF tag a camera sets when the pixels are stored rotated or mirrored
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Return an 8-bit RGB copy of any PIL image (alpha, or a PNG's transparent colour, is composited onto white)."""
+    """Return an 8-bit RGB copy of any PIL image, upright as its EXIF orientation says (a phone photo stored
+    sideways), with alpha, or a PNG's transparent colour, composited onto white."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # PNG tRNS / GIF: a colour that is see-through
         img = img.convert("RGBA")
     if img.mode == "RGB":
