@@ -1,9 +1,9 @@
 """Image decoding and transforms shared by every dataset.
 
 Any PIL mode (grayscale, RGBA, CMYK, palette, 16-bit) becomes 8-bit RGB, turned upright by its EXIF orientation
-tag; images are resized on their shorter
-side, centre-cropped to a square and scaled to [-1, 1]. Random flips are applied per batch by the trainer
-(`random_flip`) with a generator whose state is checkpointed, so a resumed run sees the same flips.
+tag; images are resized on their shorter side, centre-cropped to a square and scaled to [-1, 1]. Random flips are
+applied per batch by the trainer (`random_flip`) with a generator whose state is checkpointed, so a resumed run
+sees the same flips.
 """
 
 from __future__ import annotations

@@ -34,20 +34,18 @@ class EMA(torch.nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("pending_weight", torch.zeros(()))  # 1 - prod(decays) since the shadow last moved
 
-    def decay_tensor(self) -> torch.Tensor:
-        """The decay of the next update, a () fp32 tensor on the EMA's device (no host sync)."""
-        n = self.num_updates.float()
+    def decay_tensor(self, updates_before: torch.Tensor | None = None) -> torch.Tensor:
+        """The decay of the update that follows `updates_before` kept updates (default: the next one), a () fp32
+        tensor on the EMA's device (no host sync): (1 + n) / (10 + n) capped at `decay` with warm-up."""
+        n = (self.num_updates if updates_before is None else updates_before).float()
         if not self.warmup:
             return torch.full_like(n, self.decay)
         return ((1 + n) / (10 + n)).clamp(max=self.decay)
 
     def last_decay(self) -> torch.Tensor:
-        """The decay of the latest kept update (the first update's before any), a () fp32 device tensor: what a
-        log line at that step reports."""
-        n = (self.num_updates - 1).clamp(min=0).float()
-        if not self.warmup:
-            return torch.full_like(n, self.decay)
-        return ((1 + n) / (10 + n)).clamp(max=self.decay)
+        """The decay of the latest kept update (the first update's before any): what a log line at that step
+        reports."""
+        return self.decay_tensor((self.num_updates - 1).clamp(min=0))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, skipped: Optional[torch.Tensor] = None,
