@@ -204,11 +204,16 @@ runpy.run_path("lpips_trainer.py", run_name="__main__")
 def test_two_processes_log_both_processes_losses_and_evaluate_to_the_one_process_numbers(tmp_path):
     """torchrun with 2 CPU processes: each step's logged loss (and the epoch loss) is the mean over both processes'
     batches, each loss read where it is computed (it was the first process's alone); the evaluation, each process
-    scoring half of every category, gathers the table one process computes from the same checkpoint."""
+    scoring half of every category, gathers the table one process computes from the same checkpoint. An unreadable
+    validation patch is left out on both counts: it made the processes' batches unequal, so the gather aborted
+    (JND sample 2, in one process's batch) or kept a padding duplicate in its place (2AFC sample 1, in both)."""
     import lpips_trainer
     from tests.helpers import reset_accelerate
 
     data = generate_bapps(tmp_path / "bapps", num_train=8, num_val=6, patch_size=16, seed=0, num_jnd=6)
+    # eval batches of 4 over 6 samples: process 0 gets samples 0-3, process 1 gets 4, 5 and the padding 0, 1
+    (data / "2afc/val/cnn/p0/000001.png").write_bytes(b"\x89PNG\r\n not a png")
+    (data / "jnd/val/cnn/p1/000002.png").write_bytes(b"\x89PNG\r\n not a png")
     driver = tmp_path / "driver.py"
     driver.write_text(RECORDING_DRIVER)
     work = tmp_path / "work"

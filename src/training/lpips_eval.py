@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from ..data.bapps import JNDDataset, TwoAFCDataset, find_jnd_root, to_minus_one_to_one
+from ..data.bapps import LABEL_FOLDERS, JNDDataset, TwoAFCDataset, find_jnd_root, to_minus_one_to_one
 from ..data.loader import collate
 from ..models.lpips import imagenet_vgg16_path, trunk_tensors
 
@@ -62,44 +62,68 @@ def jnd_map(distances: torch.Tensor, sames: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class KeepPlaces(Dataset):
+    """A BAPPS dataset whose unreadable samples keep their place as zero patches with valid = 0, so that every
+    process's batch has the size accelerate expects when it gathers the scores and drops its padding (a dropped
+    sample made the processes' batches unequal: the gather failed, or kept a padding duplicate in its place)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        size = dataset.transform.img_size
+        self.blank = {name: torch.zeros(()) if name in LABEL_FOLDERS else torch.zeros(3, size, size)
+                      for name in dataset.folders}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        if item is None:  # the dataset warned, naming the file
+            return {**self.blank, "valid": torch.tensor(0.0)}
+        return {**item, "valid": torch.tensor(1.0)}
+
+
 def eval_loader(dataset, batch_size: int, num_workers: int, accelerator) -> DataLoader:
-    """In-order batches, sharded over processes; no more workers than batches (worker start-up is not free)."""
+    """In-order batches, sharded over processes; no more workers than batches (worker start-up is not free).
+    Every sample is in its batch ('valid' says which were readable)."""
     batches = -(-len(dataset) // (batch_size * accelerator.num_processes))
     workers = min(num_workers, batches - 1)  # a single batch loads fastest in the main process
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(KeepPlaces(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate)
     return accelerator.prepare(loader)
 
 
 @torch.no_grad()
 def score_2afc(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> dict[str, float]:
-    """Mean 2AFC score of every metric over one loader; all metrics see the same batches."""
+    """Mean 2AFC score of every metric over one loader's readable triplets; all metrics see the same batches."""
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
+    valid = []
     for batch in loader:
-        if "ref" not in batch:  # every item unreadable
-            continue
         ref, p0, p1 = (to_minus_one_to_one(batch[k], img_range) for k in ("ref", "p0", "p1"))
+        valid.append(accelerator.gather_for_metrics(batch["valid"]).cpu())  # (N,) 1: readable
         for name, metric in metrics.items():
             with accelerator.autocast():
                 d0, d1 = metric(ref, p0), metric(ref, p1)  # (B,), (B,)
             scores[name].append(accelerator.gather_for_metrics(two_afc_scores(d0, d1, batch["judge"])).cpu())
-    return {name: torch.cat(s).mean().item() for name, s in scores.items()}
+    keep = torch.cat(valid) > 0
+    return {name: torch.cat(s)[keep].mean().item() for name, s in scores.items()}
 
 
 @torch.no_grad()
 def score_jnd(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> dict[str, float]:
     distances: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
-    sames = []
+    sames, valid = [], []
     for batch in loader:
-        if "p0" not in batch:
-            continue
         p0, p1 = (to_minus_one_to_one(batch[k], img_range) for k in ("p0", "p1"))
         sames.append(accelerator.gather_for_metrics(batch["same"]).cpu())
+        valid.append(accelerator.gather_for_metrics(batch["valid"]).cpu())  # (N,) 1: readable
         for name, metric in metrics.items():
             with accelerator.autocast():
-                d = metric(p0, p1)
+                d = metric(p0, p1)  # (B,)
             distances[name].append(accelerator.gather_for_metrics(d.float()).cpu())
-    same = torch.cat(sames)
-    return {name: jnd_map(torch.cat(d), same) for name, d in distances.items()}
+    keep = torch.cat(valid) > 0
+    same = torch.cat(sames)[keep]
+    return {name: jnd_map(torch.cat(d)[keep], same) for name, d in distances.items()}
 
 
 def evaluate_bapps(
