@@ -97,6 +97,23 @@ def test_unreadable_patches_skip_their_sample(bapps_root, tmp_path, caplog):
     assert sum("skipping BAPPS sample" in r.getMessage() for r in caplog.records) == 2
 
 
+def test_unreadable_npy_files_skip_their_sample_with_a_warning_naming_them(bapps_root, tmp_path, caplog):
+    """An empty .npy (np.load raises EOFError) stopped the run; a truncated one was skipped unnamed."""
+    broken = tmp_path / "broken"
+    shutil.copytree(bapps_root / "jnd", broken / "jnd")
+    shutil.copytree(bapps_root / "2afc" / "val" / "cnn", broken / "2afc" / "val" / "cnn")
+    ds = TwoAFCDataset(broken, "val", ["cnn"], 16, "minus_one_to_one")
+    ds.samples[0]["judge"].write_bytes(b"")
+    ds.samples[1]["judge"].write_bytes(ds.samples[1]["judge"].read_bytes()[:-2])
+    jnd = JNDDataset(broken / "jnd", ["cnn"], 16, "minus_one_to_one")
+    jnd.samples[2]["same"].write_bytes(b"")
+    assert ds[0] is None and ds[1] is None and float(ds[2]["judge"]) >= 0 and jnd[2] is None
+    messages = [r.getMessage() for r in caplog.records if "skipping BAPPS sample" in r.getMessage()]
+    assert len(messages) == 3
+    for message, path in zip(messages, (ds.samples[0]["judge"], ds.samples[1]["judge"], jnd.samples[2]["same"])):
+        assert str(path) in message
+
+
 def test_official_linear_weights_reproduce_the_lpips_package():
     import lpips
 

@@ -89,8 +89,11 @@ def match_folders(category_dir: Path, folders: Sequence[str]) -> list[dict[str, 
 
 
 def read_fraction(path: Path) -> float:
-    """A judge/same .npy file -> its single value in [0, 1] (ValueError otherwise)."""
-    value = np.load(path, allow_pickle=False)
+    """A judge/same .npy file -> its single value in [0, 1] (ValueError naming the file otherwise)."""
+    try:
+        value = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # an empty file raises EOFError, a truncated one ValueError
+        raise ValueError(f"{path}: unreadable .npy ({err})") from err
     if value.size != 1 or not np.issubdtype(value.dtype, np.number):
         raise ValueError(f"{path}: expected one number, got array of shape {value.shape} ({value.dtype})")
     value = float(value.reshape(()))
