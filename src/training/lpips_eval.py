@@ -94,8 +94,9 @@ def eval_loader(dataset, batch_size: int, num_workers: int, accelerator) -> Data
 
 
 @torch.no_grad()
-def score_2afc(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> dict[str, float]:
-    """Mean 2AFC score of every metric over one loader's readable triplets; all metrics see the same batches."""
+def score_2afc(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> tuple[dict[str, float], int]:
+    """(mean 2AFC score of every metric over one loader's readable triplets, how many were readable); all metrics
+    see the same batches."""
     scores: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
     valid = []
     for batch in loader:
@@ -106,11 +107,12 @@ def score_2afc(metrics: dict[str, Metric], loader, accelerator, img_range: str) 
                 d0, d1 = metric(ref, p0), metric(ref, p1)  # (B,), (B,)
             scores[name].append(accelerator.gather_for_metrics(two_afc_scores(d0, d1, batch["judge"])).cpu())
     keep = torch.cat(valid) > 0
-    return {name: torch.cat(s)[keep].mean().item() for name, s in scores.items()}
+    return {name: torch.cat(s)[keep].mean().item() for name, s in scores.items()}, int(keep.sum())
 
 
 @torch.no_grad()
-def score_jnd(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> dict[str, float]:
+def score_jnd(metrics: dict[str, Metric], loader, accelerator, img_range: str) -> tuple[dict[str, float], int]:
+    """(JND mAP of every metric over one loader's readable pairs, how many were readable)."""
     distances: dict[str, list[torch.Tensor]] = {name: [] for name in metrics}
     sames, valid = [], []
     for batch in loader:
@@ -123,7 +125,7 @@ def score_jnd(metrics: dict[str, Metric], loader, accelerator, img_range: str) -
             distances[name].append(accelerator.gather_for_metrics(d.float()).cpu())
     keep = torch.cat(valid) > 0
     same = torch.cat(sames)[keep]
-    return {name: jnd_map(torch.cat(d)[keep], same) for name, d in distances.items()}
+    return {name: jnd_map(torch.cat(d)[keep], same) for name, d in distances.items()}, int(keep.sum())
 
 
 def evaluate_bapps(
@@ -137,13 +139,14 @@ def evaluate_bapps(
     num_workers: int,
     accelerator,
 ) -> dict:
-    """{'2afc': {metric: {category: score, 'mean': m}}, 'jnd': {...} or None, 'num_samples': {...}}."""
+    """{'2afc': {metric: {category: score, 'mean': m}}, 'jnd': {...} or None, 'num_samples': {...}}; num_samples
+    counts the samples scored, without the unreadable ones."""
     two_afc: dict[str, dict[str, float]] = {name: {} for name in metrics}
     counts: dict[str, int] = {}
     for category in val_sets:
         dataset = TwoAFCDataset(root, "val", [category], img_size, img_range)
-        counts[f"2afc/{category}"] = len(dataset)
-        result = score_2afc(metrics, eval_loader(dataset, batch_size, num_workers, accelerator), accelerator, img_range)
+        loader = eval_loader(dataset, batch_size, num_workers, accelerator)
+        result, counts[f"2afc/{category}"] = score_2afc(metrics, loader, accelerator, img_range)
         for name, score in result.items():
             two_afc[name][category] = score
     for scores in two_afc.values():
@@ -154,8 +157,8 @@ def evaluate_bapps(
         jnd = {name: {} for name in metrics}
         for category in jnd_sets:
             dataset = JNDDataset(jnd_root, [category], img_size, img_range)
-            counts[f"jnd/{category}"] = len(dataset)
-            result = score_jnd(metrics, eval_loader(dataset, batch_size, num_workers, accelerator), accelerator, img_range)
+            loader = eval_loader(dataset, batch_size, num_workers, accelerator)
+            result, counts[f"jnd/{category}"] = score_jnd(metrics, loader, accelerator, img_range)
             for name, score in result.items():
                 jnd[name][category] = score
         for scores in jnd.values():
