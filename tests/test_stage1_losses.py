@@ -15,7 +15,12 @@ from src.losses.autoencoder import (
     vanilla_d_loss,
 )
 from src.losses.perceptual import build_perceptual_loss
-from src.models.discriminator import NLayerDiscriminator, build_discriminator, sync_batchnorm_if_distributed
+from src.models.discriminator import (
+    NLayerDiscriminator,
+    build_discriminator,
+    patch_map_size,
+    sync_batchnorm_if_distributed,
+)
 from src.models.vae import build_autoencoder
 
 
@@ -119,6 +124,17 @@ def test_patchgan_is_pix2pix_70x70_layout():
     assert convs[0].bias is not None and all(c.bias is None for c in convs[1:4])
     norms = [m for m in disc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(norms) == 3
+
+
+@pytest.mark.parametrize("size,depth,kernel", [(256, 3, 4), (32, 3, 4), (16, 2, 4), (16, 3, 4), (32, 4, 4), (8, 2, 3)])
+def test_patch_map_size_is_the_forward_pass_size(size, depth, kernel):
+    with torch.device("meta"):
+        disc = NLayerDiscriminator(3, 4, depth, kernel)
+        try:
+            side = disc(torch.empty(2, 3, size, size)).shape[-1]
+        except RuntimeError:  # a conv's input is smaller than its kernel
+            side = 0
+    assert patch_map_size(size, depth, kernel) == side
 
 
 def test_patchgan_channels_cap_at_8x_and_init():

@@ -163,6 +163,22 @@ def test_misspelt_key_stops_before_any_model(tmp_path):
     assert not work.exists()
 
 
+def test_a_discriminator_too_deep_for_the_images_stops_before_any_model(tmp_path):
+    """16 px images through the default disc_depth 3: the PatchGAN's last conv sees a 3 x 3 map under its 4 x 4
+    kernel. The run used to crash at disc_start, after all the steps before it."""
+    import stage1_vae_trainer
+
+    cfgs = write_configs(tmp_path / "cfg", disc_depth=3)
+    work = tmp_path / "work"
+    with pytest.raises(ConfigError) as err:
+        stage1_vae_trainer.main(stage1_args(work, cfgs))
+    message = str(err.value)
+    assert str(cfgs[0]) in message and "'disc_depth' 3" in message and "disc_depth 2 fits" in message
+    assert not work.exists()
+    cfgs = write_configs(tmp_path / "cfg", disc_depth=3, use_patchgan=False)  # no discriminator: nothing to check
+    assert stage1_vae_trainer.load_stage1_configs(str(cfgs[0]), str(cfgs[1]))[0].disc_depth == 3
+
+
 def test_model_config_defaults_to_design_ldm_yaml():
     """The design's Conceptual Captions command passes no --model_config."""
     import stage1_vae_trainer

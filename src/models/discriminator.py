@@ -33,9 +33,8 @@ class NLayerDiscriminator(nn.Module):
             nn.LeakyReLU(leaky_relu, inplace=True),
         ]
         mult = 1
-        for n in range(1, depth + 1):
+        for n, stride in zip(range(1, depth + 1), conv_strides(depth)[1:-1]):
             prev, mult = mult, min(2**n, 8)
-            stride = 2 if n < depth else 1  # the last hidden conv keeps the resolution
             layers += [
                 nn.Conv2d(start_dim * prev, start_dim * mult, kernel_size, stride=stride, padding=pad, bias=False),
                 nn.BatchNorm2d(start_dim * mult),
@@ -47,6 +46,24 @@ class NLayerDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x)  # (B, 1, h, w) patch logits
+
+
+def conv_strides(depth: int) -> list[int]:
+    """Strides of the depth + 2 convs: 2 (first), 2 x (depth - 1), then 1 (the last hidden conv keeps the
+    resolution) and 1 (the logit conv)."""
+    return [2] + [2] * (depth - 1) + [1, 1]
+
+
+def patch_map_size(img_size: int, depth: int, kernel_size: int) -> int:
+    """Side of the logit map for img_size x img_size images; 0 when a conv would see an input smaller than its
+    kernel (the forward pass fails there)."""
+    pad = (kernel_size - 1) // 2
+    size = img_size
+    for stride in conv_strides(depth):
+        if size + 2 * pad < kernel_size:
+            return 0
+        size = (size + 2 * pad - kernel_size) // stride + 1
+    return size
 
 
 def init_weights(module: nn.Module) -> None:

@@ -19,12 +19,12 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-from ..config import ModelConfig, Stage1TrainConfig, load_config, load_model_config, to_dict
+from ..config import ConfigError, ModelConfig, Stage1TrainConfig, load_config, load_model_config, to_dict
 from ..data import build_dataset
 from ..data.transforms import random_flip
 from ..losses.autoencoder import AutoencoderLoss
 from ..losses.perceptual import build_perceptual_loss
-from ..models.discriminator import build_discriminator, sync_batchnorm_if_distributed
+from ..models.discriminator import build_discriminator, patch_map_size, sync_batchnorm_if_distributed
 from ..models.serialization import save_models
 from ..models.vae import Autoencoder, build_autoencoder
 from .checkpoint import data_layout, load_checkpoint, resolve_resume_path, resumed_loader_position, save_checkpoint
@@ -46,7 +46,23 @@ def load_stage1_configs(training_config: str, model_config: str) -> tuple[Stage1
     model_cfg = load_model_config(model_config)
     if train_cfg.quantize is not None:
         model_cfg = dataclasses.replace(model_cfg, vae=dataclasses.replace(model_cfg.vae, quantize=train_cfg.quantize))
+    check_discriminator_fits(train_cfg, model_cfg, training_config)
     return train_cfg, model_cfg
+
+
+def check_discriminator_fits(train_cfg: Stage1TrainConfig, model_cfg: ModelConfig, source) -> None:
+    """A PatchGAN too deep (or with too large a kernel) for vae.img_size would fail only at disc_start, possibly
+    hours into the run: stop before any model is built instead."""
+    if not train_cfg.use_patchgan:
+        return
+    size, depth, kernel = model_cfg.vae.img_size, train_cfg.disc_depth, train_cfg.disc_kernel_size
+    if patch_map_size(size, depth, kernel) < 1:
+        fits = max((d for d in range(1, depth) if patch_map_size(size, d, kernel) >= 1), default=None)
+        hint = f"disc_depth {fits} fits" if fits else "no disc_depth fits this disc_kernel_size"
+        raise ConfigError(
+            f"{source}: key 'disc_depth' {depth} (disc_kernel_size {kernel}) downsamples vae.img_size {size} images "
+            f"below the discriminator's kernel; {hint}"
+        )
 
 
 @dataclass
