@@ -202,3 +202,18 @@ def test_a_cache_of_other_images_at_the_same_path_is_refused(tmp_path):
     Image.new("RGB", (20, 20), (255, 255, 255)).save(faces / "face_01.png")  # same names, same count
     with pytest.raises(LatentCacheError, match="files differs"):
         check_cache_dir(tmp_path / "cache", identity())
+
+
+def test_a_cache_from_before_an_identity_field_names_that_field(tmp_path):
+    """A cache whose identity lacks a field this version adds (even one whose value here is null, as 'files' is
+    for the built-in datasets) is refused by its fingerprint; the error names that field, not the format."""
+    from src.training.latent_cache import CACHE_FORMAT, check_cache_dir, identity_fingerprint
+
+    old = {"dataset": "shapes", "num_items": 64}
+    new = {**old, "files": None}
+    (tmp_path / "cache.json").write_text(json.dumps(
+        {"format": CACHE_FORMAT, "fingerprint": identity_fingerprint(old), "identity": old, "complete": True}))
+    with pytest.raises(LatentCacheError, match="files: this run has it, the cache does not") as err:
+        check_cache_dir(tmp_path, new)
+    assert "format" not in str(err.value)
+    assert check_cache_dir(tmp_path, old)

@@ -68,10 +68,16 @@ def identity_fingerprint(identity: dict) -> str:
 
 
 def _differences(stored: dict, wanted: dict) -> list[str]:
+    """The identity fields that differ, as text; a field only one side has (a cache made before the field existed)
+    counts as a difference even when the other side's value is null."""
     keys = sorted(set(stored) | set(wanted))
     out = []
     for k in keys:
-        a, b = stored.get(k), wanted.get(k)
+        if (k in stored) != (k in wanted):
+            out.append(f"{k}: {'this run' if k in wanted else 'the cache'} has it, "
+                       f"{'the cache' if k in wanted else 'this run'} does not (another version of this code)")
+            continue
+        a, b = stored[k], wanted[k]
         if a != b:
             a_s, b_s = json.dumps(a), json.dumps(b)
             if len(a_s) > 60 or len(b_s) > 60:  # weights hashes and configs: name the field only
