@@ -8,10 +8,11 @@
 #          if that fails early), with time to finish and read its scores, then (FID=1) bench_fid_sampling.py.
 #   part 3 (PART=3, ~5 minutes): compiled rows as parallel jobs (JOBS, default below: what is still to measure),
 #          each its own bench/gpu_session.sh under `nice`: their compiles overlap on the host's cores, their timings
-#          take turns on the GPU (bench/gpu_lock.py). bench_update.py first, alone. In the third H200 session
-#          (2026-11-27) four jobs (64x64 UNet, both trainers, stage 1) took 294 s. A job's first, compiling step
-#          runs outside the lock and can overlap another job's timing: rerun alone (JOBS="name:...") any row that
-#          looks off. Compile variants are A/B'd the same way, e.g.
+#          take turns on the GPU (bench/gpu_lock.py); all at once on an H200, two at a time on a GPU of under
+#          120 GB (an H100: the default jobs need ~100 GiB together; PARALLEL=n overrides). bench_update.py first,
+#          alone. In the third H200 session (2026-11-27) four jobs (64x64 UNet, both trainers, stage 1) took 294 s.
+#          A job's first, compiling step runs outside the lock and can overlap another job's timing: rerun alone
+#          (JOBS="name:...") any row that looks off. Compile variants are A/B'd the same way, e.g.
 #          JOBS="base:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0
 #          cdt:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0,INDUCTOR_OPTIONS=coordinate_descent_tuning=1"
 #   PART=all (default): parts 1 and 2, with part 1 shortened to fit one 10-minute call.
@@ -53,18 +54,25 @@ if [ "$PART" = 3 ]; then
   # name:VAR=value,VAR=value (the gpu_session.sh settings of one job)
   # default: what the third H200 session left: the trainers again, with the EMA that no longer reads back its weight
   # and moves every 10 steps (the GPU config's ema_update_every), b16 against every step (TRAINER_SET, an A/B), and
-  # the b64 row alone. Roughly 100 GiB of GPU memory together: an H200's, not an H100's. The third session's other
-  # jobs were unet64 (COMPILED_RUNS=64px:default) and stage1 (PHASES=stage1_compiled); the inductor A/B above (cdt)
-  # is left for a call of its own.
+  # the b64 row alone. Roughly 100 GiB of GPU memory together: an H200's, not an H100's (PARALLEL below). The third
+  # session's other jobs were unet64 (COMPILED_RUNS=64px:default) and stage1 (PHASES=stage1_compiled); the inductor
+  # A/B above (cdt) is left for a call of its own.
   JOBS=${JOBS:-"trainer64:PHASES=trainer_compiled,TRAINER_BATCHES=64,TRAINER_MODES=default
 trainer16:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead
 trainer16ema1:PHASES=trainer_compiled,TRAINER_BATCHES=16,TRAINER_MODES=reduce-overhead,TRAINER_SET=ema_update_every=1
 b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_static=0"}
-  budget=$(( $(left) - 25 ))
+  # jobs at once (PARALLEL): every job where the GPU holds what the default jobs need together (~100 GiB, an H200),
+  # two at a time on a smaller one (an H100's 80 GiB) or where nvidia-smi gives no size; a job started later gets
+  # the time then left
+  mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
+  PARALLEL=${PARALLEL:-$([ "${mem_mib:-0}" -ge 120000 ] && echo 99 || echo 2)}
+  echo "PART=3: GPU memory ${mem_mib:-unknown} MiB, up to $PARALLEL job(s) at once" | tee -a "$OUT/env.txt"
   for job in $JOBS; do
+    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n; done
     name=${job%%:*}
     IFS=, read -r -a settings <<< "${job#*:}"
     rm -rf "/tmp/job_$name"  # a warm machine keeps an earlier call's rows, which gpu_session.sh would resume
+    budget=$(( $(left) - 25 ))
     env "${settings[@]}" OUT="/tmp/job_$name" GPU_SESSION_WORK="/tmp/work_$name" BUDGET_S=$budget \
       nice -n 10 bash bench/gpu_session.sh > /dev/null 2>&1 &
   done
