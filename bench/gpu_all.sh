@@ -79,7 +79,7 @@ b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_
   wait
   for job in $JOBS; do
     name=${job%%:*}
-    cat "/tmp/job_$name/results.jsonl" >> "$OUT/results.jsonl" 2>/dev/null
+    sed "s/^{/{\"job\": \"$name\", /" "/tmp/job_$name/results.jsonl" >> "$OUT/results.jsonl" 2>/dev/null  # rows name their job
     { echo "==== job $name"; cat "/tmp/job_$name/log.txt"; } >> "$OUT/log.txt" 2>/dev/null
   done
   python3 bench/gpu_report.py "$OUT" >> "$OUT/log.txt" 2>&1

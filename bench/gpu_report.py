@@ -31,8 +31,8 @@ def measurement_key(row: dict) -> tuple:
 def merge(rows: list[dict]) -> list[dict]:
     """One row per measurement when a session resumed an earlier one (gpu_session.sh PREVIOUS=...): a row that was
     skipped or failed is replaced by the same measurement taken later, in the earlier row's place."""
-    def key(r: dict) -> tuple:
-        return (r.get("phase") if r.get("section") == "phase" else None, *measurement_key(r))
+    def key(r: dict) -> tuple:  # a phase's own row (its failure or skip) is one per phase and job (PART=3's jobs)
+        return ((r.get("phase"), r.get("job")) if r.get("section") == "phase" else None, *measurement_key(r))
 
     good = lambda r: not r.get("skipped") and not r.get("error")  # noqa: E731
     merged: dict[tuple, dict] = {}
@@ -87,6 +87,8 @@ def section_rows(rows: list[dict], section: str, spec: Optional[float] = None) -
         if r.get("section") != section:
             continue
         label = f"{r.get('workload', '')} {r.get('row', '')}".strip() or r.get("phase", "")
+        if r.get("job"):
+            label += f" (job {r['job']})"
         if r.get("skipped"):
             out.append(f"  {label}: skipped ({r['skipped']})")
         elif r.get("error"):
