@@ -66,6 +66,7 @@ b64:PHASES=unet_compiled_static,COMPILED_RUNS=b64:default,RESERVE_unet_compiled_
   # the time then left
   mem_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1 | tr -dc 0-9)
   PARALLEL=${PARALLEL:-$([ "${mem_mib:-0}" -ge 120000 ] && echo 99 || echo 2)}
+  [ "$PARALLEL" -ge 1 ] 2>/dev/null || PARALLEL=1  # 0 or text would wait for a free slot forever
   echo "PART=3: GPU memory ${mem_mib:-unknown} MiB, up to $PARALLEL job(s) at once" | tee -a "$OUT/env.txt"
   for job in $JOBS; do
     while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n; done
