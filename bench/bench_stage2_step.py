@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,7 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     from src.config import Stage2TrainConfig, load_config, load_model_config
     from src.data.loader import InfiniteLoader
     from src.training.setup import make_accelerator
+    from src.training.latent_cache import LatentCacheError
     from src.training.stage2 import build_training_state, setup_context, train_loop
 
     warmup, timed = steps
@@ -184,7 +186,12 @@ def run(batch: int, device: torch.device, compiled: bool = False, compile_mode: 
     accelerator = make_accelerator(args, train_cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     with gpu_exclusive():  # builds the latent cache: the VAE encodes every image on the GPU
-        ctx, dataset = setup_context(args, accelerator, train_cfg, load_model_config(args.model_config))
+        try:
+            ctx, dataset = setup_context(args, accelerator, train_cfg, load_model_config(args.model_config))
+        except LatentCacheError as err:  # the bench's own cache, left by another version of the code: rebuild it
+            print(f"rebuilding {args.cache_latents}: {err}")
+            shutil.rmtree(args.cache_latents)
+            ctx, dataset = setup_context(args, accelerator, train_cfg, load_model_config(args.model_config))
     state = build_training_state(accelerator, ctx)
     if compiled and backend != "inductor":  # CPU dry runs: swap the (not yet traced) inductor wrapper
         from src.training.performance import compile_module
