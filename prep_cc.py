@@ -87,7 +87,9 @@ def prepare(args: argparse.Namespace) -> int:
                 )
             kept = cc_prep.keep_rows(processed, args.num_cpu_workers)
             splits = cc_prep.split_rows(kept, args.val_fraction, args.seed)
-            cc_prep.publish(splits, stage, save_path)
+            info = {"text_model": args.hf_clip_model_name, "pre_encoded_text": args.pre_encode_text,
+                    "dtype": args.dtype, "img_size": args.img_size}
+            cc_prep.publish(splits, stage, save_path, info)
     except cc_prep.PrepError as err:
         print(f"prep_cc.py: error: {err}", file=sys.stderr)
         return 2

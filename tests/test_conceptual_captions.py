@@ -263,6 +263,23 @@ def test_pre_encoded_embeddings_equal_on_the_fly_encoding(prepared, clip_folder)
         torch.testing.assert_close(stored, hidden[i, :length], rtol=0, atol=1e-6)
 
 
+def test_pre_encoded_text_of_another_text_model_is_refused(prepared, clip_folder):
+    """Embeddings pre-encoded with one text model and a UNet whose prompts will be encoded by another (at sampling)
+    train a model no prompt can drive: prep_info.json names the prep's model and stage 2 compares, beyond the width."""
+    from src.data.conceptual_captions import ConceptualCaptionsDataset
+    from src.training.stage2 import Stage2SetupError, check_text_source
+    from tests.stage2_helpers import tiny_unet
+
+    save, _ = prepared
+    info = json.loads((save / "prep_info.json").read_text())
+    assert info["text_model"] == str(clip_folder) and info["pre_encoded_text"] is True
+    dataset = ConceptualCaptionsDataset(save, 16, text_embeds=True)
+    check_text_source(dataset, True, tiny_unet(str(clip_folder)))  # the prep's own model
+    other = tiny_unet("openai/clip-vit-large-patch14")  # the same width as the tiny CLIP, another model
+    with pytest.raises(Stage2SetupError, match=f"pre-encoded with '{clip_folder}'.*'openai/clip-vit-large-patch14'"):
+        check_text_source(dataset, True, other)
+
+
 def _prep_argv(data_root, save, clip, *extra) -> list[str]:
     return [
         "--path_to_data_root", str(data_root), "--path_to_save", str(save), "--hf_clip_model_name", str(clip),

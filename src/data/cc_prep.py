@@ -33,6 +33,7 @@ Output columns (train and validation):
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import shutil
@@ -49,6 +50,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from .conceptual_captions import PREP_INFO
 from .transforms import IMAGE_ERRORS, to_rgb
 
 logger = logging.getLogger(__name__)
@@ -105,13 +107,15 @@ def staging(path: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def publish(dataset: datasets.DatasetDict, stage: Path, path: Path) -> None:
-    """`save_to_disk` into the staging folder, then rename into `path` (an existing `path` is replaced last).
+def publish(dataset: datasets.DatasetDict, stage: Path, path: Path, info: Optional[dict] = None) -> None:
+    """`save_to_disk` into the staging folder, with `info` (the run's settings) as prep_info.json beside it, then
+    rename into `path` (an existing `path` is replaced last).
 
     Saving is one sequential write per split (disk-bound; worker processes only add start-up time here).
     """
     built = stage / "dataset"
     dataset.save_to_disk(str(built))
+    (built / PREP_INFO).write_text(json.dumps(info or {}, indent=2))
     if path.exists():  # only reachable with --overwrite (check_save_path)
         old = stage / "previous"
         path.rename(old)

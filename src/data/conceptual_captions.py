@@ -13,6 +13,7 @@ and counts it, so one damaged row never stops training.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -29,6 +30,14 @@ from .transforms import IMAGE_ERRORS, ImageTransform, to_rgb
 logger = logging.getLogger(__name__)
 
 SPLIT = "train"
+PREP_INFO = "prep_info.json"  # prep_cc.py's settings, beside the DatasetDict's own files
+
+
+def read_prep_info(path) -> dict:
+    """What prep_cc.py recorded of its run ({'text_model', 'pre_encoded_text', 'dtype', 'img_size'}); {} for a
+    folder prepared before it did."""
+    info = Path(path) / PREP_INFO
+    return json.loads(info.read_text()) if info.is_file() else {}
 
 
 def load_prepared(path, split: str = SPLIT) -> datasets.Dataset:
@@ -65,6 +74,7 @@ class ConceptualCaptionsDataset(Dataset):
             data = data.with_format("numpy", columns=["text_embeds"], output_all_columns=True)
         self.data = data
         self.path = path
+        self.prep_info = read_prep_info(path)  # stage 2 checks the text model of pre-encoded embeddings against it
         self.text_column = text_column
         self.transform = ImageTransform(img_size, interpolation)
         self._warned: set[int] = set()

@@ -48,6 +48,13 @@ def resolve_text_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def same_text_model(a: str, b: str) -> bool:
+    """Whether two names of a text model (hub ids, local folders, the MiniLM aliases) are the same model: equal
+    once resolved, or a local folder named as the hub id's last part (a download of it)."""
+    a, b = resolve_text_model(a), resolve_text_model(b)
+    return a == b or Path(a).name == Path(b).name
+
+
 def _missing_model_message(name: str, cache_dir: Optional[str], err: Exception) -> str:
     detail = f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub id "org/name"

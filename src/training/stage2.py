@@ -32,6 +32,7 @@ from ..data.image_folder import DatasetError
 from ..diffusion.schedule import DiffusionProcess, diffusion_loss, offset_noise
 from ..evaluation.reference import folder_fingerprint
 from ..models.diffusers_compat import diffusers_vae_scaling_factor, load_vae_backbone
+from ..models.text_encoder import same_text_model
 from ..models.unet import Condition, UNet
 from ..models.vae import Autoencoder
 from ..pipeline import LatentDiffusion, load_text_encoder_for, save_stage2_model, stage2_metadata, trained_classes
@@ -163,6 +164,13 @@ def check_text_source(dataset, pre_encoded: bool, unet_cfg: UNetConfig) -> None:
             raise Stage2SetupError(
                 "pre_encoded_text is True but the dataset yields no 'text_embeds': prepare it with "
                 "prep_cc.py --pre_encode_text, or set pre_encoded_text: False"
+            )
+        encoded_with = getattr(dataset, "prep_info", {}).get("text_model")
+        if encoded_with and not same_text_model(encoded_with, unet_cfg.text_conditioning_hf_model):
+            raise Stage2SetupError(
+                f"the dataset's text was pre-encoded with '{encoded_with}' (prep_cc.py --hf_clip_model_name), but "
+                f"unet.text_conditioning_hf_model is '{unet_cfg.text_conditioning_hf_model}', the model sampling "
+                "will encode prompts with: set it to the prep's model, or prepare the dataset again with this one"
             )
         dim = item["text_embeds"].shape[-1]
         if dim != unet_cfg.text_embed_dim:
