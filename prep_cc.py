@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 
@@ -57,12 +58,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def exit_on_sigterm(main_pid: int):
+    """A SIGTERM handler: SystemExit in the process that installed it, so its `finally` blocks run. The worker
+    processes `datasets` forks inherit it; there it ends the process at once, as SIGTERM's default does, because a
+    pool stops its workers with SIGTERM and a SystemExit raised inside a worker's queue calls could leave it
+    waiting on a lock forever (and the prep waiting for it)."""
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        sys.exit(128 + signum)
+
+    return handler
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     # SIGTERM (kill, timeout, a scheduler) would end the process without running `finally`: raise instead, so the
     # staging folder with its datasets caches is removed as on Ctrl-C
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm(os.getpid()))
     try:
         return prepare(args)
     finally:

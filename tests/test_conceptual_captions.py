@@ -345,6 +345,26 @@ finally:
     assert list(tmp_path.iterdir()) == []  # neither a staging folder nor a half-written dataset
 
 
+def test_the_sigterm_handler_raises_in_prep_and_ends_a_forked_worker_at_once():
+    """datasets' pool workers inherit prep's SIGTERM handler, and a pool stops its workers with SIGTERM: a
+    SystemExit inside a worker's queue calls could leave it waiting on a lock, and prep waiting for it (seen as a
+    hung test). In a forked process the handler exits at once, running no `finally`."""
+    import prep_cc
+
+    handler = prep_cc.exit_on_sigterm(os.getpid())
+    with pytest.raises(SystemExit) as stop:  # the prep itself: its finally blocks remove the staging folder
+        handler(signal.SIGTERM, None)
+    assert stop.value.code == 128 + signal.SIGTERM
+    pid = os.fork()
+    if pid == 0:  # a worker
+        try:
+            handler(signal.SIGTERM, None)
+        finally:
+            os._exit(1)  # only if the handler raised instead of ending the process
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGTERM
+
+
 def test_download_reuses_its_header_copy_only_for_the_same_tsv(tmp_path):
     """The header copy sits next to the output folder and outlives it: a copy made from another TSV (a small trial
     file) must be rewritten, or img2dataset would download the trial's rows instead. img2dataset itself is `true`."""
