@@ -53,11 +53,14 @@ def test_to_rgb_handles_every_mode():
         "CMYK": rgb.convert("CMYK"),
         "RGBA": Image.new("RGBA", (4, 4), (0, 0, 0, 0)),  # fully transparent -> white
         "I;16": Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)),
+        "F01": Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)),  # float in [0, 1]
+        "F255": Image.fromarray(np.full((4, 4), 128.0, dtype=np.float32)),  # float in [0, 255]
     }
     out = {mode: to_rgb(img) for mode, img in cases.items()}
     assert all(o.mode == "RGB" and o.size == (4, 4) for o in out.values())
     assert np.asarray(out["RGBA"]).min() == 255
     assert np.asarray(out["I;16"]).min() == 255  # 16-bit full scale -> 8-bit full scale
+    assert np.asarray(out["F01"]).min() == np.asarray(out["F255"]).max() == 128  # mid-grey either way
     assert np.abs(np.asarray(out["CMYK"]).astype(int) - np.asarray(rgb).astype(int)).max() <= 2
 
 
