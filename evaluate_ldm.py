@@ -33,7 +33,7 @@ from src.evaluation.fid import fid_from_stats, kernel_inception_distance, stats_
 from src.evaluation.inception import load_inception
 from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats
 from src.evaluation.sharding import gather_in_order, local_rows, map_batches
-from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline
+from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline, sampler_flags_error
 from src.training.images import save_image_grid, writable_folder
 from src.training.setup import launched_without_gpu
 from src.training.stage2 import read_prompts
@@ -85,12 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_samples must be at least 2 (FID needs a covariance)")
     if (args.num_steps is not None and args.num_steps < 1) or args.batch_size < 1 or args.feature_batch_size < 1:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
-    if args.sampler == "ddpm" and args.num_steps is not None:
-        parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
-    if not args.eta >= 0:
-        parser.error("--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if args.eta != 0 and args.sampler != "ddim":
-        parser.error(f"--eta applies to --sampler ddim only; {args.sampler} would ignore it")
+    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta):
+        parser.error(problem)
     if args.reference and args.dataset:
         parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
                      "supplies the validation captions of a text model)")

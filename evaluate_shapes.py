@@ -30,7 +30,7 @@ from src.data.shapes import caption, render, sample_attributes
 from src.data.transforms import ImageTransform, to_pil_images
 from src.evaluation.shapes import score
 from src.models.vae import load_autoencoder
-from src.pipeline import DEFAULT_STEPS, SAMPLERS, load_pipeline
+from src.pipeline import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampler_flags_error
 
 SOURCES = ("samples", "reconstructions", "renders")
 from src.training.images import save_image_grid, writable_folder
@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num_prompts must be at least 1, got {args.num_prompts}")
     if args.num_steps is not None and args.num_steps < 1:
         p.error(f"--num_steps must be at least 1, got {args.num_steps}")
-    if args.sampler == "ddpm" and args.num_steps is not None:
-        p.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
+    if problem := sampler_flags_error(args.sampler, args.num_steps):
+        p.error(problem)
     return args
 
 

@@ -29,7 +29,7 @@ from src.cli import run_cli
 from src.config import load_model_config, to_dict
 from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
-from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline
+from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline, sampler_flags_error
 from src.training.images import save_image_grid, writable_folder
 
 logger = logging.getLogger("inference")
@@ -89,12 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_images must be at least 1")
     if args.num_steps is not None and args.num_steps < 1:
         parser.error("--num_steps must be at least 1")
-    if args.sampler == "ddpm" and args.num_steps is not None:
-        parser.error("--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step")
-    if not args.eta >= 0:
-        parser.error("--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)")
-    if args.eta != 0 and args.sampler != "ddim":
-        parser.error(f"--eta applies to --sampler ddim only; {args.sampler} would ignore it")
+    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta):
+        parser.error(problem)
     if not 0.0 <= args.guidance_rescale <= 1.0:
         parser.error("--guidance_rescale must be in [0, 1]")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):

@@ -33,6 +33,18 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm always runs every training timestep
+
+
+def sampler_flags_error(sampler: str, num_steps: Optional[int], eta: float = 0.0) -> Optional[str]:
+    """What is wrong with the sampling scripts' --sampler / --num_steps / --eta together, or None: a flag the
+    sampler would ignore is refused rather than recorded as if it had been used."""
+    if sampler == "ddpm" and num_steps is not None:
+        return "--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step"
+    if not eta >= 0:
+        return "--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)"
+    if eta != 0 and sampler != "ddim":
+        return f"--eta applies to --sampler ddim only; {sampler} would ignore it"
+    return None
 STAGE = 2
 
 
