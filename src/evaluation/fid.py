@@ -55,10 +55,18 @@ def stats_from_features(features: np.ndarray, keep: Optional[int] = None) -> Fea
     return FeatureStats(mu=mu, sigma=sigma, count=len(features), features=kept)
 
 
+def _psd_eigenvalues(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with the round-off ones set to 0. A covariance of N < D features has D - N + 1
+    zero eigenvalues that come out of eigh as +-1e-16 x the largest; their square roots (~1e-8 x) would add up to
+    a relative error of ~1e-8 in the FID (measured: 2.7e-8 at N = 20, D = 2048)."""
+    tolerance = np.abs(values).max(initial=0.0) * len(values) * np.finfo(values.dtype).eps
+    return np.where(values > tolerance, values, 0.0)
+
+
 def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix through its eigen-decomposition."""
     values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    return (vectors * np.sqrt(_psd_eigenvalues(values))) @ vectors.T
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
@@ -78,7 +86,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     root1 = _psd_sqrt(sigma1)
     m = root1 @ sigma2 @ root1  # (D, D), symmetric PSD
     eigenvalues = np.linalg.eigvalsh((m + m.T) / 2)
-    trace_sqrt = float(np.sum(np.sqrt(np.clip(eigenvalues, 0.0, None))))
+    trace_sqrt = float(np.sum(np.sqrt(_psd_eigenvalues(eigenvalues))))
     trace_term = float(np.trace(sigma1) + np.trace(sigma2)) - 2.0 * trace_sqrt  # step 2
     return max(mean_term + trace_term, 0.0)
 
