@@ -77,10 +77,11 @@ class VAEConfig:
     norm_eps: float = 1e-6
     # VQ-VAE
     quantize: bool = False
-    codebook_size: int = 16384
-    vq_embed_dim: int = 4
-    commitment_beta: float = 0.25
-    codebook_reset_steps: int = 1000  # a code unused for this many training steps is re-seeded from encoder outputs
+    codebook_size: int = bounded(16384, **COUNT)
+    vq_embed_dim: int = bounded(4, **COUNT)
+    commitment_beta: float = bounded(0.25, **NONNEGATIVE)
+    # a code unused for this many training forward passes (micro-batches) is re-seeded from encoder outputs; 0: never
+    codebook_reset_steps: int = bounded(1000, **NONNEGATIVE)
 
     @property
     def downsample_factor(self) -> int:

@@ -167,6 +167,25 @@ def test_an_even_up_down_kernel_is_rejected_at_load(tmp_path, section):
     assert getattr(getattr(load_model_config(path), section), f"{section}_up_down_kernel_size") == 5
 
 
+@pytest.mark.parametrize("text,fragment", [
+    ("codebook_size: 0", "key 'codebook_size' must be >= 1, got 0"),
+    ("vq_embed_dim: 0", "key 'vq_embed_dim' must be >= 1, got 0"),
+    ("commitment_beta: -0.25", "key 'commitment_beta' must be >= 0"),
+    ("codebook_reset_steps: -1", "key 'codebook_reset_steps' must be >= 0"),
+])
+def test_unusable_vq_settings_are_rejected_at_load(tmp_path, text, fragment):
+    """codebook_size 0 crashed building the model (ZeroDivisionError in the codebook's init); vq_embed_dim 0 built a
+    model with 0-channel latents; a negative commitment_beta trained the encoder away from its codes, and a negative
+    codebook_reset_steps switched re-seeding off, both without a word."""
+    path = tmp_path / "ldm.yaml"
+    path.write_text(f"vae:\n  quantize: true\n  {text}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_model_config(path)
+    path.write_text("vae:\n  codebook_size: 1\n  commitment_beta: 0.0\n  codebook_reset_steps: 0\n")
+    vae = load_model_config(path).vae
+    assert (vae.codebook_size, vae.commitment_beta, vae.codebook_reset_steps) == (1, 0.0, 0)
+
+
 def test_a_key_given_twice_in_a_nested_section_is_rejected(tmp_path):
     path = tmp_path / "ldm.yaml"
     path.write_text("vae:\n  latent_channels: 4\n  latent_channels: 8\n")
