@@ -61,20 +61,20 @@ KERNEL = dict(min=1, odd=True)  # padding k // 2 keeps H x factor / H / factor o
 class VAEConfig:
     """The autoencoder (`vae:` section of ldm.yaml). Blocks mirror diffusers' AutoencoderKL / VQModel."""
 
-    img_size: int = 256
-    in_channels: int = 3
-    out_channels: int = 3
-    latent_channels: int = 4
-    residual_layers_per_block: int = 2
-    attention_layers: int = 1  # self-attention layers in the encoder's and decoder's mid block
+    img_size: int = bounded(256, **COUNT)
+    in_channels: int = bounded(3, **COUNT)
+    out_channels: int = bounded(3, **COUNT)
+    latent_channels: int = bounded(4, **COUNT)
+    residual_layers_per_block: int = bounded(2, **COUNT)
+    attention_layers: int = bounded(1, **NONNEGATIVE)  # self-attention layers in the encoder's and decoder's mid block
     attention_residual_connections: bool = True
     post_encoder_latent_proj: bool = True  # 1x1 conv after the encoder ("quant_conv")
     pre_decoder_latent_proj: bool = True  # 1x1 conv before the decoder ("post_quant_conv")
     vae_channels_per_block: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
     vae_up_down_factor: int = bounded(2, **COUNT)
     vae_up_down_kernel_size: int = bounded(3, **KERNEL)
-    groupnorm_groups: int = 32
-    norm_eps: float = 1e-6
+    groupnorm_groups: int = bounded(32, **COUNT)
+    norm_eps: float = bounded(1e-6, **NONNEGATIVE)
     # VQ-VAE
     quantize: bool = False
     codebook_size: int = bounded(16384, **COUNT)
@@ -105,25 +105,25 @@ class UNetConfig:
     mid_block_types: str = "AttnMid"
     up_block_types: list[str] = field(default_factory=lambda: ["Up", "AttnUp", "AttnUp", "AttnUp"])
     unet_channels_per_block: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
-    unet_residual_layers_per_block: int = 2
+    unet_residual_layers_per_block: int = bounded(2, **COUNT)
     unet_up_down_factor: int = bounded(2, **COUNT)
     unet_up_down_kernel_size: int = bounded(3, **KERNEL)
-    transformer_blocks_per_layer: int = 1
-    transformer_dim_mult: int = 4
+    transformer_blocks_per_layer: int = bounded(1, **COUNT)
+    transformer_dim_mult: int = bounded(4, **COUNT)
     attention_bias: bool = False
-    attention_head_dim: int = 64  # width of ONE head; heads = channels // attention_head_dim
-    time_embed_start_dim: int = 320
-    time_embed_proj_dim: int = 1280
+    attention_head_dim: int = bounded(64, **COUNT)  # width of ONE head; heads = channels // attention_head_dim
+    time_embed_start_dim: int = bounded(320, **COUNT)
+    time_embed_proj_dim: int = bounded(1280, **COUNT)
     time_embed_requires_grad: bool = False
     text_conditioning_hf_model: str = "openai/clip-vit-large-patch14"
-    text_embed_dim: int = 768
+    text_embed_dim: int = bounded(768, **COUNT)
     class_conditioning: bool = False
-    class_embed_dim: int = 1280
-    num_classes: int = 1000
+    class_embed_dim: int = bounded(1280, **COUNT)
+    num_classes: int = bounded(1000, **COUNT)
     pre_encoded_text: bool = False
-    groupnorm_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
+    groupnorm_groups: int = bounded(32, **COUNT)
+    norm_eps: float = bounded(1e-5, **NONNEGATIVE)
+    dropout: float = bounded(0.0, min=0.0, below=1.0)
     gradient_checkpointing: bool = False
 
 

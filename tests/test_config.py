@@ -186,6 +186,25 @@ def test_unusable_vq_settings_are_rejected_at_load(tmp_path, text, fragment):
     assert (vae.codebook_size, vae.commitment_beta, vae.codebook_reset_steps) == (1, 0.0, 0)
 
 
+@pytest.mark.parametrize("section,text,fragment", [
+    ("vae", "latent_channels: 0", "key 'latent_channels' must be >= 1"),
+    ("vae", "img_size: -32", "key 'img_size' must be >= 1"),
+    ("vae", "residual_layers_per_block: 0", "key 'residual_layers_per_block' must be >= 1"),
+    ("vae", "groupnorm_groups: 0", "key 'groupnorm_groups' must be >= 1"),
+    ("unet", "attention_head_dim: 0", "key 'attention_head_dim' must be >= 1"),
+    ("unet", "num_classes: 0", "key 'num_classes' must be >= 1"),
+    ("unet", "text_embed_dim: 0", "key 'text_embed_dim' must be >= 1"),
+    ("unet", "dropout: 1.5", "key 'dropout' must be"),
+])
+def test_unusable_model_sizes_are_rejected_at_load(tmp_path, section, text, fragment):
+    """A 0-channel latent, a negative image size or no residual layer built a model without a word; groupnorm_groups
+    0 crashed building it (ZeroDivisionError), attention_head_dim 0 or num_classes 0 in the UNet's constructor."""
+    path = tmp_path / "ldm.yaml"
+    path.write_text(f"{section}:\n  {text}\n")
+    with pytest.raises(ConfigError, match=fragment):
+        load_model_config(path)
+
+
 def test_a_key_given_twice_in_a_nested_section_is_rejected(tmp_path):
     path = tmp_path / "ldm.yaml"
     path.write_text("vae:\n  latent_channels: 4\n  latent_channels: 8\n")
