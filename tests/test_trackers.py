@@ -174,6 +174,43 @@ def test_a_run_started_again_at_step_0_replaces_the_events_of_an_attempt_with_no
     assert [(e.step, e.value) for e in events(tmp_path, "run").Scalars("loss")] == [(1, 10.0), (2, 20.0)]
 
 
+def log_attempts(tmp_path, report_to: str, attempts, configs=None) -> list[str]:
+    """Start the trackers once per (start_step, {step: loss}) attempt in the same working directory, as each
+    start of a resumed run does; returns the W&B run id of each attempt (none without W&B)."""
+    from accelerate import Accelerator
+
+    from src.training.trackers import start_trackers, tracker_accelerator_kwargs
+
+    ids = []
+    for start, values in attempts:
+        reset_accelerate()
+        accelerator = Accelerator(cpu=True, **tracker_accelerator_kwargs(flags("--report_to", report_to), tmp_path))
+        start_trackers(accelerator, "run", "name", tmp_path, configs or {}, start_step=start)
+        for step, value in values.items():
+            accelerator.log({"loss": value}, step=step)
+        if report_to in ("wandb", "all"):
+            ids.append(accelerator.get_tracker("wandb").run.id)
+        accelerator.end_training()
+    return ids
+
+
+def test_tensorboard_hparams_go_into_the_run_itself_not_a_new_folder_per_start(tmp_path):
+    """accelerate's add_hparams wrote two timestamped sub-folders per start (4 after one resume), each shown as a run
+    of its own holding only the hparams; they now sit in the run's own event files, whose scalars stay one curve."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    log_attempts(tmp_path, "tensorboard", [(0, {1: 1.0, 2: 2.0, 3: 3.0}), (2, {3: 30.0})],
+                 {"train": {"learning_rate": 0.001, "betas": [0.9, 0.99]}})
+    run_dir = tmp_path / "tensorboard" / "run"
+    assert [p.name for p in run_dir.iterdir() if p.is_dir()] == []
+    acc = events(tmp_path, "run")
+    start = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(start).session_start_info.hparams
+    assert hparams["train/learning_rate"].number_value == 0.001
+    assert hparams["train/betas"].string_value == "[0.9, 0.99]"
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
 def rates_used(name: str, base_lr: float, warmup: int, total: int) -> list[float]:
     """The rate of each of `total` optimizer steps under transformers' scheduler `name` (read before the step)."""
     import torch

@@ -106,10 +106,27 @@ def start_trackers(
     # events up to start_step stay; a run (re)started at step 0 hides every event of an attempt that died
     # before its first checkpoint (metrics.jsonl drops those lines too)
     init_kwargs["tensorboard"] = {"purge_step": start_step + 1}
-    accelerator.init_trackers(project, config=tracker_config(configs) if configs else None, init_kwargs=init_kwargs)
+    accelerator.init_trackers(project, init_kwargs=init_kwargs)
     if accelerator.is_main_process:
+        if configs:
+            store_config(accelerator, tracker_config(configs))
         for tracker in accelerator.trackers:
             logger.info(tracker_location(tracker))
+
+
+def store_config(accelerator: Accelerator, values: dict) -> None:
+    """The run's flat config to every tracker (main process). TensorBoard gets it as hparams in the run's own event
+    file: accelerate's store_init_configuration (SummaryWriter.add_hparams) wrote two more folders per start, each
+    a separate run holding nothing but the hparams."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for summary in hparams(values, {}):  # experiment, session start, session end
+                tracker.writer.file_writer.add_summary(summary)
+            tracker.writer.flush()
+        else:
+            tracker.store_init_configuration(values)
 
 
 def tracker_location(tracker) -> str:
