@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -209,6 +210,26 @@ def test_tensorboard_hparams_go_into_the_run_itself_not_a_new_folder_per_start(t
     assert hparams["train/learning_rate"].number_value == 0.001
     assert hparams["train/betas"].string_value == "[0.9, 0.99]"
     assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_a_fresh_start_opens_a_new_one(tmp_path, monkeypatch, caplog):
+    """Each start opened a new W&B run: a run stopped and resumed twice was three runs of a third of a curve each.
+    A resume (start step > 0) continues the run recorded in wandb/run_id.txt; a start at step 0 is a new run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    caplog.set_level(logging.INFO, logger="ldm")
+    first, resumed = log_attempts(tmp_path, "wandb", [(0, {1: 1.0, 2: 2.0}), (2, {3: 3.0})])
+    assert resumed == first
+    files = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")  # two offline folders, one run: run-<id>.wandb
+    assert sorted(p.stem for p in files) == [f"run-{first}"] * 2
+    assert (tmp_path / "wandb" / "run_id.txt").read_text().strip() == first
+    assert f"upload with: wandb sync {tmp_path / 'wandb'}/offline-run-*-{first}*" in caplog.text
+    from src.training.trackers import wandb_init_kwargs
+
+    assert "id" not in wandb_init_kwargs("name", tmp_path, 0)  # started again at step 0: a new run
+    assert wandb_init_kwargs("name", tmp_path, 2) == {"name": "name", "dir": str(tmp_path), "id": first,
+                                                      "resume": "allow"}
 
 
 def rates_used(name: str, base_lr: float, warmup: int, total: int) -> list[float]:

@@ -4,7 +4,8 @@ grids sent as images. Scalars reach the trackers through `MetricsLog` (src/train
 `accelerator.log(values, step)`, under the same names as in metrics.jsonl.
 
 TensorBoard event files go to working_directory/tensorboard/<experiment_name>/; W&B writes
-working_directory/wandb/ (offline runs too, with WANDB_MODE=offline).
+working_directory/wandb/ (offline runs too, with WANDB_MODE=offline), and a resumed run continues the W&B run of
+the earlier attempts (working_directory/wandb/run_id.txt).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ logger = logging.getLogger("ldm")
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "all", "none")
 TENSORBOARD_SUBDIR = "tensorboard"
+WANDB_RUN_ID_FILE = "run_id.txt"  # in working_dir/wandb/: the W&B run a resumed run continues
 
 
 class TrackerChoiceError(ValueError):
@@ -100,9 +103,10 @@ def start_trackers(
 ) -> None:
     """accelerator.init_trackers with the run's configs, then one log line per tracker saying where it writes.
 
-    A run resumed at `start_step` hides the TensorBoard events an earlier attempt wrote after that step
-    (SummaryWriter's purge_step), so its curves continue instead of doubling back."""
-    init_kwargs = {"wandb": {"name": run_name, "dir": str(working_dir)}}
+    A run resumed at `start_step` continues what the earlier attempts recorded: TensorBoard hides the events an
+    earlier attempt wrote after that step (SummaryWriter's purge_step), so its curves continue instead of doubling
+    back, and W&B continues the same run (its id is kept in working_dir/wandb/run_id.txt)."""
+    init_kwargs = {"wandb": wandb_init_kwargs(run_name, working_dir, start_step)}
     # events up to start_step stay; a run (re)started at step 0 hides every event of an attempt that died
     # before its first checkpoint (metrics.jsonl drops those lines too)
     init_kwargs["tensorboard"] = {"purge_step": start_step + 1}
@@ -111,7 +115,29 @@ def start_trackers(
         if configs:
             store_config(accelerator, tracker_config(configs))
         for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                save_wandb_run_id(working_dir, tracker.run.id)
             logger.info(tracker_location(tracker))
+
+
+def wandb_run_id_file(working_dir) -> Path:
+    return Path(working_dir) / "wandb" / WANDB_RUN_ID_FILE
+
+
+def wandb_init_kwargs(run_name, working_dir, start_step: int) -> dict:
+    """wandb.init(**these): a resumed run (start_step > 0) continues the W&B run of the earlier attempts (one
+    curve, not a new run per start); a run starting at step 0 is a new W&B run. WANDB_RUN_ID, when set, wins."""
+    kwargs = {"name": run_name, "dir": str(working_dir)}
+    id_file = wandb_run_id_file(working_dir)
+    if start_step > 0 and id_file.is_file() and not os.environ.get("WANDB_RUN_ID"):
+        kwargs.update(id=id_file.read_text().strip(), resume="allow")
+    return kwargs
+
+
+def save_wandb_run_id(working_dir, run_id: str) -> None:
+    id_file = wandb_run_id_file(working_dir)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n")
 
 
 def store_config(accelerator: Accelerator, values: dict) -> None:
@@ -137,8 +163,10 @@ def tracker_location(tracker) -> str:
     if tracker.name == "wandb":
         run = tracker.run
         where = getattr(getattr(run, "settings", None), "sync_dir", None) or run.dir
-        if getattr(run, "offline", False):
-            return f"W&B offline run: {where}  (upload with: wandb sync {where})"
+        if getattr(run, "offline", False):  # a resumed run: one folder per start, synced in order as one run
+            starts = list(Path(where).parent.glob(f"offline-run-*-{run.id}*"))
+            upload = where if len(starts) <= 1 else Path(where).parent / f"offline-run-*-{run.id}*"
+            return f"W&B offline run: {where}  (upload with: wandb sync {upload})"
         return f"W&B run: {getattr(run, 'url', None) or where}"
     return f"tracker {tracker.name} started"
 
