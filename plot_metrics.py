@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from src.training.metric_curves import plot_runs, read_metrics, run_labels
+from src.training.metric_curves import plot_runs, plotted_points, read_metrics, run_labels
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    points = sum(len(steps) for run in runs for steps, _ in run.series.values())
+    points = plotted_points(runs, args.metrics_filter, args.exclude)
     print(f"wrote {out} ({len(runs)} run(s), {points} points)")
     return 0
 

@@ -62,6 +62,16 @@ def test_an_output_name_without_a_suffix_is_reported_as_the_png_written(tmp_path
     assert (tmp_path / "curves.png").is_file() and str(tmp_path / "curves.png") in capsys.readouterr().out
 
 
+def test_the_printed_point_count_is_of_the_metrics_drawn(tmp_path, capsys):
+    """It counted every metric in the files, those --metrics_filter / --exclude leave out too (40 for 10 drawn)."""
+    run = write_run(tmp_path / "run", range(1, 11), 1.0)  # 4 numeric metrics, 10 steps
+    out = str(tmp_path / "c.png")
+    assert plot_metrics.main([str(run), "--output", out, "--metrics_filter", "loss"]) == 0
+    assert "(1 run(s), 10 points)" in capsys.readouterr().out
+    assert plot_metrics.main([str(run), str(run), "--output", out, "--exclude", "logits_*"]) == 0
+    assert "(2 run(s), 40 points)" in capsys.readouterr().out
+
+
 def test_resumed_run_is_one_continuous_curve_with_the_later_values(tmp_path):
     path = write_run(tmp_path / "run", range(1, 31), 1.0, resumed_from=20)
     run = read_metrics(path)

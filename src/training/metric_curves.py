@@ -147,6 +147,14 @@ def families(
     return out
 
 
+def plotted_points(
+    runs: Sequence[RunMetrics], patterns: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+) -> int:
+    """How many (step, value) points plot_runs draws with these patterns: the metrics they leave out do not count."""
+    names = [name for members in families(runs, patterns, exclude).values() for name in members]
+    return sum(len(run.series[name][0]) for run in runs for name in names if name in run.series)
+
+
 def plot_runs(
     runs: Sequence[RunMetrics], out_path, smoothing: Optional[float] = None, patterns: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None, title: Optional[str] = None,
