@@ -83,6 +83,22 @@ def test_resumed_run_is_one_continuous_curve_with_the_later_values(tmp_path):
     assert run.repeated_steps == 10 * 4 and "resumed run" in run.report()
 
 
+def test_a_resumed_run_that_stopped_earlier_leaves_out_the_abandoned_attempts_later_steps(tmp_path, capsys):
+    """Attempt 1 logged steps 1-10 (checkpoint at 4), the resumed attempt 5-7 and stopped: the curve was 5-7 of the
+    resumed attempt then 8-10 of the abandoned one; it now ends at 7, as TensorBoard's does."""
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.parent.mkdir()
+    rows = [{"step": s, "loss": 1.0, "fid": 9.0} for s in range(1, 11)] + [{"step": s, "loss": 2.0} for s in (5, 6, 7)]
+    rows.insert(10, {"step": 10, "epoch_loss": 1.5})  # a second line at the same step is no resume
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = read_metrics(path)
+    assert run.series["loss"] == ([1, 2, 3, 4, 5, 6, 7], [1.0] * 4 + [2.0] * 3)
+    assert run.series["fid"] == ([1, 2, 3, 4], [9.0] * 4) and "epoch_loss" not in run.series
+    assert run.repeated_steps == 6 + 6 + 1  # loss and fid at 5-10, epoch_loss at 10
+    assert plot_metrics.main([str(path), "--output", str(tmp_path / "c.png")]) == 0
+    assert "left out 13 value(s) of an earlier attempt" in capsys.readouterr().out
+
+
 def test_nothing_usable_is_an_error_not_a_crash(tmp_path, capsys):
     bad = tmp_path / "bad" / "metrics.jsonl"
     bad.parent.mkdir()

@@ -2,8 +2,9 @@
 
 A metrics.jsonl line is {"step": N, "<metric>": value, ...} (src/training/setup.MetricsLog). Reading never
 stops at a bad line: empty, truncated or half-written lines (a run killed mid-write), lines that are not a JSON
-object or have no integer step are skipped and counted. A step logged twice (a run resumed from an earlier
-checkpoint) keeps its later value, so a resumed run's curve is one continuous line.
+object or have no integer step are skipped and counted. A line whose step goes back (a run resumed from an
+earlier checkpoint) replaces every value earlier lines logged from that step on, as TensorBoard does, so a resumed
+run's curve is one continuous line and holds nothing of the attempt it abandoned.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class RunMetrics:
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     bad_lines: list[int] = field(default_factory=list)  # 1-based numbers of skipped lines
     non_finite: int = 0  # NaN / inf values left out of the curves
-    repeated_steps: int = 0  # (step, metric) pairs logged more than once; the later value is kept
+    repeated_steps: int = 0  # values replaced by a later line (a resumed run logging those steps again)
 
     def report(self) -> Optional[str]:
         """One line on what was left out, or None when nothing was."""
@@ -42,7 +43,8 @@ class RunMetrics:
         if self.non_finite:
             parts.append(f"left out {self.non_finite} non-finite value(s)")
         if self.repeated_steps:
-            parts.append(f"{self.repeated_steps} value(s) logged again at an earlier step (resumed run): later kept")
+            parts.append(f"left out {self.repeated_steps} value(s) of an earlier attempt, from the step a resumed run "
+                         "went back to on (the resumed run's are drawn)")
         return f"{self.path}: " + "; ".join(parts) if parts else None
 
 
@@ -69,6 +71,7 @@ def read_metrics(path, label: Optional[str] = None) -> RunMetrics:
         raise FileNotFoundError(f"metrics file not found: {path}")
     run = RunMetrics(path=path, label=label or path.parent.name)
     values: dict[str, dict[int, float]] = {}
+    last_step = None
     with open(path, encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, start=1):
             row = parse_line(line)
@@ -76,6 +79,9 @@ def read_metrics(path, label: Optional[str] = None) -> RunMetrics:
                 run.bad_lines.append(number)
                 continue
             step = row.pop("step")
+            if last_step is not None and step < last_step:  # a resumed attempt: it replaces steps >= `step`
+                run.repeated_steps += drop_from(values, step)
+            last_step = step
             for name, value in row.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue  # text and flags are not curves
@@ -86,9 +92,22 @@ def read_metrics(path, label: Optional[str] = None) -> RunMetrics:
                 run.repeated_steps += step in per_step
                 per_step[step] = float(value)
     for name, per_step in values.items():
+        if not per_step:  # logged only by an attempt a resumed run abandoned
+            continue
         steps = sorted(per_step)
         run.series[name] = (steps, [per_step[s] for s in steps])
     return run
+
+
+def drop_from(values: dict[str, dict[int, float]], step: int) -> int:
+    """Remove the values at `step` and later from {metric: {step: value}}; returns how many went."""
+    dropped = 0
+    for per_step in values.values():
+        later = [s for s in per_step if s >= step]
+        for s in later:
+            del per_step[s]
+        dropped += len(later)
+    return dropped
 
 
 def run_labels(paths: Sequence[Path]) -> list[str]:
