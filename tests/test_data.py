@@ -228,6 +228,21 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path, caplo
     assert any("skipped 3 image file(s) below hidden names" in r.getMessage() for r in caplog.records)
 
 
+
+def test_a_class_folder_without_images_is_refused_not_given_a_label(tmp_path):
+    # a macOS zip's __MACOSX holds only ._ resource forks: as a class it took label 0 and shifted every real one
+    for name in ["cat", "dog"]:
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "a.png")
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    with pytest.raises(DatasetError, match="class folder.s. with no images in .*: __MACOSX "):
+        ClassFolderDataset(tmp_path, 8)
+    (tmp_path / "__MACOSX" / "cat" / "._a.png").unlink()
+    (tmp_path / "__MACOSX" / "cat").rmdir()
+    (tmp_path / "__MACOSX").rmdir()
+    assert ClassFolderDataset(tmp_path, 8).classes == ["cat", "dog"]
+
 # ----------------------------------------------------------------------------------------------------------------
 # loader
 # ----------------------------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ class ImageFolderDataset(SafeImageDataset):
 
 class ClassFolderDataset(SafeImageDataset):
     """ImageNet layout `root/<class>/**/image`: classes in sorted order (hidden folders such as
-    `.ipynb_checkpoints` are not classes); items are {'image', 'label'}."""
+    `.ipynb_checkpoints` are not classes, and a class folder without images is an error, as in torchvision's
+    ImageFolder); items are {'image', 'label'}."""
 
     def __init__(self, root, img_size: int, interpolation: str = "bicubic"):
         root = _check_root(root)
@@ -102,13 +103,17 @@ class ClassFolderDataset(SafeImageDataset):
         self.classes = sorted(p.name for p in folders if not is_hidden(p.name))
         if not self.classes:
             raise DatasetError(f"no class subfolders in {root} (expected root/<class_name>/<images>)")
-        paths, labels = [], []
-        for label, name in enumerate(self.classes):
-            for p in find_images(root / name):
-                paths.append(p)
-                labels.append(label)
-        if not paths:
+        per_class = [find_images(root / name) for name in self.classes]
+        empty = [name for name, images in zip(self.classes, per_class) if not images]
+        if len(empty) == len(self.classes):
             raise DatasetError(f"no images found in the class folders of {root}")
+        if empty:  # a class of no images (macOS zips' `__MACOSX/`, `lost+found/`) would still take a label
+            raise DatasetError(
+                f"class folder(s) with no images in {root}: {', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''} "
+                "(every subfolder is a class: move these out, or put their images in)"
+            )
+        paths = [p for images in per_class for p in images]
+        labels = [label for label, images in enumerate(per_class) for _ in images]
         self.labels = labels
         super().__init__(paths, ImageTransform(img_size, interpolation))
 
