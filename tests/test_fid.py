@@ -4,7 +4,10 @@ Inception weights file (missing, refused). The scripts end to end are in test_ev
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -26,6 +29,7 @@ from src.evaluation.reference import (
     ImageSource,
     cache_entry,
     cache_key,
+    folder_fingerprint,
     load_stats_file,
     reference_stats,
     save_stats_file,
@@ -170,6 +174,20 @@ def test_reference_cache_is_reused_then_invalidated_when_the_data_changes(tmp_pa
     capped, status = reference_stats(ImageSource("celebahq", str(data), 8, max_images=4), extractor, cache)
     assert status == "computed" and capped.count == 4
 
+
+
+@pytest.mark.skipif(os.name == "nt" or sys.platform == "darwin", reason="needs a file system that takes any bytes")
+def test_the_reference_fingerprint_takes_a_file_name_that_is_not_utf8(tmp_path):
+    # a zip made on Windows unpacks Latin-1 names as raw bytes: hashing them crashed --cache_latents and the FID cache
+    data = tmp_path / "faces"
+    _write_images(data, 2)
+    before = folder_fingerprint(data)  # UTF-8 names hash as they did before
+    assert before == hashlib.sha256(b"".join(
+        f"{p.name}\0{p.stat().st_size}\0{p.stat().st_mtime_ns}\n".encode() for p in sorted(data.iterdir()))).hexdigest()
+    os.rename(data / "0.png", os.fsencode(data) + b"/caf\xe9.png")
+    assert folder_fingerprint(data) != before
+    stats, status = reference_stats(ImageSource("celebahq", str(data), img_size=8), PixelStats(), tmp_path / "cache")
+    assert status == "computed" and stats.count == 2
 
 def test_rows_kept_for_kid_span_every_class_of_a_class_sorted_set():
     classes, per_class, keep = 10, 50, 50

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -57,7 +58,9 @@ def folder_fingerprint(root) -> str:
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         st = p.stat()
-        h.update(f"{p.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        # the name's own bytes: a name that is not UTF-8 (a zip made on Windows) holds surrogates, which .encode()
+        # refuses; os.fsencode gives back the bytes on disk, the same bytes as .encode() for every UTF-8 name
+        h.update(os.fsencode(p.relative_to(root).as_posix()) + f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
