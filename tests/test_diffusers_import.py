@@ -110,3 +110,17 @@ def test_init_unet_refuses_another_conditioning_or_latent_width(tmp_path):
     assert cfg.num_classes == 3 and unet.conditioning == "class"
     with pytest.raises(FileNotFoundError, match="--init_unet .*missing"):
         load_initial_unet(tmp_path / "missing", tiny_unet(), "text", 4)
+
+
+def test_more_class_folders_than_an_init_unet_has_classes_blames_the_source_not_the_config(tmp_path):
+    from src.training.stage2 import Stage2SetupError
+    from tests.stage2_helpers import make_image_folders, make_vae_file
+
+    model = make_stage2_file(tmp_path / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet")
+    wide = dataclasses.replace(tiny_unet(class_conditioning=True), num_classes=10)  # replaced by the source's 3
+    cfg = write_model_config(tmp_path / "ldm.yaml", wide, {"imagenet": 0.7})
+    argv = trainer_argv(tmp_path / "work", write_train_config(tmp_path / "train.yaml"), cfg,
+                        make_vae_file(tmp_path / "vae.safetensors"), "imagenet", "--path_to_dataset",
+                        str(make_image_folders(tmp_path / "data", num_classes=4, per_class=1)), "--init_unet", str(model))
+    with pytest.raises(Stage2SetupError, match="4 class folders but the --init_unet model .* has 3 classes"):
+        run_trainer(argv)  # "raise num_classes" would send the user to a config that already says 10

@@ -144,10 +144,18 @@ def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
     return vae
 
 
-def check_class_count(dataset, conditioning: str, unet_cfg: UNetConfig) -> None:
+def check_class_count(dataset, conditioning: str, unet_cfg: UNetConfig, init_unet=None) -> None:
+    """Every class folder needs an embedding. With --init_unet the source's num_classes replaces the config's,
+    so raising the config's would change nothing: the error says so."""
     if conditioning != "class":
         return
     classes = len(dataset.classes)  # imagenet: ClassFolderDataset
+    if classes > unet_cfg.num_classes and init_unet:
+        raise Stage2SetupError(
+            f"the dataset has {classes} class folders but the --init_unet model {init_unet} has "
+            f"{unet_cfg.num_classes} classes (its num_classes replaces the model config's): start from a model with "
+            "as many classes, or train without --init_unet"
+        )
     if classes > unet_cfg.num_classes:
         raise Stage2SetupError(
             f"the dataset has {classes} class folders but unet.num_classes is {unet_cfg.num_classes}: raise num_classes"
@@ -357,7 +365,7 @@ def build_text_encoder(conditioning: str, pre_encoded: bool, unet_cfg: UNetConfi
 def build_training_dataset(args, train_cfg: Stage2TrainConfig, vae_cfg: VAEConfig, conditioning: str, pre_encoded: bool,
                            unet_cfg: UNetConfig):
     dataset = build_dataset(args.dataset, args.path_to_dataset, vae_cfg.img_size, train_cfg)
-    check_class_count(dataset, conditioning, unet_cfg)
+    check_class_count(dataset, conditioning, unet_cfg, args.init_unet)
     if conditioning == "text":
         check_text_source(dataset, pre_encoded, unet_cfg)
     return dataset
