@@ -6,7 +6,8 @@
 The reference is an image folder (--reference DIR), a statistics file (--reference stats.npz: 'mu', 'sigma' and
 optionally 'features'), or one of our datasets (--dataset, default the model's own, with --path_to_dataset).
 Reference statistics are cached in --stats_cache, keyed by the data and the feature extractor, so a second run
-only samples. Samples are class-balanced for class-conditional models; text-conditional models take prompts
+only samples. A class-conditional model's labels follow the class proportions of a class-folder reference (the
+model's own dataset), and are balanced over the classes otherwise; text-conditional models take prompts
 from --captions_file or the dataset's validation split. Sampling is split over the processes of
 `accelerate launch` (or torchrun); the same --seed gives the same samples whatever the number of processes.
 
@@ -22,16 +23,17 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from src.cli import run_cli
 from src.config import Stage2TrainConfig, from_dict
-from src.data import DATASET_NAMES
-from src.evaluation.conditions import balanced_labels, evaluation_prompts
+from src.data import CONDITIONING, DATASET_NAMES
+from src.evaluation.conditions import balanced_labels, evaluation_prompts, proportional_labels
 from src.evaluation.fid import fid_from_stats, kernel_inception_distance, stats_from_features
 from src.evaluation.inception import load_inception
-from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats
+from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats, select_indices
 from src.evaluation.sharding import gather_in_order, local_rows, map_batches
 from src.pipeline import SAMPLERS, LatentDiffusion, load_pipeline, sampler_flags_error
 from src.training.images import save_image_grid, writable_folder
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
     smp.add_argument("--seed", type=int, default=0, help="batch k of samples is seeded with seed + k")
     smp.add_argument("--batch_size", type=int, default=25, help="samples per sampling call and process")
+    smp.add_argument("--balanced_labels", action="store_true",
+                     help="class models: N / classes samples per class whatever the reference's proportions (ADM's "
+                     "and LDM's ImageNet protocol; default: the proportions of a class-folder reference)")
     smp.add_argument("--captions_file", default=None, help="prompts for a text model, one per line")
     smp.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet / text encoder precision")
     smp.add_argument("--text_encoder", default=None, help="override the stored text model (a local folder)")
@@ -109,11 +114,33 @@ def reference_source(args, pipe: LatentDiffusion) -> ImageSource | Path:
     return ImageSource(dataset, args.path_to_dataset, img_size, cfg, args.num_reference)
 
 
-def sample_conditions(args, pipe: LatentDiffusion) -> tuple[list[str] | None, list[int] | None]:
-    """One prompt or one class label per sample (None for what the model does not take)."""
+def reference_class_labels(source: ImageSource | Path, class_names: list[str], num_classes: int) -> list[int] | None:
+    """The labels of the reference images (the capped subset with --num_reference) when the reference is a class
+    folder dataset with the model's classes; None when its labels are unknown (a statistics file, a plain folder)."""
+    if not isinstance(source, ImageSource) or CONDITIONING.get(source.dataset) != "class":
+        return None
+    dataset = source.build()
+    if (class_names and dataset.classes != class_names) or len(dataset.classes) > num_classes:
+        logger.warning("the reference's class folders (%d) are not the model's (%d): samples are class-balanced",
+                       len(dataset.classes), len(class_names) or num_classes)
+        return None
+    return [dataset.labels[i] for i in select_indices(len(dataset), source.max_images)]
+
+
+def sample_conditions(args, pipe: LatentDiffusion, source: ImageSource | Path | None = None
+                      ) -> tuple[list[str] | None, list[int] | None]:
+    """One prompt or one class label per sample (None for what the model does not take). Class labels follow the
+    reference's class proportions when its labels are known (FID compares the marginals: balanced samples against
+    an imbalanced reference are penalised however good the model is), and are balanced otherwise."""
     meta = pipe.metadata
     if pipe.conditioning == "class":
-        return None, balanced_labels(args.num_samples, len(meta.get("class_names") or []) or pipe.unet.num_classes)
+        names = list(meta.get("class_names") or [])
+        num_classes = len(names) or pipe.unet.num_classes
+        known = source is not None and not args.balanced_labels
+        reference = reference_class_labels(source, names, num_classes) if known else None
+        if reference is None:
+            return None, balanced_labels(args.num_samples, num_classes)
+        return None, proportional_labels(args.num_samples, reference, num_classes)
     if pipe.conditioning == "text":
         cfg = from_dict(Stage2TrainConfig, meta["training_config"], "training_config")
         dataset = args.dataset or meta["dataset"]
@@ -179,7 +206,7 @@ def main(argv=None) -> dict:
                          args.hf_cache_dir)
     num_steps = pipe.sampler_steps(args.sampler, args.num_steps)  # a count above T stops here, not after the reference
     source = reference_source(args, pipe)
-    prompts, labels = sample_conditions(args, pipe)
+    prompts, labels = sample_conditions(args, pipe, source)
     start = time.perf_counter()
     if isinstance(source, Path):
         reference, status, described = load_stats_file(source), "file", str(source)
@@ -199,6 +226,7 @@ def main(argv=None) -> dict:
         "num_samples": args.num_samples, "num_reference": reference.count, "reference": described,
         "reference_statistics": status, "model": str(args.path_to_weights), "dataset": pipe.metadata["dataset"],
         "conditioning": pipe.conditioning, "sampler": args.sampler,
+        "samples_per_class": None if labels is None else np.bincount(labels, minlength=pipe.num_trained_classes).tolist(),
         "num_steps": num_steps,
         "guidance_scale": pipe.guidance_used(args.guidance_scale), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,

@@ -143,6 +143,34 @@ def test_evaluate_ldm_records_the_guidance_an_unconditional_model_was_sampled_wi
     assert json.loads((tmp_path / "out" / "results.json").read_text())["guidance_scale"] == 1.0
 
 
+
+def test_class_samples_follow_the_class_proportions_of_the_reference_folder(tmp_path, caplog):
+    """FID compares marginals: balanced labels (4:4) against a 6:2 reference cost a perfect model FID ~3 in a
+    two-Gaussian toy (0.02 with 6:2). The labels follow a class-folder reference's counts, else are balanced."""
+    import shutil
+
+    from tests.stage2_helpers import make_image_folders, make_stage2_file
+
+    data = make_image_folders(tmp_path / "data", num_classes=2, per_class=2)
+    for i in range(2, 6):
+        shutil.copy(data / "class_0" / "img_0.png", data / "class_0" / f"img_{i}.png")
+    model = make_stage2_file(tmp_path / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet",
+                             extra={"class_names": ["class_0", "class_1"]})  # 3 embeddings, 2 trained classes
+    pipe = load_pipeline(model)
+
+    def labels(*flags):
+        args = evaluate_ldm.parse_args(["--path_to_weights", str(model), "--num_samples", "8", *flags])
+        return evaluate_ldm.sample_conditions(args, pipe, evaluate_ldm.reference_source(args, pipe))[1]
+
+    assert labels("--path_to_dataset", str(data)) == [0, 0, 1, 0, 0, 0, 1, 0]  # 6:2, both classes in any half
+    assert np.bincount(labels("--path_to_dataset", str(data), "--num_reference", "4")).sum() == 8
+    assert labels("--path_to_dataset", str(data), "--balanced_labels") == [0, 1] * 4
+    assert labels("--reference", str(data)) == [0, 1] * 4  # a plain folder: labels unknown
+    (data / "class_1").rename(data / "zebra")
+    with caplog.at_level("WARNING"):
+        assert labels("--path_to_dataset", str(data)) == [0, 1] * 4
+    assert "not the model's" in caplog.text
+
 def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
     with pytest.raises(SystemExit):
         evaluate_ldm.parse_args(["--path_to_weights", str(trained["model"]), "--sampler", "euler_a"])

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from src.config import TrainConfig
-from src.evaluation.conditions import balanced_labels, evaluation_prompts
+from src.evaluation.conditions import balanced_labels, evaluation_prompts, proportional_labels
 from src.evaluation.fid import (
     feature_statistics,
     frechet_distance,
@@ -252,6 +252,15 @@ def test_process_batches_cover_every_item_once_and_balance_the_work(num_items, b
         for share in shares:  # batch k is the same items whatever the number of processes
             assert all(batch_ranges(num_items, batch_size)[k] == (s, e) for k, s, e in share)
 
+
+
+def test_proportional_labels_keep_the_reference_shares_in_every_prefix():
+    reference = [0] * 900 + [1] * 90 + [2] * 10
+    labels = proportional_labels(100, reference, 4)  # class 3: an embedding the reference has no image of
+    assert np.bincount(labels, minlength=4).tolist() == [90, 9, 1, 0]
+    assert np.bincount(labels[:50], minlength=4).tolist()[:2] == [45, 5]  # spread, not sorted by class
+    assert proportional_labels(7, [0, 0, 1], 2).count(0) == 5  # 4.67 / 2.33: the larger remainder rounds up
+    assert proportional_labels(50, list(range(5)) * 7, 5) == balanced_labels(50, 5)  # equal counts: balanced
 
 def test_gather_in_order_puts_shards_back_and_refuses_duplicates():
     rows = torch.arange(20.0).view(10, 2)

@@ -1,6 +1,7 @@
-"""What each evaluation sample is conditioned on: class-balanced labels, or prompts from validation data.
+"""What each evaluation sample is conditioned on: class labels, or prompts from validation data.
 
     labels = balanced_labels(50000, 1000)                      # 50 of each class
+    labels = proportional_labels(50000, reference_labels, 1000)  # the reference's class proportions
     prompts = evaluation_prompts("conceptual_captions", path, cfg, captions_file=None)
 
 Prompts come from a captions file (one per line) when given, otherwise from the dataset's validation data:
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
+
 from ..config import TrainConfig
 from ..data.image_folder import DatasetError
 
@@ -25,6 +28,25 @@ def balanced_labels(num_samples: int, num_classes: int) -> list[int]:
     if num_classes < 1:
         raise ValueError("a class-conditional model needs at least one class")
     return [i % num_classes for i in range(num_samples)]
+
+
+def proportional_labels(num_samples: int, reference_labels: list[int], num_classes: int) -> list[int]:
+    """Labels in the class proportions of the reference images' labels, so that FID compares the model's marginal
+    with the reference's: class c gets N n_c / M samples, rounded by largest remainder (ties to the lower class).
+    The k-th of class c's n'_c samples sits at (k + 1/2) / n'_c of the sequence (ties in class order), so every
+    prefix (the grid, a batch) holds the classes in about those proportions; equal class counts give
+    balanced_labels' labels when N is a multiple of the class count."""
+    counts = np.bincount(np.asarray(reference_labels, dtype=np.int64), minlength=num_classes)  # (C,)
+    if len(counts) > num_classes or counts.sum() == 0:
+        raise ValueError(f"reference labels must be in 0 .. {num_classes - 1}, and there must be some")
+    quota = num_samples * counts / counts.sum()
+    share = np.floor(quota).astype(np.int64)
+    extra = np.argsort(-(quota - share), kind="stable")[: num_samples - share.sum()]
+    share[extra] += 1
+    labels = np.repeat(np.arange(num_classes), share)  # (N,) by class
+    within = np.concatenate([np.arange(n) for n in share]) if num_samples else np.zeros(0)
+    position = (within + 0.5) / np.maximum(share[labels], 1)
+    return labels[np.lexsort((labels, position))].tolist()
 
 
 def validation_captions(dataset: str, path: Optional[str], cfg: TrainConfig, limit: int) -> list[str]:
