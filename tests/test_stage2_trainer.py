@@ -161,3 +161,15 @@ def test_class_validation_grids_use_the_datasets_classes_not_every_embedding():
     names = {"class_names": [f"n{i:08d}" for i in range(10)]}
     assert validation_labels(8, trained_classes(names, 1000)) == [0, 1, 2, 3, 5, 6, 7, 8]
     assert validation_labels(8, trained_classes({}, 1000)) == [0, 125, 250, 375, 500, 625, 750, 875]  # no names
+
+
+def test_class_validation_grids_name_the_class_of_each_image(assets, tmp_path):
+    work = tmp_path / "work"
+    train = write_train_config(tmp_path / "train.yaml", total_training_iterations=1, checkpoint_iterations=1,
+                               val_generation_freq=1, num_val_random_samples=4)
+    run_trainer(trainer_argv(work, train, assets["class_cfg"], assets["vae"], "imagenet",
+                             "--path_to_dataset", str(assets["imagenet"])))
+    assert (work / "gens" / "step_0000001.png").is_file()
+    assert (work / "gens" / "step_0000001.txt").read_text().splitlines() == [
+        "0 class_0", "0 class_0", "1 class_1", "2 class_2"]  # validation_labels(4, 3)
+

@@ -408,7 +408,8 @@ def encode_validation_prompts(prompts: list[str], text_encoder, unet_cfg: UNetCo
 @torch.no_grad()
 def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> Optional[Path]:
     """Sample with the EMA weights (val_sampler, val_sampler_steps, val_guidance_scale, fixed seed), save a grid:
-    one image per validation prompt, num_val_random_samples fixed class labels, or as many unconditional samples."""
+    one image per validation prompt, num_val_random_samples fixed class labels, or as many unconditional samples.
+    A .txt beside it names each image's prompt or class ("label class_name")."""
     cfg = ctx.train_cfg
     pipe = LatentDiffusion(ctx.vae, ema_unet, ctx.process, ctx.conditioning, ctx.scaling_factor, ctx.text_encoder)
     if ctx.conditioning == "text":
@@ -434,6 +435,10 @@ def validation_grid(ctx: Stage2Context, ema_unet: UNet, step: int, out_dir) -> O
     save_image_grid(images, path, nrow=min(8, n))
     if ctx.conditioning == "text":
         path.with_suffix(".txt").write_text("\n".join(ctx.val_prompts) + "\n")
+    elif ctx.conditioning == "class":  # which class each image of the grid is, in grid order
+        names = ctx.extra_metadata.get("class_names") or []
+        lines = [f"{label} {names[label]}" if label < len(names) else str(label) for label in labels]
+        path.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     return path
 
 
