@@ -173,3 +173,22 @@ def test_class_validation_grids_name_the_class_of_each_image(assets, tmp_path):
     assert (work / "gens" / "step_0000001.txt").read_text().splitlines() == [
         "0 class_0", "0 class_0", "1 class_1", "2 class_2"]  # validation_labels(4, 3)
 
+
+
+def test_resuming_after_the_class_folders_changed_is_refused(assets, tmp_path):
+    """Label i is the i-th sorted folder: 'class_2' renamed 'ant' before resuming made 'class_0' label 1, silently."""
+    import shutil
+
+    from src.training.stage2 import Stage2SetupError
+
+    data = shutil.copytree(assets["imagenet"], tmp_path / "data")
+    work, train = tmp_path / "work", write_train_config(tmp_path / "train.yaml", total_training_iterations=1)
+    argv = trainer_argv(work, train, assets["class_cfg"], assets["vae"], "imagenet", "--path_to_dataset", str(data))
+    run_trainer(argv)
+    (data / "class_2").rename(data / "ant")
+    write_train_config(train, total_training_iterations=2)
+    with pytest.raises(Stage2SetupError, match="added: ant; removed: class_2"):
+        run_trainer(argv + ["--resume_from_checkpoint", "latest"])
+    (data / "ant").rename(data / "class_2")
+    run_trainer(argv + ["--resume_from_checkpoint", "latest"])  # the same folders resume
+    assert (work / "checkpoint_2").is_dir()

@@ -568,9 +568,23 @@ def resume_training(accelerator, state: Stage2State, ctx: Stage2Context, working
             logger.info("no checkpoint in %s yet: starting from step 0", working_dir)
         return
     info = load_checkpoint(accelerator, path, state.modules(ctx), state.states(), state.randomness.as_dict())
+    check_resumed_classes(info.get("class_names"), ctx.extra_metadata.get("class_names"), path)
     state.step = int(info["step"])
     state.loader_position = resumed_loader_position(accelerator, info, ctx.train_cfg, path)
     logger.info("resumed from %s at step %d", path, state.step)
+
+
+def check_resumed_classes(saved: Optional[list], now: Optional[list], path) -> None:
+    """Label i is the i-th class folder in sorted order: a folder added, removed or renamed since the checkpoint
+    would give the trained class embeddings other classes. Checkpoints written before class_names were kept pass."""
+    if saved is None or saved == now:
+        return
+    added, removed = sorted(set(now or []) - set(saved)), sorted(set(saved) - set(now or []))
+    raise Stage2SetupError(
+        f"the dataset's class folders differ from those {path} was trained on (added: {', '.join(added) or '-'}; "
+        f"removed: {', '.join(removed) or '-'}): resuming would give its labels other classes (label i is the i-th "
+        "folder in sorted order). Restore the folders, or start a new run (--init_unet from the last model)"
+    )
 
 
 def train_step(accelerator, ctx: Stage2Context, state: Stage2State, batches) -> tuple[dict, torch.Tensor]:
@@ -602,7 +616,8 @@ def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State
     return save_checkpoint(
         accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
         extra={"total_training_iterations": cfg.total_training_iterations,
-               "data_layout": data_layout(accelerator, cfg)},
+               "data_layout": data_layout(accelerator, cfg),
+               **({"class_names": ctx.extra_metadata["class_names"]} if "class_names" in ctx.extra_metadata else {})},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )
