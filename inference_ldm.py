@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text prompt; repeat the flag for several prompts (each gets --num_images images)")
     p.add_argument("--negative_prompt", default=None, help="guide away from this text instead of the null condition")
     p.add_argument("--class_label", type=int, action="append", default=None,
-                   help="class index for class-conditional models; repeatable (default: random labels from --seed)")
+                   help="class index for class-conditional models; repeatable (default: one trained class drawn with --seed)")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
