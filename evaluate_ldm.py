@@ -9,7 +9,8 @@ Reference statistics are cached in --stats_cache, keyed by the data and the feat
 only samples. A class-conditional model's labels follow the class proportions of a class-folder reference (the
 model's own dataset), and are balanced over the classes otherwise; text-conditional models take prompts
 from --captions_file or the dataset's validation split. Sampling is split over the processes of
-`accelerate launch` (or torchrun); the same --seed gives the same samples whatever the number of processes.
+`accelerate launch` (or torchrun); the same --seed gives the same samples whatever the number of processes and
+--batch_size (sample i's noise is seeded by (seed, i)), and another seed gives other samples.
 
 Writes --output/results.json (FID, KID, every setting) and --output/grid.png (the first samples). The Inception
 weights are read from --inception_weights or $TORCH_HOME/hub/checkpoints (never downloaded; see the README).
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler steps; default: DDIM 50, DPM-Solver++ 20, as inference_ldm.py (DDPM: every step)")
     smp.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
-    smp.add_argument("--seed", type=int, default=0, help="batch k of samples is seeded with seed + k")
+    smp.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i)")
     smp.add_argument("--batch_size", type=int, default=25, help="samples per sampling call and process")
     smp.add_argument("--balanced_labels", action="store_true",
                      help="class models: N / classes samples per class whatever the reference's proportions (ADM's "
@@ -163,8 +164,8 @@ def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts
             labels=labels[start:end] if labels else None,
             num_per_condition=1 if (prompts or labels) else end - start,
             sampler=args.sampler, num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta,
-            seed=args.seed + k,
-        )  # (b, 3, H, W)
+            seed=args.seed, sample_indices=range(start, end),
+        )  # (b, 3, H, W), sample i's noise from sample_seed(seed, i)
         if images.is_cuda:
             torch.cuda.synchronize()
         timing["seconds"] += time.perf_counter() - t0

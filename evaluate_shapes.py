@@ -98,7 +98,7 @@ def generate(pipe, prompts: list[str], args) -> torch.Tensor:
         chunk = prompts[start : start + args.batch_size]
         images.append(pipe.generate(prompts=chunk, sampler=args.sampler, num_steps=args.num_steps,
                                     guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
-                                    seed=args.seed + start))
+                                    seed=args.seed, sample_indices=range(start, start + len(chunk))))
     return torch.cat(images)  # (N, 3, H, W)
 
 

@@ -12,7 +12,8 @@ The weights file carries its own configs (VAE, UNet, diffusion schedule, scaling
 DPM-Solver++(2M) (--sampler dpmpp_2m, default 20 steps) or ancestral DDPM over every training step,
 classifier-free guidance --guidance_scale (eps_u + s (eps_c - eps_u); 1 disables it) against the learned null
 condition or --negative_prompt, optionally with --guidance_rescale (Lin et al. 2024). Writes --output/grid.png and
-one PNG per image. The same --seed on the same device and dtype gives the same images. --path_to_vae_backbone
+one PNG per image. The same --seed on the same device and dtype gives the same images; image j of each prompt
+has its own noise, seeded by (seed, j), so it stays the same when --num_images or the prompts change. --path_to_vae_backbone
 decodes with another autoencoder of the same latent space (a stage-1 file or a diffusers AutoencoderKL folder).
 """
 

@@ -6,13 +6,15 @@
 Text-conditional exports run diffusers' StableDiffusionPipeline (`sample_text`); unconditional and class-conditional
 ones, which no diffusers pipeline drives, run a DDIM loop over UNet2DConditionModel, AutoencoderKL and DDIMScheduler
 (`sample_unet`). With the same prompts or class labels, --num_images, --seed, --num_steps and --guidance_scale the
-images equal inference_ldm.py's (the initial noise is drawn the same way, in one draw for the whole batch).
+images equal inference_ldm.py's (the initial noise is drawn the same way: image j of each prompt / label from its
+own CPU generator, seeded with sample_seed(seed, j)).
 StableDiffusionPipeline guides only above 1, so `sample_text` refuses a guidance scale below 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -23,10 +25,19 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from safetensors.torch import load_file
 
 
-def initial_latents(unet: UNet2DConditionModel, n: int, seed: int) -> torch.Tensor:
-    """The noise inference_ldm.py starts n images from with --seed: (n, C, h, w), one draw on the CPU."""
+def sample_seed(seed: int, index: int) -> int:
+    """src.pipeline.sample_seed, restated so that this file needs diffusers alone: the noise seed of image `index`."""
+    offset = int.from_bytes(hashlib.sha256(f"ldm-sample-seed:{seed}".encode()).digest()[:4], "little")
+    return (offset + index) % 2**32
+
+
+def initial_latents(unet: UNet2DConditionModel, num_conditions: int, num_images: int, seed: int) -> torch.Tensor:
+    """The noise inference_ldm.py starts num_images images of each of num_conditions prompts / labels from with
+    --seed: (num_conditions * num_images, C, h, w), image j of each from a CPU generator seeded sample_seed(seed, j)."""
     size = unet.config.sample_size
-    return torch.randn((n, unet.config.in_channels, size, size), generator=torch.Generator().manual_seed(seed))
+    shape = (1, unet.config.in_channels, size, size)
+    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, j)))
+                      for _ in range(num_conditions) for j in range(num_images)])
 
 
 def prompt_embeddings(pipe, folder, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +64,7 @@ def sample_text(folder, prompts: list[str], num_images: int = 4, seed: int = 0, 
                          "its images would not be inference_ldm.py's; sample scales below 1 with inference_ldm.py")
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    latents = initial_latents(pipe.unet, len(prompts) * num_images, seed)
+    latents = initial_latents(pipe.unet, len(prompts), num_images, seed)
     images = []
     for i, prompt in enumerate(prompts):
         emb, neg = prompt_embeddings(pipe, folder, prompt)
@@ -72,7 +83,7 @@ def sample_unet(folder, labels: Optional[list[int]] = None, num_images: int = 4,
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
     n = len(labels) * num_images if labels else num_images
-    latents = initial_latents(unet, n, seed)
+    latents = initial_latents(unet, len(labels) if labels else 1, num_images, seed)
     context = torch.zeros(n, 1, unet.config.cross_attention_dim)  # the exported cross-attention is all zeros
     cond = torch.tensor([c for c in labels for _ in range(num_images)]) if labels else None
     null = None if cond is None else torch.full_like(cond, unet.config.num_class_embeds - 1)

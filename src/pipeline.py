@@ -14,15 +14,16 @@ null condition or from a negative prompt; then x = Decoder(z_0 / scaling_factor)
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from .config import ModelConfig, Stage2TrainConfig, VAEConfig, from_dict, to_dict
-from .diffusion.samplers import ddim_sample, ddpm_sample, dpmpp_2m_sample
+from .diffusion.samplers import Generators, ddim_sample, ddpm_sample, dpmpp_2m_sample
 from .diffusion.schedule import DiffusionProcess
 from .models.diffusers_compat import load_vae_backbone
 from .models.serialization import load_models, save_models
@@ -152,7 +153,7 @@ class LatentDiffusion:
         num_steps: Optional[int] = None,
         guidance_scale: float = 1.0,
         eta: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         progress: bool = False,
         guidance_rescale: float = 0.0,
     ) -> torch.Tensor:
@@ -207,21 +208,36 @@ class LatentDiffusion:
         guidance_scale: float = 4.0,
         eta: float = 0.0,
         seed: Optional[int] = 0,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
         progress: bool = False,
         guidance_rescale: float = 0.0,
+        sample_indices: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], `num_per_condition` per prompt / label, in prompt order.
 
-        The same seed on the same device and dtype gives the same images.
+        The same seed on the same device and dtype gives the same images. Each image has its own noise, seeded by
+        sample_seed(seed, index): image j of every prompt / label has index j, unless `sample_indices` (one per
+        image) says otherwise. So image j stays the same when the number of images or of prompts changes, or the
+        batch is split; a `generator` instead draws the whole batch's noise from one stream.
         """
         batch, cond, uncond = self.conditions(prompts, labels, num_per_condition, negative_prompt)
         if generator is None and seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            indices = [i % num_per_condition for i in range(batch)] if sample_indices is None else list(sample_indices)
+            if len(indices) != batch:
+                raise PipelineError(f"{len(indices)} sample indices for {batch} images")
+            generator = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, i)) for i in indices]
         z = self.sample_latents(
             batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress, guidance_rescale
         )
         return self.decode(z)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The noise seed of sample `index` of a run seeded with `seed`: a 32-bit offset hashed from `seed`, plus
+    `index`. The samples of one run never share a seed, and runs with other seeds draw other samples (with
+    seed + index, seed 1's sample 0 was seed 0's sample 1). 32 bits: a CPU generator ignores the higher ones."""
+    offset = int.from_bytes(hashlib.sha256(f"ldm-sample-seed:{seed}".encode()).digest()[:4], "little")
+    return (offset + index) % 2**32
 
 
 def check_prompts(prompts: list[str]) -> None:

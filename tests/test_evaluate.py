@@ -126,6 +126,25 @@ def test_evaluate_ldm_on_two_processes_gives_one_process_numbers_and_grid(traine
     assert grids[0].shape == (2 + 18, 2 + 3 * 18, 3) and np.array_equal(grids[0], grids[1])
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_evaluate_ldm_samples_depend_on_the_seed_alone_and_nearby_seeds_share_none(tmp_path):
+    """Sample i's noise is seeded by (seed, i): --batch_size does not change the samples, and --seed 1 does not
+    redraw --seed 0's samples shifted by one batch (with seed + batch index it redrew 4 of 6)."""
+    from tests.stage2_helpers import make_stage2_file, tiny_unet
+
+    pipe = load_pipeline(make_stage2_file(tmp_path / "none.safetensors", "none", tiny_unet(), "celebahq"))
+
+    def samples(seed: int, batch_size: int) -> torch.Tensor:  # (6, 3 * 16 * 16): the pixels as features
+        args = evaluate_ldm.parse_args(["--path_to_weights", "x", "--num_samples", "6", "--num_steps", "2",
+                                        "--batch_size", str(batch_size), "--seed", str(seed)])
+        return evaluate_ldm.sample_features(args, pipe, lambda images: images.flatten(1), None, None, None)[0]
+
+    seed0 = samples(0, 2)
+    torch.testing.assert_close(samples(0, 3), seed0, atol=1e-5, rtol=0)
+    distance = torch.cdist(samples(1, 2), seed0)  # (6, 6)
+    assert distance.min() > 1.0, distance.min()
+
+
 def test_evaluate_ldm_records_the_guidance_an_unconditional_model_was_sampled_with(trained, tmp_path):
     """Sampling an unconditional model ignores --guidance_scale (nothing to guide towards): results.json must say
     1, the scale the samples were drawn with, not the flag's value."""

@@ -53,6 +53,26 @@ def test_prompts_negative_prompt_guidance_and_ddpm_change_the_images(models):
     assert ddpm.shape == base.shape and not torch.equal(ddpm, base)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_image_j_of_a_prompt_keeps_its_noise_whatever_the_other_images_prompts_and_batches(models):
+    """Each image's noise is seeded by (seed, j): DDPM (noise at every step) gives prompt B's image j the same pixels
+    alone, after prompt A, and with more images; evaluate_shapes.py's --batch_size does not change its images."""
+    pipe = load_pipeline(models["text"])
+    kw = dict(sampler="ddpm", seed=3)
+    alone = pipe.generate(prompts=["a white square"], num_per_condition=2, **kw)  # (2, 3, 16, 16)
+    after_a = pipe.generate(prompts=["a red circle", "a white square"], num_per_condition=3, **kw)  # (6, 3, 16, 16)
+    torch.testing.assert_close(after_a[3:5], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(after_a[3], after_a[4], atol=0.1)  # images of one prompt still differ
+    import evaluate_shapes
+
+    prompts = ["a red circle on a blue background", "a white square on a black background", "a green triangle"]
+    flags = ["--path_to_weights", "x", "--sampler", "ddim", "--num_steps", "2", "--exclude_prompts", __file__]
+    whole, split = (evaluate_shapes.generate(pipe, prompts, evaluate_shapes.parse_args(flags + ["--batch_size", b]))
+                    for b in ("3", "1"))
+    torch.testing.assert_close(whole, split, atol=1e-5, rtol=0)
+    assert not torch.allclose(whole[0], whole[1], atol=0.1)
+
+
 def test_guidance_scale_one_equals_the_conditional_prediction(models):
     """With s = 1 the null condition plays no part: sampling with any negative prompt gives the same images."""
     pipe = load_pipeline(models["text"])

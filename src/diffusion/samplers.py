@@ -16,13 +16,14 @@ Guiding v is the same as guiding eps: at a fixed x_t, eps is an affine function 
 both branches. With s == 1 (or no `uncond`) the model runs once, on the conditional input only.
 
 Noise is drawn from `generator` on the generator's device and then moved, so a seed gives the same images on
-CPU and GPU. Nothing here clips x0_hat: latents are not bounded like pixels are.
+CPU and GPU. `generator` may also be a list with one generator per image (as in diffusers): image i's noise then
+comes from generator i alone, whatever the batch it is drawn in. Nothing here clips x0_hat: latents are not bounded like pixels are.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -31,9 +32,14 @@ from src.diffusion.schedule import DiffusionProcess
 from src.models.unet import Condition
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, Optional[Condition]], torch.Tensor]
+Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]  # one for the batch, or one per image
 
 
-def _randn(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+def _randn(shape, generator: Generators, device, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):  # row i from generator i: (B, ...) = cat of B draws of (1, ...)
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]} images")
+        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -86,7 +92,7 @@ def ddim_sample(
     guidance_scale: float = 1.0,
     num_steps: int = 50,
     eta: float = 0.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device="cpu",
     progress: bool = False,
     guidance_rescale: float = 0.0,
@@ -144,7 +150,7 @@ def dpmpp_2m_sample(
     uncond: Optional[Condition] = None,
     guidance_scale: float = 1.0,
     num_steps: int = 20,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device="cpu",
     progress: bool = False,
     guidance_rescale: float = 0.0,
@@ -194,7 +200,7 @@ def ddpm_sample(
     cond: Optional[Condition] = None,
     uncond: Optional[Condition] = None,
     guidance_scale: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     device="cpu",
     progress: bool = False,
     guidance_rescale: float = 0.0,

@@ -1,7 +1,7 @@
 """Splitting evaluation work over processes (`accelerate launch` / torchrun) and gathering it back in order.
 
 The work is a fixed list of global batches [k * B, (k + 1) * B); process r takes batches r, r + W, r + 2W, ...
-Batch k is always the same images (batch k of the samples is seeded with seed + k), so the results do not
+Batch k is always the same images (evaluate_ldm.py seeds sample i's noise by (seed, i)), so the results do not
 depend on how many processes share the work. Each process returns its rows with their global indices; gathering
 puts them back in index order on every process.
 """
