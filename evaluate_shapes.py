@@ -30,7 +30,7 @@ from src.data.shapes import caption, render, sample_attributes
 from src.data.transforms import ImageTransform, to_pil_images
 from src.evaluation.shapes import score
 from src.models.vae import load_autoencoder
-from src.pipeline import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampler_flags_error
+from src.pipeline import DEFAULT_STEPS, SAMPLERS, load_pipeline, sampler_flags_error, usable_device
 
 SOURCES = ("samples", "reconstructions", "renders")
 from src.training.images import save_image_grid, writable_folder
@@ -138,6 +138,7 @@ def describe(args) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    args.device = usable_device(args.device)
     writable_folder(args.output)  # before sampling, not after
     attrs = heldout_prompts(args.num_prompts, args.prompt_seed, read_exclusions(args.exclude_prompts))
     prompts = [caption(*a) for a in attrs]

@@ -30,7 +30,7 @@ from src.cli import run_cli
 from src.config import load_model_config, to_dict
 from src.data import DATASET_NAMES
 from src.data.transforms import to_pil_images
-from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline, sampler_flags_error
+from src.pipeline import SAMPLERS, LatentDiffusion, PipelineError, load_pipeline, sampler_flags_error, usable_device
 from src.training.images import save_image_grid, writable_folder
 
 logger = logging.getLogger("inference")
@@ -145,7 +145,7 @@ def save_images(images: torch.Tensor, out_dir, nrow: int) -> list[Path]:
 def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = usable_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     writable_folder(args.output)  # before sampling, not after
     pipe = load_pipeline(args.path_to_weights, device, DTYPES[args.dtype], args.text_encoder, args.hf_cache_dir,
                          vae_path=args.path_to_vae_backbone)

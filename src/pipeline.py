@@ -240,6 +240,26 @@ def sample_seed(seed: int, index: int) -> int:
     return (offset + index) % 2**32
 
 
+def usable_device(name: str | torch.device) -> torch.device:
+    """`name` ("cuda", "cuda:1", "mps", "cpu") as a device this machine has, or a PipelineError in one line (torch
+    would raise a driver traceback, or "invalid device ordinal" only at the first kernel)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"--device {name}: not a device name (expected cuda, cuda:N, mps or cpu)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise PipelineError(f"--device {name}: no CUDA GPU is available here (use --device cpu)")
+        if device.index is not None and device.index >= count:
+            raise PipelineError(f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 .. cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"--device {name}: MPS (Apple GPU) is not available here (use --device cpu)")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise PipelineError(f"--device {name}: expected cuda, cuda:N, mps or cpu")
+    return device
+
+
 def check_prompts(prompts: list[str]) -> None:
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
@@ -303,6 +323,7 @@ def load_pipeline(
     """Rebuild the pipeline from a stage-2 model.safetensors. `text_encoder` overrides the stored text model name
     (a local folder, say); `vae_path` decodes with another autoencoder of the same latent space (our stage-1 file
     or a diffusers AutoencoderKL folder). The VAE runs in fp32 when dtype is float16 (its decoder overflows in fp16)."""
+    device = usable_device(device)
     tensors, meta = read_stage2_metadata(path)
     model_cfg = from_dict(ModelConfig, meta["model_config"], f"{path} metadata 'model_config'")
     conditioning = meta["conditioning"]

@@ -112,6 +112,23 @@ def test_an_unwritable_output_folder_fails_before_sampling(tmp_path):
                             "--output", str(tmp_path / "file" / "out")])
 
 
+def test_a_device_this_machine_lacks_is_a_one_line_error_before_loading(models, tmp_path):
+    """--device cuda:1 without CUDA (the tests hide the GPUs), mps off a Mac, or a misspelt name: a PipelineError
+    naming the flag, not torch's driver traceback from inside load_pipeline."""
+    import evaluate_shapes
+
+    assert not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    for device, message in (("cuda:1", "no CUDA GPU is available"), ("mps", "MPS .* is not available"),
+                            ("gpu0", "not a device name")):
+        with pytest.raises(PipelineError, match=f"--device {device}: {message}"):
+            inference_ldm.main(["--path_to_weights", str(models["none"]), "--device", device,
+                                "--output", str(tmp_path / "out")])
+        with pytest.raises(PipelineError, match=f"--device {device}: {message}"):
+            evaluate_shapes.main(["--path_to_weights", str(models["text"]), "--device", device,
+                                  "--output", str(tmp_path / "out")])
+    assert load_pipeline(models["none"], device="cpu").device == torch.device("cpu")
+
+
 def test_class_and_unconditional_models(models, tmp_path):
     inference_ldm.main(["--path_to_weights", str(models["class"]), "--training_dataset", "imagenet",
                         "--class_label", "0", "--class_label", "2", "--num_images", "2", "--num_steps", "3",
