@@ -338,7 +338,14 @@ def load_pipeline(
     unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     encoder = None
     if conditioning == "text" and load_text_encoder:
-        encoder = load_text_encoder_for(text_encoder or meta["text_model"], model_cfg.unet.text_embed_dim, hf_cache_dir)
+        try:
+            encoder = load_text_encoder_for(text_encoder or meta["text_model"], model_cfg.unet.text_embed_dim,
+                                            hf_cache_dir)
+        except FileNotFoundError as err:
+            if text_encoder is not None:
+                raise
+            raise FileNotFoundError(f"{err} -- this is the text model named in {path}: if it has moved, pass its "
+                                    "folder with --text_encoder") from err
         encoder = encoder.to(device=device, dtype=dtype)
     return LatentDiffusion(
         vae=vae,

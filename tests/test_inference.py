@@ -129,6 +129,23 @@ def test_a_device_this_machine_lacks_is_a_one_line_error_before_loading(models, 
     assert load_pipeline(models["none"], device="cpu").device == torch.device("cpu")
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_moved_text_model_folder_names_the_override(models, tmp_path):
+    """The weights store the text model's folder; once it has moved, the error says to pass --text_encoder, which
+    then samples as before."""
+    import shutil
+
+    moved = shutil.copytree(models["text"].parent / "clip", tmp_path / "clip")  # the tiny CLIP, somewhere else
+    model = make_stage2_file(tmp_path / "text.safetensors", "text", tiny_unet(str(tmp_path / "gone")), "shapes",
+                             str(tmp_path / "gone"))
+    argv = ["--path_to_weights", str(model), "--prompt", "a red circle", "--num_images", "1", "--num_steps", "2",
+            "--output", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match=f"text model named in {model}: if it has moved, pass its folder "
+                                                "with --text_encoder"):
+        inference_ldm.main(argv)
+    assert len(inference_ldm.main(argv + ["--text_encoder", str(moved)])) == 2  # grid.png and 000.png
+
+
 def test_class_and_unconditional_models(models, tmp_path):
     inference_ldm.main(["--path_to_weights", str(models["class"]), "--training_dataset", "imagenet",
                         "--class_label", "0", "--class_label", "2", "--num_images", "2", "--num_steps", "3",
