@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def save_images(images: torch.Tensor, out_dir, nrow: int) -> list[Path]:
     left there are removed, so the folder holds this run's images only (grid.png and 000.png are replaced anyway)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = [p for p in out_dir.glob("[0-9][0-9][0-9].png") if int(p.stem) >= len(images)]
+    numbered = [p for p in out_dir.glob("*.png") if re.fullmatch(r"\d{3,}", p.stem)]  # 000.png .. 999.png, 1000.png ..
+    stale = [p for p in numbered if int(p.stem) >= len(images)]
     if stale:
         logger.info("removing %d numbered image(s) an earlier run left in %s", len(stale), out_dir)
         for path in stale:

@@ -103,6 +103,10 @@ def test_a_second_run_into_the_same_folder_leaves_only_its_own_images(models, tm
     run(3)
     run(1)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000.png", "grid.png"]
+    # past 999 the names have four digits: an earlier run's 1000.png and 1001.png went unnoticed
+    inference_ldm.save_images(torch.zeros(1002, 3, 2, 2), tmp_path / "many", nrow=32)
+    inference_ldm.save_images(torch.zeros(2, 3, 2, 2), tmp_path / "many", nrow=2)
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["000.png", "001.png", "grid.png"]
 
 
 def test_an_unwritable_output_folder_fails_before_sampling(tmp_path):
