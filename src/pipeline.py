@@ -229,6 +229,7 @@ class LatentDiffusion:
         z = self.sample_latents(
             batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress, guidance_rescale
         )
+        check_finite(z, self.unet.conv_in.weight.dtype)
         return self.decode(z)
 
 
@@ -258,6 +259,16 @@ def usable_device(name: str | torch.device) -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise PipelineError(f"--device {name}: expected cuda, cuda:N, mps or cpu")
     return device
+
+
+def check_finite(z: torch.Tensor, dtype: torch.dtype) -> None:
+    """Sampled latents (B, C, h, w) with inf / NaN would decode to black images without a word: a PipelineError."""
+    bad = int((~torch.isfinite(z)).flatten(1).any(1).sum())
+    if bad == 0:
+        return
+    hint = ("the UNet overflowed float16's range (65504): sample with --dtype bfloat16 or float32"
+            if dtype == torch.float16 else "check the weights and a very large --guidance_scale")
+    raise PipelineError(f"sampling gave inf / NaN in {bad} of {len(z)} images: {hint}")
 
 
 def check_prompts(prompts: list[str]) -> None:

@@ -73,6 +73,16 @@ def test_image_j_of_a_prompt_keeps_its_noise_whatever_the_other_images_prompts_a
     assert not torch.allclose(whole[0], whole[1], atol=0.1)
 
 
+def test_a_float16_overflow_is_an_error_not_black_images(models):
+    """A UNet whose activations pass float16's 65504 (here: its first convolution scaled up) samples NaN, which the
+    PNG conversion wrote as black pixels; generate now stops and names the dtype to use."""
+    pipe = load_pipeline(models["none"], dtype=torch.float16)
+    with torch.no_grad():
+        pipe.unet.conv_in.weight.mul_(3e4)
+    with pytest.raises(PipelineError, match="inf / NaN in 2 of 2 images: the UNet overflowed float16's range"):
+        pipe.generate(num_per_condition=2, num_steps=2, seed=0)
+
+
 def test_guidance_scale_one_equals_the_conditional_prediction(models):
     """With s = 1 the null condition plays no part: sampling with any negative prompt gives the same images."""
     pipe = load_pipeline(models["text"])
