@@ -3,8 +3,9 @@
     values.update(periodic_fid(args, accelerator, ctx, ema.shadow, step))     # in train_loop, before logging
 
 Every `fid_eval_freq` steps (keys of the training config; either at 0 turns it off) the EMA UNet draws
-`fid_num_samples` images with the validation sampler (val_sampler, val_sampler_steps, guidance val_guidance_scale, seeds
-fixed by the config's seed, so evaluations differ only by the weights). Each sample is conditioned like one
+`fid_num_samples` images with the validation sampler (val_sampler, val_sampler_steps, guidance val_guidance_scale;
+sample i's noise seeded by sample_seed(seed, i) from the config's seed, so evaluations differ only by the weights,
+not by the batch size or the process count). Each sample is conditioned like one
 reference image: the reference is the same number of training images (a fixed random subset), and sample i takes
 image i's caption, pre-encoded text or class label. The reference statistics are cached in
 working_directory/fid_reference, so only the first evaluation extracts them. All processes share the sampling.
@@ -26,7 +27,7 @@ from ..evaluation.inception import FEATURE_DIM, load_inception, resolve_inceptio
 from ..evaluation.reference import ImageSource, reference_stats, select_indices
 from ..evaluation.sharding import map_batches
 from ..models.unet import UNet
-from ..pipeline import LatentDiffusion
+from ..pipeline import LatentDiffusion, sample_seed
 from .stage2 import Stage2Context, batch_condition
 
 logger = logging.getLogger("ldm")
@@ -78,7 +79,7 @@ def evaluate_fid(args, accelerator, ctx: Stage2Context, ema_unet: UNet, step: in
         batch = collate([item for _, item in items if item is not None])
         cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, ctx.device)
         uncond = ema_unet.null_condition(len(positions))
-        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed + k)
+        generator = [torch.Generator(device=ctx.device).manual_seed(sample_seed(cfg.seed, p)) for p in positions]
         z = pipe.sample_latents(len(positions), cond, uncond, cfg.val_sampler, num_steps, cfg.val_guidance_scale,
                                 generator=generator, guidance_rescale=cfg.val_guidance_rescale)  # (b, C, h, w)
         return inception(pipe.decode(z)), torch.tensor(positions)
