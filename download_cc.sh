@@ -31,6 +31,10 @@ if [ "$#" -ne 2 ]; then
 fi
 TSV_IN=$1
 OUT=${2%/}
+if [ -z "$OUT" ]; then
+    echo "download_cc.sh: the output folder must not be empty or /" >&2
+    exit 2
+fi
 PROCESSES=${PROCESSES:-32}
 THREADS=${THREADS:-128}
 IMAGE_SIZE=${IMAGE_SIZE:-256}
@@ -47,6 +51,7 @@ if printf '%s\n' "$first_line" | tr '\t' '\n' | grep -qx url && printf '%s\n' "$
     TSV=$TSV_IN  # already has a header naming "url" and "caption"
 else
     TSV="$OUT.with_header.tsv"
+    mkdir -p "$(dirname "$OUT")"  # the copy sits next to the output folder, whose parents may not exist yet
     # reuse the copy only when it holds exactly this input (a copy made from another TSV would be downloaded instead)
     if [ ! -f "$TSV" ] || ! tail -n +2 "$TSV" | cmp -s - "$TSV_IN"; then
         echo "writing $TSV (the input with a 'caption<TAB>url' header line)"

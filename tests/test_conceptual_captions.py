@@ -383,6 +383,21 @@ def test_download_reuses_its_header_copy_only_for_the_same_tsv(tmp_path):
     assert "writing" not in download(full)  # the same input: the copy is reused
 
 
+def test_download_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
+    """README's `bash download_cc.sh Train_GCC-training.tsv data/cc_raw` in a fresh checkout: there is no data/
+    yet, and the header copy data/cc_raw.with_header.tsv is written before img2dataset (here `true`) runs."""
+    tsv = tmp_path / "Train_GCC-training.tsv"
+    tsv.write_text("a cat\thttp://x/1\n")
+    env = {**os.environ, "IMG2DATASET": "true"}
+    cmd = ["bash", str(ROOT / "download_cc.sh"), str(tsv), "data/cc_raw"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data/cc_raw.with_header.tsv").read_text() == "caption\turl\n" + tsv.read_text()
+    cmd[-1] = "/"  # no output folder name at all: refused, nothing written at the root
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "output folder" in result.stderr
+
+
 def test_clean_caption():
     assert clean_caption(INVALID_UTF8) == (INVALID_UTF8_CLEAN, True)
     assert clean_caption("caf\u0065\u0301  au\tlait\n".encode()) == ("caf\u00e9 au lait", False)
