@@ -46,8 +46,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also store the frozen text encoder's hidden states per caption (column text_embeds)")
     p.add_argument("--img_size", type=int, default=None,
                    help="shrink images whose shorter side is larger to this size (default: store as downloaded)")
-    p.add_argument("--val_fraction", type=float, default=0.0, help="fraction of rows held out as 'validation'")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--val_fraction", type=float, default=0.0,
+                   help="fraction of rows held out as 'validation', chosen by a hash of each row's img2dataset key")
+    p.add_argument("--seed", type=int, default=0, help="salt of that hash: another seed holds out other rows")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --path_to_save")
     args = p.parse_args(argv)
     for name in ("cpu_batch_size", "gpu_batch_size", "num_cpu_workers"):
@@ -55,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} must be at least 1")
     if args.img_size is not None and args.img_size < 1:
         p.error("--img_size must be at least 1")
+    if not 0.0 <= args.val_fraction < 1.0:  # checked before hours of decoding and encoding, not after them
+        p.error(f"--val_fraction must be in [0, 1), got {args.val_fraction}")
     return args
 
 
@@ -103,7 +106,8 @@ def prepare(args: argparse.Namespace) -> int:
             kept = cc_prep.keep_rows(processed, args.num_cpu_workers)
             splits = cc_prep.split_rows(kept, args.val_fraction, args.seed)
             info = {"text_model": args.hf_clip_model_name, "pre_encoded_text": args.pre_encode_text,
-                    "dtype": args.dtype, "img_size": args.img_size}
+                    "dtype": args.dtype, "img_size": args.img_size, "val_fraction": args.val_fraction,
+                    "seed": args.seed}
             cc_prep.publish(splits, stage, save_path, info)
     except cc_prep.PrepError as err:
         print(f"prep_cc.py: error: {err}", file=sys.stderr)

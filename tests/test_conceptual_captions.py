@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from src.config import Stage1TrainConfig, Stage2TrainConfig
 from src.data import build_dataset
-from src.data.cc_prep import clean_caption
+from src.data.cc_prep import clean_caption, split_rows, validation_share
 from src.data.loader import collate
 from src.models.text_encoder import TextEncoder
 from tests.helpers import make_tiny_clip
@@ -222,7 +222,7 @@ def test_prep_keeps_good_rows_with_their_captions(prepared, raw_shards):
     expected = _expected(tsv_rows)
     assert kept == expected
     assert INVALID_UTF8_CLEAN in kept.values()
-    assert len(dd["validation"]) == round(0.2 * len(expected))
+    assert set(dd["validation"]["key"]) == {k for k in expected if validation_share(k, 0) < 0.2}  # --seed 0
     # the report: rows in (all rows of the readable shards), kept, and why the rest were dropped
     assert _report_count(stdout, "rows in") == len(tsv_rows) + 1  # + the damaged row of the hand-made shard
     assert _report_count(stdout, "rows kept") == len(expected)
@@ -396,6 +396,30 @@ def test_download_into_a_folder_whose_parent_does_not_exist_yet(tmp_path):
     cmd[-1] = "/"  # no output folder name at all: refused, nothing written at the root
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     assert result.returncode == 2 and "output folder" in result.stderr
+
+
+def test_validation_split_keeps_every_row_in_its_split_when_rows_come_and_go():
+    """Re-preparing after a re-download (more rows succeed, some die) must not move rows between splits, or a
+    model trained on one preparation is evaluated on rows it trained on (a seeded shuffle moved 10 of 40
+    validation rows to train when one row was added to 200). Rows sharing a URL share a split."""
+    def rows(ids):
+        return datasets.Dataset.from_dict({"url": [f"http://x/{i}.jpg" for i in ids], "key": [f"{i:09d}" for i in ids]})
+
+    def held(ids, seed=0):
+        return set(split_rows(rows(ids), 0.2, seed)["validation"]["key"])
+
+    before = held(range(200))
+    after = held([*range(1, 200), 200, 201])  # row 0 gone, rows 200 and 201 new
+    assert 20 <= len(before) <= 60  # about 20 %
+    assert before - {f"{0:09d}"} == after - {f"{200:09d}", f"{201:09d}"}
+    assert held(range(200), seed=1) != before  # --seed picks another held-out set
+    twice = split_rows(rows([*range(50), *range(50)]), 0.2)
+    assert not set(twice["train"]["key"]) & set(twice["validation"]["key"])
+    assert len(split_rows(rows(range(3)), 0.01)["validation"]) == 1  # a tiny set still gets a validation row
+    import prep_cc
+
+    with pytest.raises(SystemExit):  # refused at once, not after the whole preparation
+        prep_cc.parse_args(["--path_to_data_root", "r", "--path_to_save", "s", "--val_fraction", "1"])
 
 
 def test_clean_caption():

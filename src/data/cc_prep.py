@@ -16,7 +16,8 @@ The steps, each a function below, in the order `prep_cc.py` runs them:
                         padding, in batches of --gpu_batch_size on every visible GPU (one process each) or on
                         the CPU, in --dtype
     keep_rows           the kept rows, without the bookkeeping columns
-    split_rows          a `train` split, and a `validation` split of --val_fraction of the rows when asked
+    split_rows          a `train` split, and a `validation` split of about --val_fraction of the rows when asked
+                        (chosen by a hash of each row's key, so a row keeps its split when others come or go)
     staging / publish   everything is written into a hidden staging folder next to --path_to_save and renamed
                         into place only when complete; the staging folder (with the `datasets` caches) is removed
 
@@ -32,6 +33,7 @@ Output columns (train and validation):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -494,8 +496,20 @@ def encode_captions(
 # ------------------------------------------------------------------------------------------------------------
 
 
+SPLIT_ID_COLUMNS = ("key", "url")  # a row's split follows a hash of the first of these the shards have
+
+
+def validation_share(row_id: str, seed: int) -> float:
+    """A number in [0, 1) fixed by the row's id and the seed: the row is held out when it is below --val_fraction."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
 def split_rows(kept: datasets.Dataset, val_fraction: float, seed: int = 0) -> datasets.DatasetDict:
-    """{'train'} or, with 0 < val_fraction < 1, {'train', 'validation'} (a seeded random split, >= 1 row each)."""
+    """{'train'} or, with 0 < val_fraction < 1, {'train', 'validation'}: a row is held out when the hash of its
+    img2dataset key (its TSV row number; the URL without keys), salted with `seed`, falls below `val_fraction`. A
+    row's split thus depends on that row alone, so rows kept or dropped differently (a re-download, an unreadable
+    shard) move no other row between splits. Each split keeps at least one row."""
     if not 0.0 <= val_fraction < 1.0:
         raise PrepError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0.0:
@@ -503,9 +517,18 @@ def split_rows(kept: datasets.Dataset, val_fraction: float, seed: int = 0) -> da
     if len(kept) < 2:
         logger.warning("only %d row kept: no validation split", len(kept))
         return datasets.DatasetDict({"train": kept})
-    n_val = min(len(kept) - 1, max(1, round(val_fraction * len(kept))))
-    parts = kept.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    return datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
+    column = next((c for c in SPLIT_ID_COLUMNS if c in kept.column_names), None)
+    if column is None:
+        raise PrepError("--val_fraction needs a 'url' or 'key' column in the shards (img2dataset writes both)")
+    shares = np.array([validation_share(str(row_id), seed) for row_id in kept[column]])  # (N,)
+    held = shares < val_fraction
+    if not held.any():  # a small dataset: hold out the row a larger fraction would take first
+        held[shares.argmin()] = True
+    if held.all():
+        held[shares.argmax()] = False
+    return datasets.DatasetDict(
+        {"train": kept.select(np.flatnonzero(~held)), "validation": kept.select(np.flatnonzero(held))}
+    )
 
 
 def format_report(counts: RowCounts) -> str:
