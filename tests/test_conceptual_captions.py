@@ -345,6 +345,45 @@ finally:
     assert list(tmp_path.iterdir()) == []  # neither a staging folder nor a half-written dataset
 
 
+def test_staging_folder_of_a_killed_prep_is_cleared_by_the_next_run(raw_shards, clip_folder, tmp_path):
+    """SIGKILL (the OOM killer, a scheduler past its grace period) runs no `finally`: the staging folder, with
+    `datasets` caches as large as the data, stayed next to --path_to_save and every rerun added another. The next
+    run removes it, refuses while its owner still runs, and puts back a dataset an --overwrite run had set aside."""
+    from src.data import cc_prep
+
+    save = tmp_path / "out" / "cc"
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+import prep_cc
+from src.data import cc_prep
+def killed_while_processing(raw, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+cc_prep.process_rows = killed_while_processing
+prep_cc.main({_prep_argv(raw_shards[0], save, clip_folder, "--num_cpu_workers", "1")!r})
+"""
+    log = tmp_path / "prep.log"  # a file, not a pipe: nothing that outlives the killed process can hold it open
+    with open(log, "w") as out:
+        proc = subprocess.run([PY, "-c", script], stdout=out, stderr=out, timeout=STAGE_TIMEOUT, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
+    (left,) = save.parent.iterdir()
+    assert left.name.startswith(".cc.staging-") and (left / "cache").is_dir()
+    assert cc_prep.check_save_path(save, overwrite=False) == save  # what prep_cc.py does first
+    assert list(save.parent.iterdir()) == []
+
+    with cc_prep.staging(save) as stage:  # a run still going: refused, its folder untouched
+        with pytest.raises(cc_prep.PrepError, match="may still be going"):
+            cc_prep.check_save_path(save, overwrite=True)
+        assert stage.is_dir()
+        # killed between publish's two renames: the old dataset was set aside, the new one not yet in place
+        (stage / "previous").mkdir()
+        (stage / "previous" / "dataset_dict.json").write_text("{}")
+        (stage / cc_prep.STAGING_OWNER).unlink()  # as if its process were gone
+        with pytest.raises(cc_prep.PrepError, match="already exists"):
+            cc_prep.check_save_path(save, overwrite=False)
+    assert (save / "dataset_dict.json").is_file() and not stage.exists()
+
+
 def test_the_sigterm_handler_raises_in_prep_and_ends_a_forked_worker_at_once():
     """datasets' pool workers inherit prep's SIGTERM handler, and a pool stops its workers with SIGTERM: a
     SystemExit inside a worker's queue calls could leave it waiting on a lock, and prep waiting for it (seen as a

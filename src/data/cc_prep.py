@@ -19,7 +19,8 @@ The steps, each a function below, in the order `prep_cc.py` runs them:
     split_rows          a `train` split, and a `validation` split of about --val_fraction of the rows when asked
                         (chosen by a hash of each row's key, so a row keeps its split when others come or go)
     staging / publish   everything is written into a hidden staging folder next to --path_to_save and renamed
-                        into place only when complete; the staging folder (with the `datasets` caches) is removed
+                        into place only when complete; the staging folder (with the `datasets` caches) is removed,
+                        and one left by a killed run is removed by the next run (check_save_path)
 
 Output columns (train and validation):
 
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import unicodedata
 import uuid
 from collections import Counter
@@ -83,8 +85,10 @@ class PrepError(RuntimeError):
 
 
 def check_save_path(path, overwrite: bool) -> Path:
-    """Refuse to write over an existing --path_to_save unless `overwrite` (checked before any work starts)."""
+    """Refuse to write over an existing --path_to_save unless `overwrite` (checked before any work starts), once
+    the staging folders of earlier, killed runs into it are cleared (clear_stale_staging)."""
     path = Path(path)
+    clear_stale_staging(path)
     if path.exists() and not overwrite:
         raise PrepError(
             f"{path} already exists; prep_cc.py never overwrites a prepared dataset. "
@@ -96,16 +100,67 @@ def check_save_path(path, overwrite: bool) -> Path:
     return path
 
 
+STAGING_OWNER = "owner.json"  # {"pid", "host"} of the run that made a staging folder
+_PREVIOUS = "previous"  # publish moves the dataset it replaces here, just before renaming the new one into place
+
+
+def _staging_folders(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{path.name}.staging-*"))
+
+
+def _owner_running(stage: Path) -> Optional[dict]:
+    """The owner of a staging folder while its process may still run (always, for another host); else None."""
+    try:
+        owner = json.loads((stage / STAGING_OWNER).read_text())
+    except (OSError, ValueError):
+        return None
+    if owner.get("host") != socket.gethostname():
+        return owner
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # another user's live process
+        pass
+    return owner
+
+
+def _restore_previous(stage: Path, path: Path) -> None:
+    """Put back the dataset publish had set aside when the run stopped before the new one took its place."""
+    previous = stage / _PREVIOUS
+    if previous.is_dir() and not path.exists():
+        previous.rename(path)
+        logger.warning("restored %s, which an interrupted --overwrite run had set aside", path)
+
+
+def clear_stale_staging(path: Path) -> None:
+    """Remove the staging folders (and `datasets` caches, as large as the data) that runs into `path` killed by
+    SIGKILL, the OOM killer or a power cut could not remove; stop if one's run is still going."""
+    for stage in _staging_folders(path):
+        owner = _owner_running(stage)
+        if owner is not None:
+            raise PrepError(
+                f"{stage} belongs to a prep_cc.py run into {path} that may still be going (pid {owner.get('pid')} "
+                f"on {owner.get('host')}); wait for it, or remove that folder if the run is gone"
+            )
+        _restore_previous(stage, path)
+        logger.warning("removing %s, left by an interrupted prep_cc.py run", stage)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextmanager
 def staging(path: Path) -> Iterator[Path]:
-    """A hidden folder next to `path` (same file system, so the final rename is atomic), removed on exit."""
+    """A hidden folder next to `path` (same file system, so the final rename is atomic), removed on exit. It names
+    its owner, so a later run can tell a folder left by a killed run from one still in use."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stage = path.parent / f".{path.name}.staging-{uuid.uuid4().hex[:8]}"
     stage.mkdir()
     try:
+        (stage / STAGING_OWNER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
         yield stage
     finally:
+        _restore_previous(stage, path)
         shutil.rmtree(stage, ignore_errors=True)
 
 
@@ -119,7 +174,7 @@ def publish(dataset: datasets.DatasetDict, stage: Path, path: Path, info: Option
     dataset.save_to_disk(str(built))
     (built / PREP_INFO).write_text(json.dumps(info or {}, indent=2))
     if path.exists():  # only reachable with --overwrite (check_save_path)
-        old = stage / "previous"
+        old = stage / _PREVIOUS
         path.rename(old)
         built.rename(path)
         shutil.rmtree(old, ignore_errors=True)
