@@ -366,3 +366,25 @@ def test_a_second_ctrl_c_aborts_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.signal(signal.SIGINT, before) is unhandled  # put back on exit
+
+
+def test_stage2_resumed_at_its_last_step_writes_the_final_model_with_the_pending_ema_steps(tmp_path):
+    """ema_update_every 2: checkpoint_3 of a 4-step run holds one EMA step pending. Resumed from it with
+    total_training_iterations 3 (already reached: no step is trained), the final model must be the one a 3-step run
+    writes, its EMA moved by that pending step, not the lagging shadow."""
+    import shutil
+
+    vae = make_vae_file(tmp_path / "vae.safetensors")
+    model_cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(), {"celebahq": 1.0})
+    keys = dict(per_gpu_batch_size=2, checkpoint_iterations=3, checkpoints_total_limit=0, val_generation_freq=0,
+                ema_update_every=2, log_every=3)
+    argv = lambda work, total, *extra: trainer_argv(  # noqa: E731
+        work, write_train_config(tmp_path / f"total_{total}.yaml", total_training_iterations=total, **keys), model_cfg,
+        vae, "celebahq", "--path_to_dataset", str(make_flat_folder(tmp_path / "faces")), "--report_to", "none", *extra)
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "four", 4))  # its checkpoint_3: one EMA step pending
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "three", 3))
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "four" / "checkpoint_3", tmp_path / "cut" / "checkpoint_3")
+    run_main("stage2_diffusion_trainer", argv(tmp_path / "cut", 3, "--resume_from_checkpoint", "latest"))
+    ta, tb = (load_file(str(w / "model.safetensors")) for w in (tmp_path / "three", tmp_path / "cut"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -682,4 +682,7 @@ def train_loop(args, accelerator, ctx: Stage2Context, state: Stage2State, loader
                 stop.report(state.step, total, path)
                 return False
     bar.close()
+    # the final model reads the shadow: a run resumed at or past total_training_iterations trained no step, and its
+    # checkpoint (a stop's, or a periodic one) may hold EMA steps still pending (a no-op after events.end's flush)
+    state.ema.flush(ctx.unet_module)
     return True
