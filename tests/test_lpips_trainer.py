@@ -184,6 +184,40 @@ def test_fp16_training_checkpoint_keeps_the_loss_scale(tmp_path):
     assert accelerator.scaler.get_scale() == 2.0**16
 
 
+
+def test_a_resume_with_another_initial_lr_uses_it_where_the_schedule_is(tmp_path):
+    """Saved at step 7 of 10 (decay over the last 5: factor 0.6) by a run at 1e-3, resumed with --initial_lr 1e-2:
+    the next steps run at 1e-2 x 0.6, then 1e-2 x 0.4, as stage 1 and 2 take a new learning_rate. The checkpoint's
+    base rate used to win, silently (and the LPIPS checkpoint recorded the new one)."""
+    from accelerate import Accelerator
+
+    from src.training.lpips_train import (LPIPSProgress, build_scheduler, rate_used, resume_training_state,
+                                          save_training_state)
+    from tests.helpers import reset_accelerate
+
+    def run(lr):
+        reset_accelerate()
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        return Accelerator(cpu=True), model, optimizer, build_scheduler(optimizer, 10, 5)
+
+    class Loader:
+        batches_seen = 0
+        batches_per_epoch = 10
+
+    accelerator, model, optimizer, scheduler = run(1e-3)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=7), tmp_path, 7)
+    accelerator, model, optimizer, scheduler = run(1e-2)
+    resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path, "latest")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(6e-3) and rate_used(scheduler, 8) == pytest.approx(6e-3)
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-3)
+
+
 RECORDING_DRIVER = """
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())

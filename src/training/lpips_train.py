@@ -100,8 +100,22 @@ def lr_factor(step: int, total_steps: int, decay_steps: int) -> float:
     return min(1.0, max(0.0, (total_steps - step) / decay_steps))
 
 
+class ConfiguredLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose base rate is this run's --initial_lr: a checkpoint restores where the schedule is (its step
+    count), not the rate of the run that wrote it, as stage 1 and 2's schedules (optim.LRSchedule) do."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Call after the optimizer's load_state_dict (which puts back the stored rates)."""
+        base_lrs = list(self.base_lrs)
+        super().load_state_dict(state_dict)
+        self.base_lrs = base_lrs
+        self._last_lr = [base * f(self.last_epoch) for base, f in zip(base_lrs, self.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, base_lrs, self._last_lr):
+            group["initial_lr"], group["lr"] = base, lr
+
+
 def build_scheduler(optimizer, total_steps: int, decay_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, decay_steps))
+    return ConfiguredLambdaLR(optimizer, lambda step: lr_factor(step, total_steps, decay_steps))
 
 
 def train_step(accelerator, model, batch: dict, optimizer, scheduler, settings: LPIPSTrainSettings) -> dict:
