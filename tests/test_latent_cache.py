@@ -217,3 +217,23 @@ def test_a_cache_from_before_an_identity_field_names_that_field(tmp_path):
         check_cache_dir(tmp_path, new)
     assert "format" not in str(err.value)
     assert check_cache_dir(tmp_path, old)
+
+
+def test_building_the_cache_leaves_the_global_rng_as_it_was(tmp_path):
+    """The UNet's dropout draws from the global RNG: a run that builds its cache must draw the numbers a run from
+    images (or from a cache already built) draws. The build's DataLoader took its worker seed from it (unet.dropout
+    0.3: a different loss at step 1 than from images)."""
+    from accelerate import Accelerator
+
+    from src.config import Stage2TrainConfig
+    from src.training.latent_cache import open_or_build_latent_cache
+    from src.training.stage2 import cache_identity
+
+    faces = make_flat_folder(tmp_path / "faces", count=3)
+    vae = load_autoencoder(make_vae_file(tmp_path / "vae.safetensors"))
+    dataset = ImageFolderDataset(faces, 16)
+    identity = cache_identity(vae, "celebahq", str(faces), len(dataset), Stage2TrainConfig(), "none", None, None)
+    before = torch.get_rng_state()
+    open_or_build_latent_cache(Accelerator(cpu=True), tmp_path / "cache", dataset, vae, identity, True, "none", None,
+                               batch_size=2)
+    assert torch.equal(torch.get_rng_state(), before)

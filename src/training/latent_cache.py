@@ -174,7 +174,10 @@ def build_latent_cache(
     shard = cache_dir / f"shard_{rank}"
     shard.mkdir(parents=True, exist_ok=True)
     indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+    # the iterator's worker seed from its own generator: drawn from the global one, which training's dropout draws
+    # from, it made a run that builds the cache train otherwise than one that finds it built, or one from images
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(0))
     device = accelerator.device
     views = 2 if flip else 1
     moments = None
