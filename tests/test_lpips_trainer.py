@@ -167,17 +167,18 @@ def test_fp16_training_checkpoint_keeps_the_loss_scale(tmp_path):
     class Loader:
         batches_seen = 0
         batches_per_epoch = 10
+        batch_size = 1
 
     trained = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     trained.load_state_dict({**trained.state_dict(), "scale": 256.0, "_growth_tracker": 7})
     accelerator, model, optimizer, scheduler = run(trained)
-    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp16", 3)
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp16", 3, 1)
     accelerator, model, optimizer, scheduler = run(torch.amp.GradScaler("cpu", init_scale=2.0**16))
     resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path / "fp16", "latest")
     assert accelerator.scaler.get_scale() == 256.0 and accelerator.scaler.state_dict()["_growth_tracker"] == 7
 
     accelerator, model, optimizer, scheduler = run(None)  # fp32 run, resumed under fp16: a fresh scale
-    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp32", 3)
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path / "fp32", 3, 1)
     accelerator, model, optimizer, scheduler = run(torch.amp.GradScaler("cpu", init_scale=2.0**16))
     assert resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path / "fp32",
                                  "latest").step == 3
@@ -204,18 +205,46 @@ def test_a_resume_with_another_initial_lr_uses_it_where_the_schedule_is(tmp_path
     class Loader:
         batches_seen = 0
         batches_per_epoch = 10
+        batch_size = 1
 
     accelerator, model, optimizer, scheduler = run(1e-3)
     for _ in range(7):
         optimizer.step()
         scheduler.step()
-    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=7), tmp_path, 7)
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=7), tmp_path, 7, 1)
     accelerator, model, optimizer, scheduler = run(1e-2)
     resume_training_state(accelerator, model, optimizer, scheduler, Loader(), tmp_path, "latest")
     assert optimizer.param_groups[0]["lr"] == pytest.approx(6e-3) and rate_used(scheduler, 8) == pytest.approx(6e-3)
     optimizer.step()
     scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(4e-3)
+
+
+
+def test_a_resume_with_another_batch_size_says_so(tmp_path, caplog):
+    """The LPIPS trainer counts epochs in steps of --batch_size triplets: resumed with another batch size, the rest
+    of the epoch repeats or skips triplets. It went on without a word; now it warns as stage 1 and 2 do."""
+    from accelerate import Accelerator
+
+    from src.training.lpips_train import LPIPSProgress, build_scheduler, resume_training_state, save_training_state
+    from tests.helpers import reset_accelerate
+
+    reset_accelerate()
+    accelerator, model = Accelerator(cpu=True), torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    scheduler = build_scheduler(optimizer, 10, 0)
+    save_training_state(accelerator, model, optimizer, scheduler, LPIPSProgress(step=3), tmp_path, 3, 8)
+
+    class Loader:
+        batches_seen = 0
+        batches_per_epoch = 10
+        batch_size = 4
+
+    loader = Loader()
+    with caplog.at_level("WARNING"):
+        progress = resume_training_state(accelerator, model, optimizer, scheduler, loader, tmp_path, "latest")
+    assert progress.step == 3 and loader.batches_seen == 3
+    assert "written with another data layout (per_gpu_batch_size 8 -> 4)" in caplog.text
 
 
 RECORDING_DRIVER = """

@@ -146,6 +146,10 @@ class InfiniteLoader:
             self.loader._iterator = None
 
     @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    @property
     def batches_per_epoch(self) -> int:
         return self.sampler.batches_per_epoch
 

@@ -357,10 +357,10 @@ def _stream_seed(seed: int, step: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def data_layout(accelerator, cfg) -> dict:
+def data_layout(accelerator, per_gpu_batch_size: int, gradient_accumulation_steps: int = 1) -> dict:
     """How a run cuts its data into steps; the trainers keep it in state.json (see check_data_layout)."""
-    return {"num_processes": accelerator.num_processes, "per_gpu_batch_size": cfg.per_gpu_batch_size,
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
+    return {"num_processes": accelerator.num_processes, "per_gpu_batch_size": per_gpu_batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps}
 
 
 def check_data_layout(info: dict, layout: dict, path) -> None:
@@ -386,5 +386,5 @@ def saved_loader_position(info: dict, default: int) -> int:
 def resumed_loader_position(accelerator, info: dict, cfg, path) -> int:
     """The trainers' resume of their data: where this process's loader starts, with a warning when the run cuts
     its data into steps otherwise than the checkpoint's run did (check_data_layout)."""
-    check_data_layout(info, data_layout(accelerator, cfg), path)
+    check_data_layout(info, data_layout(accelerator, cfg.per_gpu_batch_size, cfg.gradient_accumulation_steps), path)
     return saved_loader_position(info, int(info["step"]) * cfg.gradient_accumulation_steps)

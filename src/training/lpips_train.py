@@ -241,7 +241,7 @@ def train_lpips(
                 counters.read()
             if epoch_end or stopping:
                 path = save_training_state(accelerator, model, optimizer, scheduler, progress, work_dir,
-                                           loader.batches_seen)
+                                           loader.batches_seen, loader.batch_size)
             if stopping and step < total:
                 bar.close()
                 stop.report(step, total, path)
@@ -270,12 +270,13 @@ def rate_used(scheduler, step: int) -> float:
 
 
 def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIPSProgress, work_dir: Path,
-                        loader_position: int) -> Path:
-    """work_dir/checkpoint_<step>: model, Adam and schedule states, RNG, the loop's counters and the loader's
-    position (2 kept)."""
-    from .checkpoint import save_checkpoint
+                        loader_position: int, batch_size: int) -> Path:
+    """work_dir/checkpoint_<step>: model, Adam and schedule states, RNG, the loop's counters, the loader's
+    position and the data layout (2 kept)."""
+    from .checkpoint import data_layout, save_checkpoint
 
     extra = {k: v for k, v in asdict(progress).items() if k != "step"}
+    extra["data_layout"] = data_layout(accelerator, batch_size)
     states = {"optimizer": optimizer, "scheduler": scheduler}
     if accelerator.scaler is not None:  # fp16: accelerate's loss scaler, so that the resume keeps its scale
         states["grad_scaler"] = accelerator.scaler
@@ -288,7 +289,7 @@ def save_training_state(accelerator, model, optimizer, scheduler, progress: LPIP
 def resume_training_state(accelerator, model, optimizer, scheduler, loader, work_dir: Path, resume) -> LPIPSProgress:
     """--resume_from_checkpoint (None, 'latest' or a checkpoint folder): the restored counters, or fresh ones; the
     `loader` (an InfiniteLoader) continues where it was, skipping the batches already trained without loading them."""
-    from .checkpoint import load_checkpoint, resolve_resume_path, saved_loader_position
+    from .checkpoint import check_data_layout, data_layout, load_checkpoint, resolve_resume_path, saved_loader_position
 
     path = resolve_resume_path(work_dir, resume, accelerator)
     if path is None:
@@ -301,10 +302,11 @@ def resume_training_state(accelerator, model, optimizer, scheduler, loader, work
     info = load_checkpoint(accelerator, path, {"model": accelerator.unwrap_model(model)}, states)
     for group in optimizer.param_groups:  # a checkpoint of an unfused Adam: this run's fused kernel goes on
         group["fused"] = optimizer.defaults.get("fused")
+    check_data_layout(info, data_layout(accelerator, loader.batch_size), path)  # another --batch_size: a warning
     loader.batches_seen = saved_loader_position(info, info["step"])  # one batch per step
     info.setdefault("epoch_n", info["step"] % loader.batches_per_epoch)  # a checkpoint from before the count
     logger.info("resumed from %s at step %d", path, info["step"])
-    return LPIPSProgress(**{k: v for k, v in info.items() if k != "loader_position"})
+    return LPIPSProgress(**{k: v for k, v in info.items() if k not in ("loader_position", "data_layout")})
 
 
 def save_epoch_checkpoint(accelerator, model, path: Path, info: dict) -> None:

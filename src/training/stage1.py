@@ -281,7 +281,7 @@ def save_training_checkpoint(accelerator: Accelerator, state: Stage1State, worki
         state.states(),
         state.generators(),
         extra={"skipped_files": files_skipped(accelerator, state.skipped_files),
-               "data_layout": data_layout(accelerator, cfg)},
+               "data_layout": data_layout(accelerator, cfg.per_gpu_batch_size, cfg.gradient_accumulation_steps)},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
     )

@@ -616,7 +616,7 @@ def save_training_checkpoint(accelerator, ctx: Stage2Context, state: Stage2State
     return save_checkpoint(
         accelerator, working_dir, state.step, state.modules(ctx), state.states(), state.randomness.as_dict(),
         extra={"total_training_iterations": cfg.total_training_iterations,
-               "data_layout": data_layout(accelerator, cfg),
+               "data_layout": data_layout(accelerator, cfg.per_gpu_batch_size, cfg.gradient_accumulation_steps),
                **({"class_names": ctx.extra_metadata["class_names"]} if "class_names" in ctx.extra_metadata else {})},
         limit=cfg.checkpoints_total_limit,
         loader_position=state.loader_position,
