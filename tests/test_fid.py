@@ -217,6 +217,31 @@ def test_a_cache_written_with_the_first_rows_for_kid_is_not_reused(tmp_path):
     assert status == "computed"  # another number of kept rows is another entry
 
 
+def _store_repeatedly(path, seed: int, times: int = 20) -> list[str]:
+    stats = stats_from_features(_gaussian(2000, 256, seed=seed))
+    errors = []
+    for _ in range(times):
+        try:
+            save_stats_file(path, stats, {"writer": seed})
+        except OSError as err:
+            errors.append(repr(err))
+    return errors
+
+
+def test_two_evaluations_storing_one_reference_at_once_both_succeed(tmp_path):
+    """The default cache folder is shared by every run: two evaluations of the same reference (a sweep over
+    checkpoints) store the same entry at the same time. A fixed temporary name made one move the other's file
+    away (FileNotFoundError at its rename) or both write into one file."""
+    import multiprocessing
+
+    path = tmp_path / "cache" / "reference_x.npz"
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        errors = pool.starmap(_store_repeatedly, [(path, 0), (path, 1)])
+    assert errors == [[], []]
+    assert load_stats_file(path).features.shape == (2000, 256)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
 def test_unreadable_reference_images_are_skipped_and_counted(tmp_path):
     data = tmp_path / "faces"
     _write_images(data, 5)

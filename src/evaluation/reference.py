@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -103,7 +104,9 @@ def select_indices(num_items: int, max_images: Optional[int]) -> list[int]:
 
 
 def save_stats_file(path, stats: FeatureStats, identity: Optional[dict] = None) -> Path:
-    """An .npz with mu, sigma, count, features (when kept) and the identity as JSON; written atomically."""
+    """An .npz with mu, sigma, count, features (when kept) and the identity as JSON; written atomically, through a
+    temporary file of this call's own: the cache folder is shared by every evaluation, and two of them storing the
+    same reference at once must not write into (or move away) one another's temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "count": np.array(stats.count)}
@@ -111,9 +114,14 @@ def save_stats_file(path, stats: FeatureStats, identity: Optional[dict] = None) 
         arrays["features"] = stats.features.astype(np.float32)
     if identity is not None:
         arrays["identity"] = np.array(json.dumps(identity, sort_keys=True))
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")  # mode from the umask, as before
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **arrays)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
