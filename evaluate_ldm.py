@@ -32,7 +32,7 @@ from src.cli import run_cli
 from src.config import Stage2TrainConfig, from_dict
 from src.data import CONDITIONING, DATASET_NAMES
 from src.evaluation.conditions import balanced_labels, evaluation_prompts, proportional_labels
-from src.evaluation.fid import fid_from_stats, kernel_inception_distance, stats_from_features
+from src.evaluation.fid import fid_from_stats, kernel_inception_distance, kid_subset_rows, stats_from_features
 from src.evaluation.inception import load_inception
 from src.evaluation.reference import ImageSource, describe, load_stats_file, reference_stats, select_indices
 from src.evaluation.sharding import gather_in_order, local_rows, map_batches
@@ -91,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_samples must be at least 2 (FID needs a covariance)")
     if (args.num_steps is not None and args.num_steps < 1) or args.batch_size < 1 or args.feature_batch_size < 1:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
+    if args.kid_subset_size < 2 or args.kid_subsets < 1:  # found before hours of sampling, not after them
+        parser.error("--kid_subset_size must be at least 2 (the unbiased MMD) and --kid_subsets at least 1")
     if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta):
         parser.error(problem)
     if args.reference and args.dataset:
@@ -188,9 +190,13 @@ def metrics(fake: torch.Tensor, reference, args) -> dict:
     if reference.features is not None and len(reference.features) >= 2:
         mean, std = kernel_inception_distance(fake.numpy(), reference.features, args.kid_subset_size,
                                               args.kid_subsets, seed=args.seed)
-        result.update(kid=mean, kid_std=std)
+        rows = kid_subset_rows(args.kid_subset_size, len(fake), len(reference.features))
+        if rows < args.kid_subset_size:
+            logger.warning("KID subsets of %d rows, not --kid_subset_size %d: %d samples, %d reference rows", rows,
+                           args.kid_subset_size, len(fake), len(reference.features))
+        result.update(kid=mean, kid_std=std, kid_subset_size=rows)
     else:
-        result.update(kid=None, kid_std=None)
+        result.update(kid=None, kid_std=None, kid_subset_size=None)
         logger.warning("KID needs reference features; the statistics file holds only mu and sigma")
     return result
 
@@ -232,7 +238,7 @@ def main(argv=None) -> dict:
         "guidance_scale": pipe.guidance_used(args.guidance_scale), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],
-        "kid_subset_size": args.kid_subset_size, "kid_subsets": args.kid_subsets,
+        "kid_subsets": args.kid_subsets,
         "seconds_reference": round(reference_seconds, 2), "seconds_sampling_and_features": round(total_seconds, 2),
         "seconds_per_sample_per_process": round(seconds_per_sample, 4),
     }

@@ -21,6 +21,7 @@ from PIL import Image
 import evaluate_ldm
 import evaluate_vae
 from src.config import ConfigError, Stage2TrainConfig, load_config
+from src.evaluation.fid import stats_from_features
 from src.evaluation.inception import INCEPTION_FILE, INCEPTION_URL, InceptionWeightsError
 from src.evaluation.reconstruction import psnr, ssim
 from src.models.lpips import VGG16_IMAGENET_FILE, vgg16_trunk
@@ -189,6 +190,22 @@ def test_class_samples_follow_the_class_proportions_of_the_reference_folder(tmp_
     with caplog.at_level("WARNING"):
         assert labels("--path_to_dataset", str(data)) == [0, 1] * 4
     assert "not the model's" in caplog.text
+
+
+def test_kid_flags_are_checked_before_sampling_and_results_name_the_subset_size_used():
+    """--kid_subset_size 1 used to fail in the MMD after all the sampling, --kid_subsets 0 to give a NaN KID; and
+    with fewer samples than --kid_subset_size the subsets were smaller than results.json said (1000)."""
+    base = ["--path_to_weights", "model.safetensors"]
+    for flags in (["--kid_subset_size", "1"], ["--kid_subsets", "0"]):
+        with pytest.raises(SystemExit):
+            evaluate_ldm.parse_args(base + flags)
+    rng = np.random.default_rng(0)
+    reference = stats_from_features(rng.normal(size=(20, 8)))
+    fake = torch.from_numpy(rng.normal(size=(10, 8)))
+    assert evaluate_ldm.metrics(fake, reference, evaluate_ldm.parse_args(base))["kid_subset_size"] == 10
+    result = evaluate_ldm.metrics(fake, reference, evaluate_ldm.parse_args(base + ["--kid_subset_size", "4"]))
+    assert result["kid_subset_size"] == 4 and math.isfinite(result["kid"])
+
 
 def test_evaluate_ldm_rejects_an_unknown_sampler(trained, capsys):
     with pytest.raises(SystemExit):

@@ -114,6 +114,14 @@ def test_kid_matches_a_brute_force_unbiased_mmd_and_torchmetrics():
     assert mmd2_unbiased(x, uneven) == pytest.approx(_brute_force_mmd2(x, uneven), rel=1e-10)
 
 
+def test_kid_refuses_subsets_it_cannot_average():
+    x, y = _gaussian(6, 4, seed=13), _gaussian(6, 4, seed=14)
+    with pytest.raises(ValueError, match="at least 1 subset"):
+        kernel_inception_distance(x, y, subset_size=4, num_subsets=0)  # was a NaN mean and std
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        kernel_inception_distance(x, y, subset_size=1, num_subsets=3)
+
+
 def test_kid_is_unbiased_where_the_plain_mmd_is_not():
     """Two sets from one distribution: the unbiased estimate averages to 0, the V-statistic stays positive."""
     rng = np.random.default_rng(9)

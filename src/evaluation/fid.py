@@ -137,13 +137,24 @@ def mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(within_x + within_y - 2.0 * k_xy.mean())
 
 
+def kid_subset_rows(subset_size: int, *counts: int) -> int:
+    """The rows per KID subset: `subset_size`, or fewer when a set is smaller (torch-fidelity refuses that case;
+    here every subset is then the whole smaller set, permuted)."""
+    if subset_size < 2:
+        raise ValueError(f"KID subsets need at least 2 rows (the unbiased MMD), got a subset size of {subset_size}")
+    return min(subset_size, *counts)
+
+
 def kernel_inception_distance(
     x: np.ndarray, y: np.ndarray, subset_size: int = 1000, num_subsets: int = 100, seed: int = 0
 ) -> tuple[float, float]:
-    """(mean, std) of the unbiased MMD^2 over `num_subsets` random subsets of min(subset_size, len) rows of each
-    set, drawn without replacement within a subset (the KID protocol of torch-fidelity / torchmetrics)."""
+    """(mean, std) of the unbiased MMD^2 over `num_subsets` random subsets of kid_subset_rows(subset_size, ...)
+    rows of each set, drawn without replacement within a subset (the KID protocol of torch-fidelity /
+    torchmetrics)."""
+    if num_subsets < 1:
+        raise ValueError(f"KID needs at least 1 subset, got {num_subsets}")
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    size = min(subset_size, len(x), len(y))
+    size = kid_subset_rows(subset_size, len(x), len(y))
     rng = np.random.default_rng(seed)
     values = [
         mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
