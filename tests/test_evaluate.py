@@ -75,6 +75,12 @@ def test_fid_keys_are_typed_and_a_misspelt_one_is_rejected(tmp_path):
     path.write_text("fid_eval_freq: often\n")
     with pytest.raises(ConfigError, match="integer"):
         load_config(path, Stage2TrainConfig)
+    # one sample has no covariance: refused at setup, not by a ValueError at the first FID step, mid-run
+    from src.training.stage2 import Stage2SetupError, build_process
+
+    with pytest.raises(Stage2SetupError, match="fid_num_samples must be 0 .off. or at least 2"):
+        build_process(Stage2TrainConfig(fid_num_samples=1, fid_eval_freq=10))
+    build_process(Stage2TrainConfig(fid_num_samples=1, fid_eval_freq=0))  # FID off: nothing to refuse
 
 
 def test_evaluate_ldm_writes_fid_kid_and_a_grid_reusing_the_reference_training_cached(trained, tmp_path):

@@ -119,6 +119,8 @@ def build_process(train_cfg: Stage2TrainConfig) -> DiffusionProcess:
         raise Stage2SetupError(f"noise_offset must be >= 0 (0.1 is typical), got {train_cfg.noise_offset}")
     if train_cfg.val_guidance_rescale < 0 or train_cfg.val_guidance_rescale > 1:
         raise Stage2SetupError(f"val_guidance_rescale must be in [0, 1], got {train_cfg.val_guidance_rescale}")
+    if train_cfg.fid_num_samples == 1 and train_cfg.fid_eval_freq > 0:  # else the first FID step fails, mid-run
+        raise Stage2SetupError("fid_num_samples must be 0 (off) or at least 2 (FID needs a covariance), got 1")
     try:
         return DiffusionProcess.from_config(train_cfg)
     except ValueError as err:
