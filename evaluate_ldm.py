@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="class models: N / classes samples per class whatever the reference's proportions (ADM's "
                      "and LDM's ImageNet protocol; default: the proportions of a class-folder reference)")
     smp.add_argument("--captions_file", default=None, help="prompts for a text model, one per line")
-    smp.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet / text encoder precision")
+    smp.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                     help="UNet / text encoder precision (the VAE decodes in fp32)")
     smp.add_argument("--text_encoder", default=None, help="override the stored text model (a local folder)")
     smp.add_argument("--hf_cache_dir", default=None, help="Hugging Face cache holding the text encoder")
     met = p.add_argument_group("metrics")
@@ -99,6 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
                      "supplies the validation captions of a text model)")
     return args
+
+
+def load_model(args, device) -> LatentDiffusion:
+    """The pipeline with the UNet and text encoder in --dtype and the VAE in fp32: the images FID sees are decoded
+    at full precision whatever --dtype is (as training's periodic FID decodes them)."""
+    return load_pipeline(args.path_to_weights, device, DTYPES[args.dtype], args.text_encoder, args.hf_cache_dir,
+                         vae_dtype=torch.float32)
 
 
 def reference_source(args, pipe: LatentDiffusion) -> ImageSource | Path:
@@ -209,8 +217,7 @@ def main(argv=None) -> dict:
     inception = load_inception(args.inception_weights, accelerator.device)  # first: a missing file stops at once
     if accelerator.is_main_process:
         writable_folder(args.output)  # before hours of sampling, not after
-    pipe = load_pipeline(args.path_to_weights, accelerator.device, DTYPES[args.dtype], args.text_encoder,
-                         args.hf_cache_dir)
+    pipe = load_model(args, accelerator.device)
     num_steps = pipe.sampler_steps(args.sampler, args.num_steps)  # a count above T stops here, not after the reference
     source = reference_source(args, pipe)
     prompts, labels = sample_conditions(args, pipe, source)

@@ -330,10 +330,12 @@ def load_pipeline(
     hf_cache_dir: Optional[str] = None,
     load_text_encoder: bool = True,
     vae_path: Optional[str] = None,
+    vae_dtype: Optional[torch.dtype] = None,
 ) -> LatentDiffusion:
     """Rebuild the pipeline from a stage-2 model.safetensors. `text_encoder` overrides the stored text model name
     (a local folder, say); `vae_path` decodes with another autoencoder of the same latent space (our stage-1 file
-    or a diffusers AutoencoderKL folder). The VAE runs in fp32 when dtype is float16 (its decoder overflows in fp16)."""
+    or a diffusers AutoencoderKL folder). The VAE runs in `vae_dtype`, by default `dtype`, but fp32 when dtype is
+    float16 (its decoder overflows in fp16)."""
     device = usable_device(device)
     tensors, meta = read_stage2_metadata(path)
     model_cfg = from_dict(ModelConfig, meta["model_config"], f"{path} metadata 'model_config'")
@@ -344,7 +346,8 @@ def load_pipeline(
         vae = replacement_vae(vae_path, model_cfg.vae)
     unet = build_unet(model_cfg.unet, model_cfg.vae.latent_dim, conditioning)
     unet.load_state_dict(tensors["unet"])
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if dtype == torch.float16 else dtype
     vae = vae.to(device=device, dtype=vae_dtype).eval().requires_grad_(False)
     unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
     encoder = None
