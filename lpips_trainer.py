@@ -137,7 +137,7 @@ def main(args) -> dict:
         **tracker_accelerator_kwargs(args, args.work_dir),
     )
     setup_logging(accelerator)
-    set_seed(args.seed)
+    set_seed(args.seed + accelerator.process_index)  # each process its own dropout masks (as stages 1 and 2)
     work_dir = Path(args.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = work_dir / args.checkpoint_name

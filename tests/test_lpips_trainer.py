@@ -259,6 +259,19 @@ def recorded(logits, judge):
         f.write("%r\\n" % float(loss.detach()))
     return loss
 lpips_train.ranking_loss = recorded
+build_lpips = lpips_train.build_lpips
+def build_recording(*args, **kwargs):  # each dropout's mask, drawn ahead on a fork of the RNG it is about to use
+    import torch
+    lpips = build_lpips(*args, **kwargs)
+    def write_mask(module, inputs):
+        if module.training:
+            with torch.random.fork_rng(devices=[]):
+                mask = torch.nn.functional.dropout(torch.ones_like(inputs[0]), module.p, True) > 0
+            with open(record.replace("losses_", "masks_"), "a") as f:
+                f.write("".join("01"[int(v)] for v in mask.flatten().tolist()) + "\\n")
+    lpips.dropout.register_forward_pre_hook(write_mask)
+    return lpips
+lpips_train.build_lpips = build_recording
 sys.argv = ["lpips_trainer.py"] + sys.argv[2:]
 runpy.run_path("lpips_trainer.py", run_name="__main__")
 """
@@ -266,7 +279,8 @@ runpy.run_path("lpips_trainer.py", run_name="__main__")
 
 def test_two_processes_log_both_processes_losses_and_evaluate_to_the_one_process_numbers(tmp_path):
     """torchrun with 2 CPU processes: each step's logged loss (and the epoch loss) is the mean over both processes'
-    batches, each loss read where it is computed (it was the first process's alone); the evaluation, each process
+    batches, each loss read where it is computed (it was the first process's alone); each process draws its own
+    dropout masks (both drew the same: one seed for every process); the evaluation, each process
     scoring half of every category, gathers the table one process computes from the same checkpoint. An unreadable
     validation patch is left out on both counts: it made the processes' batches unequal, so the gather aborted
     (JND sample 2, in one process's batch) or kept a padding duplicate in its place (2AFC sample 1, in both)."""
@@ -284,7 +298,8 @@ def test_two_processes_log_both_processes_losses_and_evaluate_to_the_one_process
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     flags = ["--path_to_root", str(data), "--work_dir", str(work), "--img_size", "16", "--batch_size", "4",
              "--num_workers", "0", "--num_epochs", "1", "--decay_epochs", "0", "--logging_steps", "1",
-             "--middle_channels", "8", "--report_to", "none", "--val_sets", "cnn", "color", "--jnd_sets", "cnn"]
+             "--middle_channels", "8", "--report_to", "none", "--val_sets", "cnn", "color", "--jnd_sets", "cnn",
+             "--use_dropout"]
     run(torchrun + [str(driver), str(tmp_path), *flags], env)
     two = json.loads((work / "eval.json").read_text())
     reset_accelerate()
@@ -298,6 +313,9 @@ def test_two_processes_log_both_processes_losses_and_evaluate_to_the_one_process
     per_rank = [[float(x) for x in (tmp_path / f"losses_{r}.txt").read_text().split()] for r in (0, 1)]
     expected = [(a + b) / 2 for a, b in zip(*per_rank)]
     assert len(expected) >= 2 and per_rank[0] != per_rank[1]
+    masks = [(tmp_path / f"masks_{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(masks[0]) == len(masks[1]) == 10 * len(expected)  # 5 layers x (d0, d1) per step
+    assert all(a != b for a, b in zip(*masks))  # each process its own masks
     rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows if "loss" in r] == pytest.approx(expected, rel=1e-6)
     epoch = [r["epoch_loss"] for r in rows if "epoch_loss" in r]
