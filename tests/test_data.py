@@ -175,6 +175,33 @@ def test_loader_drops_and_counts_unreadable_files(tmp_path):
     assert seen == counts["good"] and loader.num_skipped == counts["bad"]
 
 
+class Unreadable(torch.utils.data.Dataset):
+    """Every item unreadable (None, as a folder of git-lfs pointers gives); fails the test past `limit` reads."""
+
+    def __init__(self, n: int, limit: int = 200):
+        self.n, self.limit, self.reads = n, limit, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.reads > self.limit:
+            raise RuntimeError(f"the loader is still drawing after {self.limit} unreadable items")
+        return None
+
+
+def test_a_process_whose_whole_epoch_is_unreadable_stops_with_a_dataset_error():
+    # it drew empty batches forever: stage 2 on a folder of 4 broken files logged 2.5 million 'skipped' lines in
+    # 10 minutes and never finished a step, so it ignored SIGTERM too
+    with pytest.raises(DatasetError, match="no readable item in a whole epoch: the 4 items of this process's share"):
+        next(iter(InfiniteLoader(Unreadable(9), batch_size=2, seed=0, rank=1, world_size=2)))
+    resumed = InfiniteLoader(Unreadable(9), batch_size=2, seed=0, start_batch=3)  # mid-epoch: the next one decides
+    with pytest.raises(DatasetError):
+        next(iter(resumed))
+    assert resumed.batches_seen == 8 and resumed.num_skipped == 10  # the end of epoch 0, then all of epoch 1
+
+
 def test_a_decompression_bomb_is_skipped_and_counted_like_other_broken_files(tmp_path, caplog):
     # a 24 KB 1-bit PNG that declares 2e8 pixels, over twice PIL's limit: PIL raises DecompressionBombError,
     # which is not an OSError

@@ -3,7 +3,8 @@
 Each epoch is a permutation drawn from `seed + epoch`, split evenly over the processes, so the order of
 batches is a pure function of (seed, step) and a resumed run continues exactly where it stopped
 (`InfiniteLoader(..., start_batch=n)` skips n batches without loading them). Items that a dataset returns as
-None (unreadable files) are dropped by `collate` and counted in `loader.num_skipped`.
+None (unreadable files) are dropped by `collate` and counted in `loader.num_skipped`; an epoch in which every item
+of this process's share is unreadable raises DatasetError instead of drawing empty batches forever.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .image_folder import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +160,7 @@ class InfiniteLoader:
         while True:
             epoch, offset = divmod(self.batches_seen, self.batches_per_epoch)
             self.sampler.set_epoch(epoch, offset)
+            readable = False
             for batch in self.loader:
                 self.batches_seen += 1
                 if batch["num_skipped"]:
@@ -164,4 +168,13 @@ class InfiniteLoader:
                     logger.info("skipped %d unreadable file(s) so far", self.num_skipped)
                 if len(batch) == 1:  # every item of the batch was unreadable
                     continue
+                readable = True
                 yield batch
+            if not readable and offset == 0:  # a whole epoch drawn and nothing to train on: it would spin forever
+                raise DatasetError(self._unreadable_epoch_message())
+
+    def _unreadable_epoch_message(self) -> str:
+        s = self.sampler
+        share = s.batches_per_epoch * min(s.batch_size, s.num_items // s.world_size)
+        return (f"no readable item in a whole epoch: the {share} items of this process's share of the dataset's "
+                f"{s.num_items} were all unreadable (check the dataset's path)")
