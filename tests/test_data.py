@@ -303,6 +303,14 @@ def test_loader_shards_are_disjoint_across_processes():
     assert not set(r0) & set(r1) and len(r0) == len(r1) == 10
 
 
+def test_a_dataset_smaller_than_the_processes_is_a_dataset_error_and_a_small_one_gets_smaller_batches():
+    # a bare ValueError: the trainers printed it with a traceback, as a bug, instead of their one-line input error
+    with pytest.raises(DatasetError, match="a dataset of 1 item"):
+        InfiniteLoader(Unreadable(1), 4, rank=1, world_size=2)
+    r0, r1 = (take(InfiniteLoader(Indexed(), 16, seed=1, rank=r, world_size=2), 2) for r in (0, 1))
+    assert [len(b) for b in r0 + r1] == [11] * 4 and not set(r0[0]) & set(r1[0])  # 23 items: 11 each, 1 left out
+
+
 CRASH_WITH_WORKERS = """
 import torch
 from src.data.loader import InfiniteLoader

@@ -77,9 +77,8 @@ class EpochBatchSampler(Sampler[list[int]]):
         per_rank = num_items // world_size
         self.batches_per_epoch = max(1, per_rank // batch_size) if per_rank else 0
         if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"dataset of {num_items} items is too small for {world_size} process(es)"
-            )
+            raise DatasetError(f"a dataset of {num_items} item(s) is too small for {world_size} processes: each needs "
+                               f"at least one item an epoch")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch = epoch
