@@ -18,10 +18,13 @@ the counts are printed at the end. The result (a DatasetDict with a `train` spli
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import threading
+from typing import Optional
 
 from src.data import cc_prep
 
@@ -62,10 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def exit_on_sigterm(main_pid: int):
-    """A SIGTERM handler: SystemExit in the process that installed it, so its `finally` blocks run. The worker
-    processes `datasets` forks inherit it; there it ends the process at once, as SIGTERM's default does, because a
-    pool stops its workers with SIGTERM and a SystemExit raised inside a worker's queue calls could leave it
-    waiting on a lock forever (and the prep waiting for it)."""
+    """A SIGTERM handler: SystemExit in the process that installed it, so its `finally` blocks run. A process forked
+    by os.fork gets SIGTERM's default back (`_fork_hooks`); one forked another way that inherits the handler ends
+    at once there, as SIGTERM's default does."""
 
     def handler(signum, frame):
         if os.getpid() != main_pid:
@@ -75,16 +77,60 @@ def exit_on_sigterm(main_pid: int):
     return handler
 
 
+class _ForkGuard(threading.local):
+    active = False  # prep's handler is installed (main process)
+    mask: Optional[set] = None  # the forking thread's signal mask, while SIGTERM is blocked around os.fork
+
+
+_FORK_GUARD = _ForkGuard()
+
+
+def _block_sigterm_before_fork() -> None:
+    if _FORK_GUARD.active:
+        _FORK_GUARD.mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+
+def _unblock_sigterm_after_fork(child: bool) -> None:
+    mask, _FORK_GUARD.mask = _FORK_GUARD.mask, None
+    if mask is None:
+        return
+    if child:  # before the signal can arrive: a pending one takes the default action (the process ends)
+        _FORK_GUARD.active = False
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+# datasets' pool workers are forked, and a pool stops them with SIGTERM, possibly before a new worker's interpreter
+# is set up. A child that inherited a Python-level handler lost such a signal (CPython clears signals that arrive
+# before its after-fork set-up: 34 of 40 children sent SIGTERM right after os.fork lived on), kept the pool's lock
+# and its output pipes, and prep (or a test waiting on its output) waited forever. With SIGTERM blocked across the
+# fork and its default restored in the child, the signal stays pending until it can end the child.
+os.register_at_fork(
+    before=_block_sigterm_before_fork,
+    after_in_parent=lambda: _unblock_sigterm_after_fork(child=False),
+    after_in_child=lambda: _unblock_sigterm_after_fork(child=True),
+)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM (kill, timeout, a scheduler) ends Python without running `finally`: inside this block it raises
+    SystemExit instead, so the staging folder with its datasets caches is removed as on Ctrl-C. Forked children
+    get SIGTERM's default action."""
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm(os.getpid()))
+    _FORK_GUARD.active = True
+    try:
+        yield
+    finally:
+        _FORK_GUARD.active = False
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    # SIGTERM (kill, timeout, a scheduler) would end the process without running `finally`: raise instead, so the
-    # staging folder with its datasets caches is removed as on Ctrl-C
-    previous = signal.signal(signal.SIGTERM, exit_on_sigterm(os.getpid()))
-    try:
+    with sigterm_raises():
         return prepare(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def prepare(args: argparse.Namespace) -> int:
