@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler steps; default: DDIM 50, DPM-Solver++ 20, as inference_ldm.py (DDPM: every step)")
     smp.add_argument("--guidance_scale", type=float, default=1.0, help="classifier-free guidance (1 = off)")
     smp.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity")
+    smp.add_argument("--guidance_rescale", type=float, default=0.0,
+                     help="Lin et al. 2024 eq. 16, as inference_ldm.py and training's val_guidance_rescale (0 = off)")
     smp.add_argument("--seed", type=int, default=0, help="sample i's noise is seeded by (seed, i)")
     smp.add_argument("--batch_size", type=int, default=25, help="samples per sampling call and process")
     smp.add_argument("--balanced_labels", action="store_true",
@@ -94,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_steps, --batch_size and --feature_batch_size must be at least 1")
     if args.kid_subset_size < 2 or args.kid_subsets < 1:  # found before hours of sampling, not after them
         parser.error("--kid_subset_size must be at least 2 (the unbiased MMD) and --kid_subsets at least 1")
-    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta):
+    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta, args.guidance_rescale):
         parser.error(problem)
     if args.reference and args.dataset:
         parser.error("give either --reference or --dataset, not both (--path_to_dataset with --reference only "
@@ -174,7 +176,7 @@ def sample_features(args, pipe: LatentDiffusion, inception, accelerator, prompts
             labels=labels[start:end] if labels else None,
             num_per_condition=1 if (prompts or labels) else end - start,
             sampler=args.sampler, num_steps=args.num_steps, guidance_scale=args.guidance_scale, eta=args.eta,
-            seed=args.seed, sample_indices=range(start, end),
+            guidance_rescale=args.guidance_rescale, seed=args.seed, sample_indices=range(start, end),
         )  # (b, 3, H, W), sample i's noise from sample_seed(seed, i)
         if images.is_cuda:
             torch.cuda.synchronize()
@@ -243,6 +245,7 @@ def main(argv=None) -> dict:
         "samples_per_class": None if labels is None else np.bincount(labels, minlength=pipe.num_trained_classes).tolist(),
         "num_steps": num_steps,
         "guidance_scale": pipe.guidance_used(args.guidance_scale), "eta": args.eta, "seed": args.seed, "dtype": args.dtype,
+        "guidance_rescale": args.guidance_rescale if pipe.guidance_used(args.guidance_scale) != 1 else 0.0,
         "image_size": pipe.vae.config.img_size, "num_processes": accelerator.num_processes,
         "inception_weights": str(inception.weights_path), "inception_sha256": inception.identity["weights_sha256"],
         "kid_subsets": args.kid_subsets,

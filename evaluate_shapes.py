@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--num_prompts must be at least 1, got {args.num_prompts}")
     if args.num_steps is not None and args.num_steps < 1:
         p.error(f"--num_steps must be at least 1, got {args.num_steps}")
-    if problem := sampler_flags_error(args.sampler, args.num_steps):
+    if problem := sampler_flags_error(args.sampler, args.num_steps, guidance_rescale=args.guidance_rescale):
         p.error(problem)
     return args
 

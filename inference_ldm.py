@@ -91,10 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--num_images must be at least 1")
     if args.num_steps is not None and args.num_steps < 1:
         parser.error("--num_steps must be at least 1")
-    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta):
+    if problem := sampler_flags_error(args.sampler, args.num_steps, args.eta, args.guidance_rescale):
         parser.error(problem)
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        parser.error("--guidance_rescale must be in [0, 1]")
     if args.prompt is not None and any(not p.strip() for p in args.prompt):
         parser.error("--prompt is empty: describe the image, e.g. --prompt \"A beautiful sunset at the beach\"")
     return args

@@ -36,16 +36,22 @@ SAMPLERS = ("ddim", "dpmpp_2m", "ddpm")
 DEFAULT_STEPS = {"ddim": 50, "dpmpp_2m": 20}  # ddpm always runs every training timestep
 
 
-def sampler_flags_error(sampler: str, num_steps: Optional[int], eta: float = 0.0) -> Optional[str]:
-    """What is wrong with the sampling scripts' --sampler / --num_steps / --eta together, or None: a flag the
-    sampler would ignore is refused rather than recorded as if it had been used."""
+def sampler_flags_error(
+    sampler: str, num_steps: Optional[int], eta: float = 0.0, guidance_rescale: float = 0.0
+) -> Optional[str]:
+    """What is wrong with the sampling scripts' --sampler / --num_steps / --eta / --guidance_rescale, or None: a
+    flag the sampler would ignore is refused rather than recorded as if it had been used."""
     if sampler == "ddpm" and num_steps is not None:
         return "--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step"
     if not eta >= 0:
         return "--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)"
     if eta != 0 and sampler != "ddim":
         return f"--eta applies to --sampler ddim only; {sampler} would ignore it"
+    if not 0.0 <= guidance_rescale <= 1.0:
+        return "--guidance_rescale must be in [0, 1] (Lin et al. 2024: 0 off, 0.7 their choice)"
     return None
+
+
 STAGE = 2
 
 

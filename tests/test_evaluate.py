@@ -152,6 +152,27 @@ def test_evaluate_ldm_samples_depend_on_the_seed_alone_and_nearby_seeds_share_no
     assert distance.min() > 1.0, distance.min()
 
 
+def test_evaluate_ldm_takes_the_guidance_rescale_of_training_and_records_it(trained, tmp_path, capsys):
+    """Training's periodic FID samples with val_guidance_rescale; evaluate_ldm.py had no such flag, so a periodic
+    FID with it on could not be reproduced. The flag reaches the sampler, results.json records it, and a value
+    outside [0, 1] is refused before sampling (as in inference_ldm.py and evaluate_shapes.py)."""
+    import evaluate_shapes
+
+    flags = ["--path_to_weights", str(trained["model"]), "--num_samples", "2", "--num_reference", "2",
+             "--batch_size", "2", "--num_steps", "2", "--guidance_scale", "3", "--num_workers", "0",
+             "--inception_weights", str(trained["inception"]), "--stats_cache", str(trained["work"] / "fid_reference")]
+    results = {}
+    for rescale in ("0", "0.7"):
+        reset_accelerate()
+        results[rescale] = evaluate_ldm.main(flags + ["--guidance_rescale", rescale, "--output", str(tmp_path / rescale)])
+    assert (results["0"]["guidance_rescale"], results["0.7"]["guidance_rescale"]) == (0.0, 0.7)
+    assert results["0"]["fid"] != results["0.7"]["fid"]  # other samples
+    for parse in (evaluate_ldm.parse_args, evaluate_shapes.parse_args):
+        with pytest.raises(SystemExit):
+            parse(["--path_to_weights", "m.safetensors", "--guidance_rescale", "1.5"])
+        assert "--guidance_rescale must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_evaluate_ldm_records_the_guidance_an_unconditional_model_was_sampled_with(trained, tmp_path):
     """Sampling an unconditional model ignores --guidance_scale (nothing to guide towards): results.json must say
     1, the scale the samples were drawn with, not the flag's value."""
