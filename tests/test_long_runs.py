@@ -134,6 +134,31 @@ def test_stage1_fp16_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch,
     assert_same_run(tmp_path / "ref", tmp_path / "cut", "checkpoint_6")
 
 
+def test_stage1_resumed_with_the_patchgan_turned_on_starts_a_fresh_discriminator(tmp_path, capfd):
+    """A run trained without the PatchGAN, resumed with use_patchgan on, stopped on 'discriminator.safetensors is
+    missing ... another trainer or a run with other settings', never naming the key. The PatchGAN now starts fresh
+    at the resume, as it would at disc_start, and the autoencoder's own states still come from the checkpoint."""
+    kw = dict(per_gpu_batch_size=4, gradient_accumulation_steps=1, num_val_random_samples=2, checkpoint_iterations=2,
+              val_generation_freq=0, disc_start=0, log_every=1)
+    cfgs = write_configs(tmp_path / "cfg", use_patchgan=False, total_training_iterations=2, **kw)
+    model = yaml.safe_load(cfgs[1].read_text())
+    model["vae"].update(vae_channels_per_block=[8, 16], residual_layers_per_block=1)
+    cfgs[1].write_text(yaml.safe_dump(model))
+    work = tmp_path / "work"
+    run_main("stage1_vae_trainer", stage1_args(work, cfgs))
+    assert not (work / "checkpoint_2" / "discriminator.safetensors").exists()
+    write_configs(tmp_path / "cfg", use_patchgan=True, total_training_iterations=4, **kw)
+    cfgs[1].write_text(yaml.safe_dump(model))
+    capfd.readouterr()
+    run_main("stage1_vae_trainer", stage1_args(work, cfgs) + ["--resume_from_checkpoint", "latest"])
+    assert "written without a PatchGAN (use_patchgan was False)" in "".join(capfd.readouterr())
+    assert checkpoints(work) == ["checkpoint_2", "checkpoint_4"]
+    assert (work / "checkpoint_4" / "discriminator.safetensors").is_file()
+    rows = metrics(work)
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert "disc_loss" not in rows[1] and "disc_loss" in rows[2] and "gen_loss" in rows[3]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])  # SLURM's --signal, and Ctrl-C at a terminal
 def test_stage2_fp16_signal_then_resume_is_bit_identical(tmp_path, monkeypatch, signals_caught, sig):
     """Class-conditional (ImageNet layout), flips, condition dropout and gradient accumulation, under fp16; the

@@ -166,8 +166,16 @@ def maybe_resume(
         if resume:
             logger.info("no checkpoint in %s yet: starting from step 0", working_dir)
         return
-    info = load_checkpoint(accelerator, path, state.modules(), state.states(), state.generators())
+    modules, states = state.modules(), state.states()
+    fresh_disc = "discriminator" in modules and not (path / "discriminator.safetensors").is_file()
+    if fresh_disc:  # use_patchgan turned on for the resume: a new PatchGAN, optimizer and LR schedule, as at disc_start
+        del modules["discriminator"], states["disc_optimizer"], states["disc_scheduler"]
+    info = load_checkpoint(accelerator, path, modules, states, state.generators())
     state.step = int(info["step"])
+    if fresh_disc:
+        logger.warning("%s was written without a PatchGAN (use_patchgan was False): the discriminator starts fresh "
+                       "at step %d and trains from step %d on (disc_start)", path, state.step,
+                       max(state.step, cfg.disc_start))
     # state.json holds the count over every process: the main process carries it on, the others start from 0
     state.skipped_files = int(info.get("skipped_files", 0)) if accelerator.is_main_process else 0
     state.loader_position = resumed_loader_position(accelerator, info, cfg, path)
