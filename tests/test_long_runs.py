@@ -137,7 +137,8 @@ def test_stage1_fp16_sigterm_then_resume_is_bit_identical(tmp_path, monkeypatch,
 def test_stage1_resumed_with_the_patchgan_turned_on_starts_a_fresh_discriminator(tmp_path, capfd):
     """A run trained without the PatchGAN, resumed with use_patchgan on, stopped on 'discriminator.safetensors is
     missing ... another trainer or a run with other settings', never naming the key. The PatchGAN now starts fresh
-    at the resume, as it would at disc_start, and the autoencoder's own states still come from the checkpoint."""
+    at the resume, as it would at disc_start, and the autoencoder's own states still come from the checkpoint.
+    A resume past a lowered total_training_iterations trained nothing without a word; it now warns."""
     kw = dict(per_gpu_batch_size=4, gradient_accumulation_steps=1, num_val_random_samples=2, checkpoint_iterations=2,
               val_generation_freq=0, disc_start=0, log_every=1)
     cfgs = write_configs(tmp_path / "cfg", use_patchgan=False, total_training_iterations=2, **kw)
@@ -157,6 +158,13 @@ def test_stage1_resumed_with_the_patchgan_turned_on_starts_a_fresh_discriminator
     rows = metrics(work)
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
     assert "disc_loss" not in rows[1] and "disc_loss" in rows[2] and "gen_loss" in rows[3]
+    # total_training_iterations lowered below the checkpoint's step: nothing trains, and the log says so
+    write_configs(tmp_path / "cfg", use_patchgan=True, total_training_iterations=3, **kw)
+    cfgs[1].write_text(yaml.safe_dump(model))
+    capfd.readouterr()
+    run_main("stage1_vae_trainer", stage1_args(work, cfgs) + ["--resume_from_checkpoint", "latest"])
+    assert "past total_training_iterations 3: no step is trained" in "".join(capfd.readouterr())
+    assert [row["step"] for row in metrics(work)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGINT])  # SLURM's --signal, and Ctrl-C at a terminal

@@ -385,6 +385,11 @@ def saved_loader_position(info: dict, default: int) -> int:
 
 def resumed_loader_position(accelerator, info: dict, cfg, path) -> int:
     """The trainers' resume of their data: where this process's loader starts, with a warning when the run cuts
-    its data into steps otherwise than the checkpoint's run did (check_data_layout)."""
+    its data into steps otherwise than the checkpoint's run did (check_data_layout), or when the checkpoint is
+    already past this run's total_training_iterations (nothing is trained; the final model is the checkpoint's)."""
     check_data_layout(info, data_layout(accelerator, cfg.per_gpu_batch_size, cfg.gradient_accumulation_steps), path)
+    if int(info["step"]) > cfg.total_training_iterations:
+        logger.warning("%s is at step %d, past total_training_iterations %d: no step is trained, and the final model "
+                       "is the checkpoint's, at step %d", path, int(info["step"]), cfg.total_training_iterations,
+                       int(info["step"]))
     return saved_loader_position(info, int(info["step"]) * cfg.gradient_accumulation_steps)
