@@ -231,12 +231,17 @@ class LatentDiffusion:
             indices = [i % num_per_condition for i in range(batch)] if sample_indices is None else list(sample_indices)
             if len(indices) != batch:
                 raise PipelineError(f"{len(indices)} sample indices for {batch} images")
-            generator = [torch.Generator(device=self.device).manual_seed(sample_seed(seed, i)) for i in indices]
+            generator = sample_generators(seed, indices, self.device)
         z = self.sample_latents(
             batch, cond, uncond, sampler, num_steps, guidance_scale, eta, generator, progress, guidance_rescale
         )
         check_finite(z, self.unet.conv_in.weight.dtype)
         return self.decode(z)
+
+
+def sample_generators(seed: int, indices: Sequence[int], device) -> list[torch.Generator]:
+    """One generator per sample, on `device`, seeded by sample_seed(seed, index): the samplers' per-image noise."""
+    return [torch.Generator(device=device).manual_seed(sample_seed(seed, i)) for i in indices]
 
 
 def sample_seed(seed: int, index: int) -> int:

@@ -27,7 +27,7 @@ from ..evaluation.inception import FEATURE_DIM, load_inception, resolve_inceptio
 from ..evaluation.reference import ImageSource, reference_stats, select_indices
 from ..evaluation.sharding import map_batches
 from ..models.unet import UNet
-from ..pipeline import LatentDiffusion, sample_seed
+from ..pipeline import LatentDiffusion, sample_generators
 from .stage2 import Stage2Context, batch_condition
 
 logger = logging.getLogger("ldm")
@@ -79,7 +79,7 @@ def evaluate_fid(args, accelerator, ctx: Stage2Context, ema_unet: UNet, step: in
         batch = collate([item for _, item in items if item is not None])
         cond = batch_condition(batch, ctx.conditioning, ctx.text_encoder, ctx.device)
         uncond = ema_unet.null_condition(len(positions))
-        generator = [torch.Generator(device=ctx.device).manual_seed(sample_seed(cfg.seed, p)) for p in positions]
+        generator = sample_generators(cfg.seed, positions, ctx.device)
         z = pipe.sample_latents(len(positions), cond, uncond, cfg.val_sampler, num_steps, cfg.val_guidance_scale,
                                 generator=generator, guidance_rescale=cfg.val_guidance_rescale)  # (b, C, h, w)
         return inception(pipe.decode(z)), torch.tensor(positions)
