@@ -183,7 +183,12 @@ def log_attempts(tmp_path, report_to: str, attempts, configs=None) -> list[str]:
     from src.training.trackers import start_trackers, tracker_accelerator_kwargs
 
     ids = []
-    for start, values in attempts:
+    for attempt, (start, values) in enumerate(attempts):
+        if attempt and report_to in ("tensorboard", "all"):
+            # TensorBoard reads a run's event files in name order: time in whole seconds, host, pid, then a
+            # per-process counter, which sorts "10" before "9". A resumed run is a new process, seconds later;
+            # attempts made here in one process within one second could be read back out of order.
+            time.sleep(1.0 - time.time() % 1.0 + 0.01)
         reset_accelerate()
         accelerator = Accelerator(cpu=True, **tracker_accelerator_kwargs(flags("--report_to", report_to), tmp_path))
         start_trackers(accelerator, "run", "name", tmp_path, configs or {}, start_step=start)
