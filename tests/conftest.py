@@ -17,7 +17,12 @@ os.environ.setdefault("LDM_PROGRESS_INTERVAL", "5")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker and the processes it starts get one thread: two
+# workers x two threads on two cores spend their time in OpenMP waits.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+if THREADS == 1:
+    os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture
