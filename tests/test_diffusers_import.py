@@ -124,3 +124,30 @@ def test_more_class_folders_than_an_init_unet_has_classes_blames_the_source_not_
                         str(make_image_folders(tmp_path / "data", num_classes=4, per_class=1)), "--init_unet", str(model))
     with pytest.raises(Stage2SetupError, match="4 class folders but the --init_unet model .* has 3 classes"):
         run_trainer(argv)  # "raise num_classes" would send the user to a config that already says 10
+
+
+def test_init_unet_from_a_model_of_other_class_folders_warns_naming_the_labels(tmp_path, caplog):
+    """Label i is the i-th class folder: a source trained on other folders gives its embeddings to other classes."""
+    from src.training.init_unet import warn_if_classes_differ
+
+    model = make_stage2_file(tmp_path / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet",
+                             extra={"class_names": ["cat", "dog", "fox"]})
+    with caplog.at_level("WARNING", logger="ldm"):
+        warn_if_classes_differ(model, ["cat", "dog", "fox"])
+        assert not caplog.records
+        warn_if_classes_differ(model, ["cat", "eel", "fox", "owl"])
+    message = caplog.records[-1].getMessage()
+    assert "2 of 4 labels mean another class here (1: dog there, eel here, 3: - there, owl here)" in message
+
+
+def test_stage2_with_init_unet_checks_the_source_class_folders(tmp_path, capfd):
+    from tests.stage2_helpers import make_image_folders, make_vae_file
+
+    model = make_stage2_file(tmp_path / "class.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet",
+                             extra={"class_names": ["class_0", "class_2", "class_1"]})
+    cfg = write_model_config(tmp_path / "ldm.yaml", tiny_unet(class_conditioning=True), {"imagenet": 0.7})
+    argv = trainer_argv(tmp_path / "work", write_train_config(tmp_path / "train.yaml", total_training_iterations=1),
+                        cfg, make_vae_file(tmp_path / "vae.safetensors"), "imagenet", "--path_to_dataset",
+                        str(make_image_folders(tmp_path / "data", num_classes=3, per_class=2)), "--init_unet", str(model))
+    run_trainer(argv)
+    assert "2 of 3 labels mean another class here (1: class_2 there, class_1 here, 2: class_1 there" in capfd.readouterr().out

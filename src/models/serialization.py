@@ -35,8 +35,8 @@ def save_models(path, modules: dict[str, torch.nn.Module], metadata: dict[str, A
     return path
 
 
-def load_models(path, device: str | torch.device = "cpu") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Return ({prefix: state_dict}, metadata) of a file written by `save_models`."""
+def _open(path, device: str | torch.device = "cpu"):
+    """The safetensors handle of a toolkit model file, with clear errors for a missing or foreign file."""
     path = Path(path)
     if not path.is_file():
         hint = (" (a folder: pass the model.safetensors in a run's working_directory, not a checkpoint_N or "
@@ -47,16 +47,28 @@ def load_models(path, device: str | torch.device = "cpu") -> tuple[dict[str, dic
     except SafetensorError as err:
         raise ValueError(f"{path} is not a safetensors file ({err}); expected the model.safetensors of "
                          "stage1_vae_trainer.py or stage2_diffusion_trainer.py") from err
+    raw_meta = f.metadata() or {}
+    if raw_meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} was not written by this toolkit (no '{FORMAT}' metadata); "
+            "expected the model.safetensors of stage1_vae_trainer.py or stage2_diffusion_trainer.py"
+        )
+    return f, {k: json.loads(v) for k, v in raw_meta.items() if k != "format"}
+
+
+def load_metadata(path) -> dict[str, Any]:
+    """The metadata of a file written by `save_models`, without reading its tensors."""
+    f, meta = _open(path)
     with f:
-        raw_meta = f.metadata() or {}
-        if raw_meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{path} was not written by this toolkit (no '{FORMAT}' metadata); "
-                "expected the model.safetensors of stage1_vae_trainer.py or stage2_diffusion_trainer.py"
-            )
+        return meta
+
+
+def load_models(path, device: str | torch.device = "cpu") -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """Return ({prefix: state_dict}, metadata) of a file written by `save_models`."""
+    f, meta = _open(path, device)
+    with f:
         tensors: dict[str, dict[str, torch.Tensor]] = {}
         for key in f.keys():
             prefix, name = key.split(".", 1)
             tensors.setdefault(prefix, {})[name] = f.get_tensor(key)
-    meta = {k: json.loads(v) for k, v in raw_meta.items() if k != "format"}
     return tensors, meta

@@ -32,6 +32,7 @@ from ..models.diffusers_compat import (
     process_from_scheduler,
     unet_from_diffusers,
 )
+from ..models.serialization import load_metadata
 from ..models.unet import UNet, build_unet
 from ..pipeline import read_stage2_metadata
 
@@ -108,3 +109,22 @@ def load_initial_unet(path, base: UNetConfig, conditioning: str, latent_channels
         if differ:
             logger.warning("--init_unet %s was trained with another diffusion process (%s)", path, "; ".join(differ))
     return unet, unet.config
+
+
+def warn_if_classes_differ(path, class_names: list[str]) -> None:
+    """Label i is the i-th class folder: a class-conditional source trained on other folders hands its class
+    embeddings to other classes here, by index. That can be what a fine-tune wants, so it is a warning, naming the
+    first labels whose class changes. Diffusers sources and older files record no class names."""
+    path = Path(path)
+    if is_diffusers_model(path):
+        return
+    source = load_metadata(path).get("class_names")
+    if not source or source == list(class_names):
+        return
+    changed = [i for i in range(max(len(source), len(class_names)))
+               if i >= len(source) or i >= len(class_names) or source[i] != class_names[i]]
+    shown = ", ".join(f"{i}: {source[i] if i < len(source) else '-'} there, "
+                      f"{class_names[i] if i < len(class_names) else '-'} here" for i in changed[:3])
+    logger.warning("--init_unet %s was trained on other class folders: %d of %d labels mean another class here "
+                   "(%s%s); their embeddings start from the source's, by index", path, len(changed),
+                   max(len(source), len(class_names)), shown, ", ..." if len(changed) > 3 else "")

@@ -464,7 +464,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
     Cheap checks (scaling constant, conditioning) come first, so a misconfigured run stops before any model loads.
     """
     from ..models.unet import build_unet
-    from .init_unet import load_initial_unet
+    from .init_unet import load_initial_unet, warn_if_classes_differ
     from .latent_cache import open_or_build_latent_cache
 
     conditioning = resolve_conditioning(args.dataset, model_cfg.unet)
@@ -488,6 +488,8 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
     unet = initial_unet if initial_unet is not None else build_unet(model_cfg.unet, vae.config.latent_dim, conditioning)
     if conditioning == "class":
         extra["class_names"] = list(dataset.classes)
+        if args.init_unet:
+            warn_if_classes_differ(args.init_unet, extra["class_names"])
     ctx = Stage2Context(
         train_cfg=train_cfg,
         model_cfg=model_cfg,
