@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="text prompt; repeat the flag for several prompts (each gets --num_images images)")
     p.add_argument("--negative_prompt", default=None, help="guide away from this text instead of the null condition")
-    p.add_argument("--class_label", type=int, action="append", default=None,
-                   help="class index for class-conditional models; repeatable (default: one trained class drawn with --seed)")
+    p.add_argument("--class_label", action="append", default=None,
+                   help="class-conditional models: a label index or a class folder's name; repeatable (default: one "
+                        "trained class drawn with --seed)")
     p.add_argument("--num_images", type=int, default=4, help="images per prompt / class label (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
@@ -116,8 +117,10 @@ def check_against_weights(args, pipe: LatentDiffusion) -> None:
 
 
 def choose_labels(args, pipe: LatentDiffusion) -> list[int] | None:
-    if pipe.conditioning != "class" or args.class_label:
-        return args.class_label
+    if pipe.conditioning != "class":
+        return args.class_label  # other models refuse any labels (LatentDiffusion.conditions)
+    if args.class_label:
+        return pipe.class_labels(args.class_label)
     g = torch.Generator().manual_seed(args.seed)
     labels = torch.randint(0, pipe.num_trained_classes, (1,), generator=g).tolist()  # a class it was trained on
     logger.info("no --class_label: using class %s", labels)

@@ -84,6 +84,23 @@ class LatentDiffusion:
         """Class labels 0 .. n-1 the model was trained on (its dataset's class folders, stored as class_names)."""
         return trained_classes(self.metadata, self.unet.num_classes)
 
+    def class_labels(self, given: list[str]) -> list[int]:
+        """--class_label values -> labels: an integer is a label index, any other text a class folder's name."""
+        names = self.metadata.get("class_names") or []
+        labels = []
+        for value in given:
+            try:
+                labels.append(int(value))
+                continue
+            except ValueError:
+                pass
+            if value not in names:
+                known = f"its classes: {', '.join(names[:10])}{', ...' if len(names) > 10 else ''}" if names else \
+                    "it records no class names (give label indices)"
+                raise PipelineError(f"--class_label {value!r} is not a class this model was trained on ({known})")
+            labels.append(names.index(value))
+        return labels
+
     def latent_shape(self, batch_size: int) -> tuple[int, int, int, int]:
         cfg = self.vae.config
         return (batch_size, cfg.latent_dim, cfg.latent_size, cfg.latent_size)

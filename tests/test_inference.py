@@ -190,6 +190,13 @@ def test_class_labels_are_those_of_the_trained_class_folders(tmp_path):
     with pytest.raises(PipelineError, match=r"trained on classes 0 \.\. 1 \(cat, dog\)"):
         pipe.generate(labels=[2], num_steps=2)
     assert pipe.generate(labels=[1], num_steps=2).shape == (1, 3, 16, 16)
+    # --class_label takes a label index or a class folder's name
+    def labels(*values):
+        return inference_ldm.choose_labels(inference_ldm.parse_args(
+            ["--path_to_weights", "x", *[f for v in values for f in ("--class_label", v)]]), pipe)
+    assert labels("dog", "0", "cat") == [1, 0, 0]
+    with pytest.raises(PipelineError, match=r"--class_label 'fox' is not a class .* \(its classes: cat, dog\)"):
+        labels("fox")
 
 
 def test_empty_prompt_is_a_clear_error(models, capsys):
