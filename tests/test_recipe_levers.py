@@ -128,6 +128,11 @@ def test_guidance_rescale_matches_diffusers_and_its_end_points():
         torch.testing.assert_close(ours, rescale_noise_cfg(plain, outs["c"], guidance_rescale=phi))
     full = guided_prediction(model, x, t, cond, uncond, 5.0, guidance_rescale=1.0)
     torch.testing.assert_close(full.std(dim=(1, 2, 3)), outs["c"].std(dim=(1, 2, 3)))  # eq. 15
+    # a sample whose predictions are constant (std 0) is left as guided, not turned into 0 / 0 = NaN
+    outs["u"][1], outs["c"][1] = 0.5, 0.25
+    flat = guided_prediction(model, x, t, cond, uncond, 5.0, guidance_rescale=0.7)
+    torch.testing.assert_close(flat[1], torch.full_like(flat[1], 0.5 + 5.0 * (0.25 - 0.5)))
+    torch.testing.assert_close(flat[0], rescale_noise_cfg(plain, outs["c"], guidance_rescale=0.7)[0])
 
 
 # -------------------------------------------------------------------------------------------- DPM-Solver++(2M)

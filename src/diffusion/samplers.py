@@ -67,7 +67,9 @@ def guided_prediction(
     pred = pred_u + guidance_scale * (pred_c - pred_u)
     if guidance_rescale > 0:
         dims = list(range(1, pred.dim()))
-        rescaled = pred * (pred_c.std(dim=dims, keepdim=True) / pred.std(dim=dims, keepdim=True))  # eq. 15
+        std, std_c = pred.std(dim=dims, keepdim=True), pred_c.std(dim=dims, keepdim=True)  # (B, 1, 1, 1)
+        # a constant prediction has nothing to rescale (0 / 0 made its sample NaN, as in diffusers)
+        rescaled = pred * torch.where(std > 0, std_c / std, torch.ones_like(std))  # eq. 15
         pred = guidance_rescale * rescaled + (1 - guidance_rescale) * pred  # eq. 16
     return pred
 
