@@ -322,6 +322,35 @@ def test_prep_with_only_empty_shards_fails_clearly_and_writes_nothing(raw_shards
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
+def test_prep_reads_webp_or_png_shards_and_sets_aside_a_shard_of_another_format(raw_shards, clip_folder, tmp_path,
+                                                                                  capsys):
+    """img2dataset names the image column after --encode_format (jpg, webp, png); prep took only "jpg". Shards of
+    two formats in one folder cannot be loaded as one table: the odd one is set aside, named."""
+    import prep_cc
+
+    out, _ = raw_shards
+    table = pq.read_table(out / "00000.parquet")
+    webp = tmp_path / "raw"
+    webp.mkdir()
+    def as_webp(data):
+        try:
+            buf = io.BytesIO()
+            Image.open(io.BytesIO(data)).save(buf, "WEBP")
+            return buf.getvalue()
+        except Exception:  # the rows without bytes and the broken ones stay as they were
+            return data
+
+    images = pa.array([as_webp(b) if b else b for b in table["jpg"].to_pylist()], pa.binary())
+    pq.write_table(table.set_column(table.column_names.index("jpg"), "webp", images), webp / "00000.parquet")
+    pq.write_table(table, webp / "00001.parquet")  # jpg: another img2dataset run
+    assert prep_cc.main(_prep_argv(webp, tmp_path / "cc", clip_folder, "--num_cpu_workers", "1")) == 0
+    report = capsys.readouterr().out
+    assert "00001.parquet: its images are in column 'jpg', the other shards' in 'webp'" in report
+    cc = datasets.load_from_disk(str(tmp_path / "cc" / "train"))
+    assert len(cc) == int(table.filter(pa.compute.equal(table["status"], "success")).num_rows) - 2  # 2 undecodable
+    assert cc[0]["image"].format == "WEBP"
+
+
 def test_prep_stopped_by_sigterm_removes_its_staging_folder(raw_shards, clip_folder, tmp_path):
     """kill, timeout and schedulers send SIGTERM, which ends Python without running `finally`: prep turns it into
     an exit, so the staging folder (with the datasets caches) goes as on Ctrl-C, and the signal's handler is put

@@ -60,7 +60,8 @@ from .transforms import IMAGE_ERRORS, to_rgb
 logger = logging.getLogger(__name__)
 
 # img2dataset's parquet columns that prep reads (others, e.g. exif and sha256, are left behind)
-REQUIRED_COLUMNS = ("status", "jpg", "caption")
+REQUIRED_COLUMNS = ("status", "caption")
+IMAGE_COLUMNS = ("jpg", "webp", "png")  # the image bytes: img2dataset names the column after its --encode_format
 OPTIONAL_COLUMNS = ("url", "key")
 SUCCESS = "success"
 
@@ -194,6 +195,7 @@ class ShardSurvey:
     empty: list[Path] = field(default_factory=list)
     unreadable: list[tuple[Path, str]] = field(default_factory=list)  # (shard, why)
     columns: tuple[str, ...] = ()  # the optional columns present in every usable shard
+    image_column: Optional[str] = None  # one of IMAGE_COLUMNS, the same in every usable shard
 
 
 def find_shards(root) -> list[Path]:
@@ -221,11 +223,18 @@ def inspect_shards(shards: list[Path]) -> ShardSurvey:
             survey.unreadable.append((shard, f"{type(err).__name__}: {err}"))
             continue
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
-        if missing:
+        image_column = next((c for c in IMAGE_COLUMNS if c in names), None)
+        if missing or image_column is None:
+            missing += [] if image_column else ["/".join(IMAGE_COLUMNS)]
             survey.unreadable.append((shard, f"missing column(s) {missing}; is this img2dataset parquet output?"))
         elif num_rows == 0:
             survey.empty.append(shard)
+        elif survey.image_column not in (None, image_column):
+            survey.unreadable.append((shard, f"its images are in column '{image_column}', the other shards' in "
+                                             f"'{survey.image_column}' (img2dataset runs with other --encode_format "
+                                             "in one folder): prepare each run's folder on its own"))
         else:
+            survey.image_column = image_column
             survey.usable.append(shard)
             survey.rows += num_rows
             optional &= names
@@ -243,17 +252,18 @@ def require_rows(survey: ShardSurvey) -> ShardSurvey:
 
 
 def load_shards(survey: ShardSurvey, cache_dir: Path, num_proc: Optional[int]) -> datasets.Dataset:
-    """The usable shards as one `datasets.Dataset` (only the columns prep needs; caption as raw bytes)."""
+    """The usable shards as one `datasets.Dataset` (only the columns prep needs; caption as raw bytes; the image
+    bytes in column "jpg" whatever their format)."""
     require_rows(survey)
     features = datasets.Features(
         {
             "caption": datasets.Value("binary"),  # decoded by clean_caption, so bad UTF-8 is repaired, not fatal
-            "jpg": datasets.Value("binary"),
+            survey.image_column: datasets.Value("binary"),
             "status": datasets.Value("string"),
             **{name: datasets.Value("string") for name in survey.columns},
         }
     )
-    return datasets.load_dataset(
+    loaded = datasets.load_dataset(
         "parquet",
         data_files=[str(p) for p in survey.usable],
         split="train",
@@ -262,6 +272,7 @@ def load_shards(survey: ShardSurvey, cache_dir: Path, num_proc: Optional[int]) -
         cache_dir=str(cache_dir),
         num_proc=_num_proc(num_proc, len(survey.usable)),
     )
+    return loaded if survey.image_column == "jpg" else loaded.rename_column(survey.image_column, "jpg")
 
 
 # ------------------------------------------------------------------------------------------------------------
