@@ -522,9 +522,11 @@ class CaptionEncoder:
 
 
 def count_gpus() -> int:
+    """Visible GPUs, counted through NVML: torch.cuda.is_available() initialises the CUDA driver (cudaGetDeviceCount),
+    after which the caption encoders that datasets.map forks, one per GPU, could not use CUDA."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.cuda.device_count()  # NVML while CUDA is uninitialised; 0 on a CPU-only build
 
 
 def encode_captions(
