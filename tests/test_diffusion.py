@@ -118,6 +118,24 @@ def test_config_and_dict_round_trip():
         make_betas("sigmoid", 10, 1e-4, 0.02)
 
 
+def test_schedules_without_noise_at_the_first_step_or_with_zero_snr_for_epsilon_are_refused():
+    from src.training.stage2 import Stage2SetupError, build_process
+
+    # beta_start 0: alpha_bar_0 = 1, the DDPM posterior at t = 0 is 0 / 0 and ddpm_sample returned NaN
+    with pytest.raises(ValueError, match="beta_start"):
+        DiffusionProcess(100, "linear", 0.0, 0.02)
+    with pytest.raises(Stage2SetupError, match="beta_start"):
+        build_process(Stage2TrainConfig(num_diffusion_timesteps=100, beta_start=0.0))
+    # beta_end 1: alpha_bar reaches 0 (underflowing before the last step): eps-prediction's x0_hat divided by 0
+    # (every sampler returned NaN) and DDIM raised ZeroDivisionError even for v-prediction
+    for prediction_type in ("epsilon", "v_prediction"):
+        with pytest.raises(ValueError, match="beta_end"):
+            DiffusionProcess(1000, "linear", 1e-4, 1.0, prediction_type)
+    # the one schedule with a beta of 1 that the samplers handle: the rescaled last step, with v-prediction
+    p = DiffusionProcess(1000, "linear", 1e-4, 0.02, "v_prediction", rescale_betas_zero_snr=True)
+    assert p.betas[-1].item() == 1.0 and p.betas[:-1].max().item() < 1
+
+
 # ------------------------------------------------------------------------------------------------ samplers
 
 

@@ -78,6 +78,23 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1.0 - alphas
 
 
+def check_betas(betas: torch.Tensor, prediction_type: str, rescale_betas_zero_snr: bool) -> None:
+    """Refuse a schedule the formulas below cannot use. beta_0 must be > 0: with beta_start 0, alpha_bar_0 = 1, the
+    DDPM posterior at t = 0 is 0 / 0 (ddpm_sample returns NaN) and SNR_0 is infinite. The betas must be < 1 but for
+    the last one of rescale_betas_zero_snr: a beta of 1 makes alpha_bar exactly 0 from there on (DDIM then divides
+    by 0), and zero terminal SNR needs v-prediction, since an epsilon prediction says nothing about x_0 there
+    (x0_hat = (x_t - eps) / 0; Lin et al. 2024, sec. 3.2)."""
+    if rescale_betas_zero_snr and prediction_type != "v_prediction":
+        raise ValueError("rescale_betas_zero_snr needs prediction_type v_prediction: at zero terminal SNR an epsilon "
+                         "prediction carries no information about x_0 (Lin et al. 2024, sec. 3.2)")
+    inner = betas[:-1] if rescale_betas_zero_snr else betas  # the rescaled last beta is exactly 1
+    low, high = betas.min().item(), inner.max().item()
+    if not (low > 0 and high < 1):
+        raise ValueError(f"the betas must lie in (0, 1), got {low:.6g} .. {high:.6g}: set 0 < beta_start, beta_end < 1 "
+                         "(beta_start 0 adds no noise at t = 0, where DDPM sampling divides 0 by 0; for a pure-noise "
+                         "last step use rescale_betas_zero_snr with v_prediction)")
+
+
 class DiffusionProcess:
     """Schedule buffers plus the three formulas training and sampling need: noising, target, and inversion."""
 
@@ -94,11 +111,6 @@ class DiffusionProcess:
             raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-        if rescale_betas_zero_snr and prediction_type != "v_prediction":
-            raise ValueError(
-                "rescale_betas_zero_snr needs prediction_type v_prediction: at zero terminal SNR an epsilon "
-                "prediction carries no information about x_0 (Lin et al. 2024, sec. 3.2)"
-            )
         self.num_timesteps = num_timesteps
         self.beta_schedule = beta_schedule
         self.beta_start = beta_start
@@ -109,6 +121,7 @@ class DiffusionProcess:
         self.betas = make_betas(beta_schedule, num_timesteps, beta_start, beta_end)  # (T,) float64
         if rescale_betas_zero_snr:
             self.betas = rescale_zero_terminal_snr(self.betas)
+        check_betas(self.betas, prediction_type, rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas  # (T,)
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (T,) alpha_bar_t
         # alpha_bar_{t-1}, with alpha_bar_{-1} = 1 (x_{-1} is the clean sample)
