@@ -43,8 +43,8 @@ def sampler_flags_error(
     flag the sampler would ignore is refused rather than recorded as if it had been used."""
     if sampler == "ddpm" and num_steps is not None:
         return "--num_steps applies to --sampler ddim and dpmpp_2m; DDPM runs every training step"
-    if not eta >= 0:
-        return "--eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise)"
+    if not 0 <= eta <= 1:
+        return "--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise)"
     if eta != 0 and sampler != "ddim":
         return f"--eta applies to --sampler ddim only; {sampler} would ignore it"
     if not 0.0 <= guidance_rescale <= 1.0:

@@ -247,18 +247,25 @@ def test_guidance_combines_one_batched_forward():
     assert xs.mean().item() > 3.5
 
 
-def test_negative_eta_is_refused_not_a_collapsed_sampler():
+def test_eta_outside_0_1_is_refused_not_a_collapsed_or_overdispersed_sampler():
     """eta < 0 would shrink DDIM's eps_hat term by sigma^2 and add no noise: the samples collapsed onto their mean
-    (std 0.002 instead of 0.5 on the toy). The sampler and both scripts refuse it; --eta with another sampler too."""
+    (std 0.002 instead of 0.5 on the toy). eta > 1 makes sigma^2 > 1 - ab_s at the low-noise steps, where DDIM's
+    step is undefined (diffusers: NaN; ours clamped the eps_hat term to 0 and kept the excess noise). The sampler
+    and both scripts refuse both; --eta with another sampler too."""
     import evaluate_ldm
     import inference_ldm
 
     p = DiffusionProcess(1000)
-    with pytest.raises(ValueError, match="eta must be >= 0"):
-        ddim_sample(gaussian_eps_denoiser(p), p, (8, 1), num_steps=5, eta=-1.0,
-                    generator=torch.Generator().manual_seed(0))
+    for eta in (-1.0, 1.5):
+        with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+            ddim_sample(gaussian_eps_denoiser(p), p, (8, 1), num_steps=5, eta=eta,
+                        generator=torch.Generator().manual_seed(0))
+    # eta 1.5 is undefined on this grid: sigma^2 / (1 - ab_s) reaches 1.59 at 50 steps (1 is the limit)
+    ts = ddim_timesteps(1000, 50)
+    ab = p.alphas_cumprod
+    assert max((1.5**2 * (1 - ab[t] / ab[s]) / (1 - ab[t])).item() for t, s in zip(ts, ts[1:])) > 1.5
     for parse in (inference_ldm.parse_args, evaluate_ldm.parse_args):
-        for flags in (["--eta", "-1"], ["--sampler", "dpmpp_2m", "--eta", "1"], ["--sampler", "ddpm", "--eta", "0.5"]):
+        for flags in (["--eta", "-1"], ["--eta", "1.5"], ["--sampler", "dpmpp_2m", "--eta", "1"], ["--sampler", "ddpm", "--eta", "0.5"]):
             with pytest.raises(SystemExit):
                 parse(["--path_to_weights", "model.safetensors", *flags])
         assert parse(["--path_to_weights", "model.safetensors", "--eta", "1"]).eta == 1.0  # DDIM takes it

@@ -106,11 +106,12 @@ def ddim_sample(
       2. (x0_hat, eps_hat) from pred                                   (eq. 9, or the v-parameterisation)
       3. sigma = eta * sqrt((1 - ab_s) / (1 - ab_t)) * sqrt(1 - ab_t / ab_s)          (eq. 16)
       4. x_s = sqrt(ab_s) x0_hat + sqrt(1 - ab_s - sigma^2) eps_hat + sigma z         (eq. 12)
-    Returns x_0 with `shape`, float32. eta < 0 is refused: step 4 would shrink the eps_hat term by sigma^2 yet add
-    no noise, collapsing the samples towards their mean.
+    Returns x_0 with `shape`, float32. eta outside [0, 1] is refused: below 0, step 4 would shrink the eps_hat term
+    by sigma^2 yet add no noise, collapsing the samples towards their mean; above 1, sigma^2 exceeds 1 - ab_s at the
+    low-noise steps (1.59 (1 - ab_s) at eta 1.5, 50 steps), where step 4 is undefined (diffusers returns NaN).
     """
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
     x = _randn(shape, generator, device)  # x_T ~ N(0, I), (B, C, H, W)
     timesteps = ddim_timesteps(process.num_timesteps, num_steps)
     ab_all = process.alphas_cumprod  # float64 (T,)
