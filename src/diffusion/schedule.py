@@ -88,7 +88,7 @@ def check_betas(betas: torch.Tensor, prediction_type: str, rescale_betas_zero_sn
         raise ValueError("rescale_betas_zero_snr needs prediction_type v_prediction: at zero terminal SNR an epsilon "
                          "prediction carries no information about x_0 (Lin et al. 2024, sec. 3.2)")
     inner = betas[:-1] if rescale_betas_zero_snr else betas  # the rescaled last beta is exactly 1
-    low, high = betas.min().item(), inner.max().item()
+    low, high = betas.min().item(), inner.max().item() if len(inner) else 0.0
     if not (low > 0 and high < 1):
         raise ValueError(f"the betas must lie in (0, 1), got {low:.6g} .. {high:.6g}: set 0 < beta_start, beta_end < 1 "
                          "(beta_start 0 adds no noise at t = 0, where DDPM sampling divides 0 by 0; for a pure-noise "
