@@ -537,6 +537,25 @@ def test_training_steps_never_wait_for_the_device(stage2_setup, tmp_path):
     assert (work / "metrics.jsonl").is_file()
 
 
+def test_vq_stage1_steps_never_wait_for_the_device():
+    """A VQ-VAE's step re-seeds dead codes without a host read: which codes are dead (a nonzero() over the usage
+    counts) and the seed (int() of the pass count) made every micro-batch wait for the GPU. Codes die after one
+    unused pass here, so codes are re-seeded in the steps watched, and the codebook still changes."""
+    from src.training.stage1 import train_step as stage1_step
+    from tests.stage1_helpers import images, tiny_stage1
+
+    accelerator, state, loss_fn, cfg = tiny_stage1(accum=2, quantize=True)
+    batches = (images(seed) for seed in range(100))
+    stage1_step(accelerator, state, loss_fn, batches, cfg)  # first step: lazy state is built
+    codebook = state.vae_module.quantize.embedding.weight.detach().clone()
+    with HostReads() as host:
+        for _ in range(2):
+            state.step += 1
+            stage1_step(accelerator, state, loss_fn, batches, cfg)
+    assert host.reads == []
+    assert not torch.equal(state.vae_module.quantize.embedding.weight, codebook)
+
+
 def test_ema_every_k_steps_is_flushed_before_the_end_of_training(stage2_setup, tmp_path):
     """ema_update_every above the run's length: the shadow moves once, at the last step, by all the steps'
     decays together, so the saved EMA is lerp(initial, final weights, 1 - prod decay_n) and not the initial UNet."""

@@ -8,14 +8,17 @@ Each latent vector is replaced by its nearest codebook entry; gradients skip the
     loss = ||sg[z] - e||^2  +  beta * ||z - sg[e]||^2          (codebook + commitment)
 
 A code that no vector has chosen for `reset_steps` training forward passes is re-seeded from a randomly
-chosen encoder output of the current batch, so large codebooks do not collapse onto a few codes. Under
-torch.distributed the usage counts are summed over processes and the new codes are broadcast from rank 0, so
-every process keeps an identical codebook. The parameter is named `embedding` as in diffusers' VectorQuantizer.
+chosen encoder output of the current batch, so large codebooks do not collapse onto a few codes. It happens on
+the device, without a host read: every pass draws a candidate for every code, and the dead codes take theirs
+(the draws come from the `generator` handed in: the trainer's checkpointed one). Under torch.distributed the
+usage counts are summed over processes and the candidates are broadcast from rank 0, so every process keeps an
+identical codebook. The parameter is named `embedding` as in diffusers' VectorQuantizer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,7 +63,7 @@ class VectorQuantizer(nn.Module):
         self.reset_steps = reset_steps
         self.embedding = nn.Embedding(num_codes, dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / num_codes, 1.0 / num_codes)
-        # training forward passes since each code was last chosen, and forward passes so far (seeds re-seeding)
+        # training forward passes since each code was last chosen, and forward passes so far
         self.register_buffer("unused_steps", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
@@ -71,11 +74,12 @@ class VectorQuantizer(nn.Module):
         idx = nearest_codes(z_flat, self.embedding.weight)
         return self.embedding(idx).view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)
 
-    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+    def forward(self, z: torch.Tensor, generator: Optional[torch.Generator] = None) -> QuantizerOutput:
+        """`generator` (on z's device): the re-seeding's draws; the global RNG without one."""
         b, d, h, w = z.shape
         z_flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (BHW, D)
         if self.training and self.reset_steps > 0:
-            self._reseed_dead_codes(z_flat.detach())
+            self._reseed_dead_codes(z_flat.detach(), generator)
         idx = nearest_codes(z_flat.detach(), self.embedding.weight)  # (BHW,)
         z_q = self.embedding(idx).view(b, h, w, d).permute(0, 3, 1, 2).to(z.dtype)  # (B, D, h, w)
         codebook_loss = F.mse_loss(z_q.float(), z.detach().float())
@@ -99,17 +103,18 @@ class VectorQuantizer(nn.Module):
         self.num_updates.add_(1)
 
     @torch.no_grad()
-    def _reseed_dead_codes(self, z_flat: torch.Tensor) -> None:
-        """Replace every code unused for `reset_steps` passes by a (slightly jittered) encoder output."""
-        dead = (self.unused_steps >= self.reset_steps).nonzero().squeeze(1)  # (n_dead,), same on every rank
-        if dead.numel() == 0:
-            return
-        # a generator seeded from the step count keeps resumed runs identical to uninterrupted ones
-        g = torch.Generator(device="cpu").manual_seed(int(self.num_updates) + 1)
-        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), generator=g).to(z_flat.device)
-        noise = torch.randn(dead.numel(), self.dim, generator=g).to(z_flat.device)
-        new_codes = z_flat[pick].float() + 0.01 * z_flat.float().std() * noise  # (n_dead, D)
+    def _reseed_dead_codes(self, z_flat: torch.Tensor, generator: Optional[torch.Generator] = None) -> None:
+        """Replace every code unused for `reset_steps` passes by a (slightly jittered) encoder output. Device ops
+        only: each code gets a candidate, and the dead ones (the same on every rank) take it, so the host never
+        waits to learn which codes are dead (nonzero() would make every training pass wait for the GPU)."""
+        dead = self.unused_steps >= self.reset_steps  # (K,) bool
+        k, device = self.num_codes, z_flat.device
+        gen_device = generator.device if generator is not None else device
+        pick = torch.randint(0, z_flat.shape[0], (k,), generator=generator, device=gen_device).to(device)  # (K,)
+        noise = torch.randn(k, self.dim, generator=generator, device=gen_device).to(device)  # (K, D)
+        candidates = z_flat[pick].float() + 0.01 * z_flat.float().std() * noise  # (K, D)
         if _distributed():
-            dist.broadcast(new_codes, src=0)
-        self.embedding.weight[dead] = new_codes.to(self.embedding.weight.dtype)
-        self.unused_steps[dead] = 0
+            dist.broadcast(candidates, src=0)
+        weight = self.embedding.weight
+        weight.copy_(torch.where(dead[:, None], candidates.to(weight.dtype), weight))
+        self.unused_steps.masked_fill_(dead, 0)

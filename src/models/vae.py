@@ -249,10 +249,11 @@ class Autoencoder(nn.Module):
     def forward(
         self, x: torch.Tensor, sample: bool = True, generator: Optional[torch.Generator] = None
     ) -> AutoencoderOutput:
-        """Reconstruct x (B, 3, H, W). KL: decode a posterior sample (mode when `sample` is False)."""
+        """Reconstruct x (B, 3, H, W). KL: decode a posterior sample (mode when `sample` is False). `generator`
+        draws the KL posterior's noise, or the VQ codebook's re-seeding (training only)."""
         raw = self.encode_raw(x)
         if self.quantize is not None:
-            quant = self.quantize(raw)
+            quant = self.quantize(raw, generator)  # its dead-code re-seeding draws from `generator`
             return AutoencoderOutput(self.decode(quant.z_q), None, quant)
         posterior = DiagonalGaussian(raw)
         z = posterior.sample(generator) if sample else posterior.mode()
