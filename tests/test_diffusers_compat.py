@@ -152,6 +152,25 @@ def test_class_and_unconditional_unets_export_exactly(conditioning):
                                    rtol=0, atol=1e-5)
 
 
+def test_unets_whose_head_count_is_not_channels_over_the_first_width_come_back(tmp_path):
+    """heads = max(1, c // attention_head_dim) need not divide evenly: 16-wide heads over [40, 80] channels are
+    [2, 5] heads of widths [20, 16], and a width wider than a block is one head. The export must import again."""
+    from diffusers import UNet2DConditionModel
+
+    for name, overrides in {"uneven": dict(unet_channels_per_block=[40, 80], attention_head_dim=16,
+                                           time_embed_start_dim=40), "wide": dict(attention_head_dim=64)}.items():
+        cfg = UNetConfig(**{**tiny_unet().__dict__, **overrides,
+                            "down_block_types": ["AttnDown", "AttnDown"], "up_block_types": ["AttnUp", "AttnUp"]})
+        ours = _perturbed(build_unet(cfg, 4, "none"))
+        theirs = UNet2DConditionModel(**dc.unet_config_to_diffusers(ours, 8))
+        theirs.load_state_dict(dc.unet_state_to_diffusers(ours), strict=True)
+        theirs.save_pretrained(tmp_path / name)
+        for base in (cfg, UNetConfig()):  # the config's width (or the default 64) if it fits, else one that does
+            back, _ = dc.unet_from_diffusers(tmp_path / name, base)
+            assert back.config.attention_head_dim == cfg.attention_head_dim, name
+            _assert_same_tensors(back.state_dict(), ours.state_dict())
+
+
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
 def test_ddim_scheduler_config_reproduces_our_schedule(schedule):
     from diffusers import DDIMScheduler

@@ -365,19 +365,23 @@ _UNET_FIXED = {"center_input_sample": False, "flip_sin_to_cos": True, "freq_shif
                "addition_time_embed_dim": None}
 
 
-def _head_width(channels: list[int], heads: list[int], attention_levels: list[int], path) -> int:
-    """Our single head width that gives diffusers' head count at every attention level, or an error."""
-    if not attention_levels:
-        return UNetConfig.attention_head_dim
-    width = channels[attention_levels[0]] // heads[attention_levels[0]]
-    got = {i: (channels[i] // heads[i], max(1, channels[i] // width)) for i in attention_levels}
-    if any(channels[i] % heads[i] or got[i][1] != heads[i] for i in attention_levels):
+def _head_width(channels: list[int], heads: list[int], attention_levels: list[int], preferred: int, path) -> int:
+    """A single head width that gives diffusers' head count at every attention level (ours: max(1, c // width)),
+    `preferred` (the model config's) when it does, or an error. Widths in (c / (h + 1), c / h] give h heads at c
+    channels, and any width (> c / 2) gives one, so e.g. heads [2, 5] over [160, 320] come from width 64, not 80."""
+    if any(channels[i] % heads[i] for i in attention_levels):
+        bad = [channels[i] for i in attention_levels if channels[i] % heads[i]]
+        raise DiffusersFormatError(f"{path}: attention heads {heads} do not divide the channels {bad}")
+    lo = max((channels[i] // (heads[i] + 1) + 1 for i in attention_levels), default=1)
+    hi = min((channels[i] // heads[i] for i in attention_levels if heads[i] > 1), default=None)
+    if hi is not None and lo > hi:
         raise DiffusersFormatError(
             f"{path}: attention heads {heads} over channels {channels} give head widths "
             f"{[channels[i] // heads[i] for i in attention_levels]}; this UNet uses one head width for all levels "
             "(unet.attention_head_dim), so that layout can't be expressed (Stable Diffusion 2.x's can, 1.x's can't)"
         )
-    return width
+    candidates = [preferred] + [channels[i] // heads[i] for i in attention_levels]
+    return next((w for w in candidates if lo <= w and (hi is None or w <= hi)), lo)
 
 
 def unet_config_from_diffusers(config: dict, base: UNetConfig, path="config") -> tuple[UNetConfig, int]:
@@ -418,7 +422,7 @@ def unet_config_from_diffusers(config: dict, base: UNetConfig, path="config") ->
         transformer_blocks_per_layer=_uniform(config.get("transformer_layers_per_block", 1),
                                               "transformer_layers_per_block", path),
         transformer_dim_mult=4, attention_bias=False,
-        attention_head_dim=_head_width(channels, heads, attention_levels, path),
+        attention_head_dim=_head_width(channels, heads, attention_levels, base.attention_head_dim, path),
         time_embed_start_dim=channels[0], time_embed_proj_dim=config.get("time_embedding_dim") or channels[0] * 4,
         time_embed_requires_grad=False,
         groupnorm_groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5),
