@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,19 @@ def test_missing_scaling_constant_names_the_key_and_the_script(assets, tmp_path)
     with pytest.raises(Stage2SetupError, match=r"scaling_constants\.shapes.*compute_vae_scaling\.py"):
         run_trainer(trainer_argv(tmp_path / "w", train, cfg, assets["vae"], "shapes"))
     assert not (tmp_path / "w" / "checkpoint_1").exists()
+
+
+def test_latents_the_unet_cannot_downsample_stop_the_run_before_caching(assets, tmp_path):
+    """16 px images give 8x8 latents; a 5-level UNet halves them 4 times (8 -> 0.5)."""
+    train = write_train_config(tmp_path / "train.yaml")
+    unet = tiny_unet()
+    unet = replace(unet, unet_channels_per_block=[16] * 5, down_block_types=["AttnDown"] + ["Down"] * 4,
+                   up_block_types=["Up"] * 4 + ["AttnUp"])
+    cfg = write_model_config(tmp_path / "ldm.yaml", unet, {"celebahq": 1.0})
+    with pytest.raises(Stage2SetupError, match=r"latents are 8x8 .* UNet's 5 levels can't downsample by 16"):
+        run_trainer(trainer_argv(tmp_path / "w", train, cfg, assets["vae"], "celebahq", "--path_to_dataset",
+                                 str(assets["faces"]), "--cache_latents", str(tmp_path / "cache")))
+    assert not (tmp_path / "cache").exists()
 
 
 def test_missing_vae_file_is_a_clear_error(assets, tmp_path):

@@ -146,6 +146,18 @@ def load_frozen_vae(path, model_cfg: ModelConfig, device) -> Autoencoder:
     return vae
 
 
+def check_latent_size(vae_cfg, unet_cfg: UNetConfig) -> None:
+    """The UNet halves its input len(unet_channels_per_block) - 1 times and concatenates each skip with its upsampled
+    path: the latent's side must divide by unet_up_down_factor ** that (checked before any latent is cached)."""
+    factor = unet_cfg.unet_up_down_factor ** (len(unet_cfg.unet_channels_per_block) - 1)
+    if vae_cfg.latent_size % factor:
+        raise Stage2SetupError(
+            f"the VAE's latents are {vae_cfg.latent_size}x{vae_cfg.latent_size} (img_size {vae_cfg.img_size} / "
+            f"{vae_cfg.downsample_factor}), which the UNet's {len(unet_cfg.unet_channels_per_block)} levels can't "
+            f"downsample by {factor}: use fewer unet levels or an img_size whose latent side divides by {factor}"
+        )
+
+
 def check_class_count(dataset, conditioning: str, unet_cfg: UNetConfig, init_unet=None) -> None:
     """Every class folder needs an embedding. With --init_unet the source's num_classes replaces the config's,
     so raising the config's would change nothing: the error says so."""
@@ -483,6 +495,7 @@ def setup_context(args, accelerator, train_cfg: Stage2TrainConfig, model_cfg: Mo
                                                    process.to_dict())
         model_cfg = replace(model_cfg, unet=unet_cfg)
         extra["init_unet"] = str(args.init_unet)
+    check_latent_size(vae.config, model_cfg.unet)
     dataset = build_training_dataset(args, train_cfg, vae.config, conditioning, pre_encoded, model_cfg.unet)
     text_encoder = build_text_encoder(conditioning, pre_encoded, model_cfg.unet, device)
     unet = initial_unet if initial_unet is not None else build_unet(model_cfg.unet, vae.config.latent_dim, conditioning)
