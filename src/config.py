@@ -40,6 +40,12 @@ def bounded(default: Any, min: Any = None, max: Any = None, below: Any = None, o
     return field(default=default, metadata={**bounds, "odd": True} if odd else bounds)
 
 
+def bounded_list(default_factory: Any, **bounds: Any) -> Any:
+    """A list field that must not be empty and whose every entry lies within `bounds` (as `bounded`); checked at
+    load."""
+    return field(default_factory=default_factory, metadata={**bounds, "nonempty": True})
+
+
 # the transformers.get_scheduler names that are a function of the step alone (src/training/optim.py builds a table
 # of their factors); the others need extra arguments or a metric
 LRScheduler = Literal[
@@ -70,7 +76,7 @@ class VAEConfig:
     attention_residual_connections: bool = True
     post_encoder_latent_proj: bool = True  # 1x1 conv after the encoder ("quant_conv")
     pre_decoder_latent_proj: bool = True  # 1x1 conv before the decoder ("post_quant_conv")
-    vae_channels_per_block: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    vae_channels_per_block: list[int] = bounded_list(lambda: [128, 256, 512, 512], **COUNT)
     vae_up_down_factor: int = bounded(2, **COUNT)
     vae_up_down_kernel_size: int = bounded(3, **KERNEL)
     groupnorm_groups: int = bounded(32, **COUNT)
@@ -96,15 +102,24 @@ class VAEConfig:
         """Channels of the latent that stage 2 diffuses."""
         return self.vq_embed_dim if self.quantize else self.latent_channels
 
+    def check(self, source: str = "vae") -> None:
+        """What the keys allow one by one but not together: the image must halve evenly at every level."""
+        if self.img_size % self.downsample_factor:
+            raise ConfigError(
+                f"{source}: img_size {self.img_size} is not divisible by the downsampling factor "
+                f"{self.downsample_factor} (vae_up_down_factor ** (len(vae_channels_per_block) - 1))"
+            )
+
 
 @dataclass
 class UNetConfig:
     """The latent denoiser (`unet:` section of ldm.yaml). Blocks mirror diffusers' UNet2DConditionModel."""
 
-    down_block_types: list[str] = field(default_factory=lambda: ["AttnDown", "AttnDown", "AttnDown", "Down"])
-    mid_block_types: str = "AttnMid"
-    up_block_types: list[str] = field(default_factory=lambda: ["Up", "AttnUp", "AttnUp", "AttnUp"])
-    unet_channels_per_block: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list[Literal["AttnDown", "Down"]] = field(
+        default_factory=lambda: ["AttnDown", "AttnDown", "AttnDown", "Down"])
+    mid_block_types: Literal["AttnMid", "Mid"] = "AttnMid"
+    up_block_types: list[Literal["AttnUp", "Up"]] = field(default_factory=lambda: ["Up", "AttnUp", "AttnUp", "AttnUp"])
+    unet_channels_per_block: list[int] = bounded_list(lambda: [320, 640, 1280, 1280], **COUNT)
     unet_residual_layers_per_block: int = bounded(2, **COUNT)
     unet_up_down_factor: int = bounded(2, **COUNT)
     unet_up_down_kernel_size: int = bounded(3, **KERNEL)
@@ -125,6 +140,15 @@ class UNetConfig:
     norm_eps: float = bounded(1e-5, **NONNEGATIVE)
     dropout: float = bounded(0.0, min=0.0, below=1.0)
     gradient_checkpointing: bool = False
+
+    def check(self, source: str = "unet") -> None:
+        """What the keys allow one by one but not together: one block type per level."""
+        levels = len(self.unet_channels_per_block)
+        if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
+            raise ConfigError(
+                f"{source}: down_block_types ({len(self.down_block_types)}) and up_block_types "
+                f"({len(self.up_block_types)}) need one entry per unet_channels_per_block entry ({levels})"
+            )
 
 
 @dataclass
@@ -336,13 +360,22 @@ def from_dict(cls: type, data: dict, source: str = "<dict>") -> Any:
             )
         kwargs[key] = _coerce(value, hints[key], f"{source}: key '{key}'")
         _check_bounds(cls, key, kwargs[key], source)
-    return cls(**kwargs)
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "check"):  # keys that are valid alone but not together
+        cfg.check(source)
+    return cfg
 
 
 def _check_bounds(cls: type, key: str, value: Any, source: str) -> None:
     """Fields declared with `bounded` reject values outside them (a negative interval, a zero batch size)."""
     bounds = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
     if value is None or not bounds:
+        return
+    if isinstance(value, list):  # bounded_list: every entry
+        if not value and bounds.get("nonempty"):
+            raise ConfigError(f"{source}: key '{key}' must not be empty")
+        for entry in value:
+            _check_bounds(cls, key, entry, source)
         return
     if "min" in bounds and value < bounds["min"]:
         raise ConfigError(f"{source}: key '{key}' must be >= {bounds['min']}, got {value!r}")

@@ -195,10 +195,19 @@ def test_unusable_vq_settings_are_rejected_at_load(tmp_path, text, fragment):
     ("unet", "num_classes: 0", "key 'num_classes' must be >= 1"),
     ("unet", "text_embed_dim: 0", "key 'text_embed_dim' must be >= 1"),
     ("unet", "dropout: 1.5", "key 'dropout' must be"),
+    ("vae", "vae_channels_per_block: [128, 0]", "key 'vae_channels_per_block' must be >= 1, got 0"),
+    ("vae", "vae_channels_per_block: []", "key 'vae_channels_per_block' must not be empty"),
+    ("unet", "unet_channels_per_block: [320, -640, 1280, 1280]", "key 'unet_channels_per_block' must be >= 1"),
+    ("unet", "down_block_types: [AttnDown, Attndown, AttnDown, Down]", r"'Attndown' is not one of \['AttnDown'"),
+    ("unet", "mid_block_types: CrossAttnMid", "'CrossAttnMid' is not one of"),
+    ("unet", "unet_channels_per_block: [32, 64]", r"up_block_types \(4\) need one entry per .* \(2\)"),
+    ("vae", "img_size: 100", "img_size 100 is not divisible by the downsampling factor 8"),
 ])
 def test_unusable_model_sizes_are_rejected_at_load(tmp_path, section, text, fragment):
     """A 0-channel latent, a negative image size or no residual layer built a model without a word; groupnorm_groups
-    0 crashed building it (ZeroDivisionError), attention_head_dim 0 or num_classes 0 in the UNet's constructor."""
+    0 crashed building it (ZeroDivisionError), attention_head_dim 0 or num_classes 0 in the UNet's constructor. So
+    did a 0-wide level (ZeroDivisionError), no level (IndexError), and block types or an image size that don't fit
+    the levels (a ValueError with a traceback when the trainer built the model, after loading everything else)."""
     path = tmp_path / "ldm.yaml"
     path.write_text(f"{section}:\n  {text}\n")
     with pytest.raises(ConfigError, match=fragment):

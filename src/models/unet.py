@@ -380,11 +380,7 @@ class UNet(nn.Module):
             raise ValueError(f"unknown conditioning {conditioning!r}; expected one of {CONDITIONINGS}")
         channels = list(cfg.unet_channels_per_block)
         n_levels = len(channels)
-        if len(cfg.down_block_types) != n_levels or len(cfg.up_block_types) != n_levels:
-            raise ValueError(
-                f"unet: down_block_types ({len(cfg.down_block_types)}) and up_block_types ({len(cfg.up_block_types)}) "
-                f"need one entry per unet_channels_per_block entry ({n_levels})"
-            )
+        cfg.check()  # a config built in code, not loaded (from_dict checks at load)
         for name, types, valid in (("down_block_types", cfg.down_block_types, DOWN_TYPES),
                                    ("up_block_types", cfg.up_block_types, UP_TYPES),
                                    ("mid_block_types", [cfg.mid_block_types], MID_TYPES)):

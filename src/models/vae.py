@@ -261,11 +261,7 @@ class Autoencoder(nn.Module):
 
 
 def build_autoencoder(cfg: VAEConfig) -> Autoencoder:
-    if cfg.img_size % cfg.downsample_factor:
-        raise ValueError(
-            f"vae.img_size {cfg.img_size} is not divisible by the downsampling factor {cfg.downsample_factor} "
-            f"(vae_up_down_factor ** (len(vae_channels_per_block) - 1))"
-        )
+    cfg.check()  # a config built in code, not loaded (from_dict checks at load)
     return Autoencoder(cfg)
 
 
