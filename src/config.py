@@ -138,7 +138,7 @@ class UNetConfig:
     pre_encoded_text: bool = False
     groupnorm_groups: int = bounded(32, **COUNT)
     norm_eps: float = bounded(1e-5, **NONNEGATIVE)
-    dropout: float = bounded(0.0, min=0.0, below=1.0)
+    dropout: float = bounded(0.0, min=0.0, below=1.0)  # in the ResNet blocks (LDM's and diffusers' dropout)
     gradient_checkpointing: bool = False
 
     def check(self, source: str = "unet") -> None:

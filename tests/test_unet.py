@@ -114,6 +114,19 @@ def test_renamed_weights_give_diffusers_the_same_output():
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
 
 
+def test_dropout_is_where_diffusers_and_ldm_put_it():
+    """unet.dropout acts in the ResNet blocks only: the transformer blocks' feed-forward had it too, which neither
+    diffusers' UNet2DConditionModel nor LDM's openaimodel does, so a fine-tune of the export trained differently."""
+    from diffusers import UNet2DConditionModel
+
+    cfg = tiny_cfg(dropout=0.1)
+    ours = build_unet(cfg, 4, "text")
+    theirs = UNet2DConditionModel(**{**_diffusers_twin(cfg, "text").config, "dropout": 0.1})
+    dropped = [{n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0}
+               for model in (ours, theirs)]
+    assert dropped[0] == dropped[1] and len(dropped[0]) == 8
+
+
 def test_padding_mask_in_cross_attention():
     torch.manual_seed(0)
     unet = build_unet(tiny_cfg(), 4, "text").eval()

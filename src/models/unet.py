@@ -242,8 +242,10 @@ class Transformer2D(nn.Module):
         self.proj_in = nn.Linear(channels, channels)
         self.transformer_blocks = nn.ModuleList(
             [
+                # no dropout: unet.dropout is the ResNet blocks' only, as in LDM's openaimodel (SpatialTransformer
+                # gets none) and diffusers' UNet2DConditionModel (its Transformer2DModels get none)
                 BasicTransformerBlock(
-                    channels, heads, dim_head, context_dim, cfg.transformer_dim_mult, cfg.attention_bias, cfg.dropout
+                    channels, heads, dim_head, context_dim, cfg.transformer_dim_mult, cfg.attention_bias, 0.0
                 )
                 for _ in range(cfg.transformer_blocks_per_layer)
             ]
