@@ -142,13 +142,23 @@ class UNetConfig:
     gradient_checkpointing: bool = False
 
     def check(self, source: str = "unet") -> None:
-        """What the keys allow one by one but not together: one block type per level."""
-        levels = len(self.unet_channels_per_block)
+        """What the keys allow one by one but not together: one block type per level, and heads of equal width
+        (max(1, channels // attention_head_dim) of them) at every level with attention."""
+        channels = self.unet_channels_per_block
+        levels = len(channels)
         if len(self.down_block_types) != levels or len(self.up_block_types) != levels:
             raise ConfigError(
                 f"{source}: down_block_types ({len(self.down_block_types)}) and up_block_types "
                 f"({len(self.up_block_types)}) need one entry per unet_channels_per_block entry ({levels})"
             )
+        attention = ({i for i, t in enumerate(self.down_block_types) if t == "AttnDown"}
+                     | {levels - 1 - i for i, t in enumerate(self.up_block_types) if t == "AttnUp"}
+                     | ({levels - 1} if self.mid_block_types == "AttnMid" else set()))
+        heads = [max(1, c // self.attention_head_dim) for c in channels]
+        uneven = [channels[i] for i in sorted(attention) if channels[i] % heads[i]]
+        if uneven:
+            raise ConfigError(f"{source}: unet_channels_per_block {uneven} with attention do not split into "
+                              f"channels // attention_head_dim ({self.attention_head_dim}) heads of equal width")
 
 
 @dataclass

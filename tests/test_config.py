@@ -202,6 +202,7 @@ def test_unusable_vq_settings_are_rejected_at_load(tmp_path, text, fragment):
     ("unet", "mid_block_types: CrossAttnMid", "'CrossAttnMid' is not one of"),
     ("unet", "unet_channels_per_block: [32, 64]", r"up_block_types \(4\) need one entry per .* \(2\)"),
     ("vae", "img_size: 100", "img_size 100 is not divisible by the downsampling factor 8"),
+    ("unet", "unet_channels_per_block: [224, 448, 896, 896]", r"\[224\] with attention do not split into"),
 ])
 def test_unusable_model_sizes_are_rejected_at_load(tmp_path, section, text, fragment):
     """A 0-channel latent, a negative image size or no residual layer built a model without a word; groupnorm_groups
