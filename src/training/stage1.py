@@ -32,7 +32,7 @@ from .guard import ForwardState, NonFiniteGuard, any_process, nonfinite_flags
 from .images import save_image_grid
 from .metrics import MetricWindow, mean_over
 from .optim import Trainable, guarded_update
-from .performance import attention_kernels, compile_autoencoder, compile_in_place, to_memory_format
+from .performance import attention_kernels, compile_autoencoder, compile_in_place, mark_step, to_memory_format
 from .precision import MixedPrecision
 from .setup import build_trainable, every, gradient_sync, step_events
 from .trackers import log_image
@@ -226,6 +226,7 @@ def train_step(
     state.forward_state.save()
     micro_logs = []
     for i in range(accum):
+        mark_step()  # CUDA graphs (compile_mode: reduce-overhead): a new step begins, as in stage 2
         images = next(batches)["image"].to(device, non_blocking=True)
         with gradient_sync(accelerator, models, sync=i == accum - 1):
             micro_logs.append(micro_batch(state, loss_fn, images, cfg, gan))
