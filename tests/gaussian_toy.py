@@ -8,7 +8,7 @@ MU, STD = 1.5, 0.5
 
 def gaussian_eps_denoiser(process: DiffusionProcess, mu: float = MU, std: float = STD):
     def model(x, t, cond):
-        ab = process.gather(process.alphas_cumprod, t, x)
+        ab = process.gather("alphas_cumprod", t, x)
         return (1 - ab).sqrt() * (x - ab.sqrt() * mu) / (ab * std**2 + 1 - ab)
 
     return model
@@ -19,7 +19,7 @@ def gaussian_v_denoiser(process: DiffusionProcess, mu: float = MU, std: float = 
     E[x0 | x_t] = mu + sqrt(ab) s^2 (x_t - sqrt(ab) mu) / (ab s^2 + 1 - ab), defined at zero SNR (ab = 0) too."""
 
     def model(x, t, cond):
-        ab = process.gather(process.alphas_cumprod, t, x)
+        ab = process.gather("alphas_cumprod", t, x)
         x0 = mu + ab.sqrt() * std**2 * (x - ab.sqrt() * mu) / (ab * std**2 + 1 - ab)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         return ab.sqrt() * eps - (1 - ab).sqrt() * x0

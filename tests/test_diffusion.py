@@ -208,7 +208,7 @@ def label_denoiser(process: DiffusionProcess):
     """Toy class-conditional denoiser: class k's data is N(k, STD^2); the null class (index 9) is N(0, 1)."""
 
     def model(x, t, cond):
-        ab = process.gather(process.alphas_cumprod, t, x)
+        ab = process.gather("alphas_cumprod", t, x)
         is_null = (cond.labels == 9).view(-1, *([1] * (x.dim() - 1)))
         mu = torch.where(is_null, 0.0, cond.labels.float().view_as(is_null))
         std = torch.where(is_null, 1.0, STD)

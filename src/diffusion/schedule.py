@@ -175,12 +175,13 @@ class DiffusionProcess:
 
     # ---------------------------------------------------------------------------------------------- helpers
 
-    def gather(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """values[t] reshaped to broadcast against `like` (B, C, H, W) -> (B, 1, 1, 1), in like's dtype/device."""
-        key = (id(values), like.device)
+    def gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The table self.<name> (alphas_cumprod, snr, ...) at t, reshaped to broadcast against `like`
+        (B, C, H, W) -> (B, 1, 1, 1), in like's dtype/device. Each table is copied once per device, kept by name."""
+        key = (name, like.device)
         table = self._device_cache.get(key)
         if table is None:
-            table = values.to(device=like.device, dtype=torch.float32)  # float64 is unsupported on some devices
+            table = getattr(self, name).to(device=like.device, dtype=torch.float32)  # no float64 on some devices
             self._device_cache[key] = table
         t = t.to(like.device).long()
         out = table[t].to(like.dtype)  # (B,)
@@ -193,7 +194,7 @@ class DiffusionProcess:
 
         x0, noise: (B, C, H, W); t: (B,) long in [0, T).
         """
-        ab = self.gather(self.alphas_cumprod, t, x0)  # (B, 1, 1, 1)
+        ab = self.gather("alphas_cumprod", t, x0)  # (B, 1, 1, 1)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +202,7 @@ class DiffusionProcess:
         (Salimans & Ho 2022, "Progressive Distillation", sec. 4 / appendix D)."""
         if self.prediction_type == "epsilon":
             return noise
-        ab = self.gather(self.alphas_cumprod, t, x0)
+        ab = self.gather("alphas_cumprod", t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
     def predict_x0_and_eps(
@@ -212,7 +213,7 @@ class DiffusionProcess:
         epsilon:       x0 = (x_t - sqrt(1 - ab) eps) / sqrt(ab)           (DDIM eq. 9, "predicted x_0")
         v_prediction:  x0 = sqrt(ab) x_t - sqrt(1 - ab) v,  eps = sqrt(1 - ab) x_t + sqrt(ab) v
         """
-        ab = self.gather(self.alphas_cumprod, t, x_t)
+        ab = self.gather("alphas_cumprod", t, x_t)
         if self.prediction_type == "epsilon":
             eps = model_output
             x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
@@ -229,7 +230,7 @@ class DiffusionProcess:
             epsilon:       min(SNR_t, gamma) / SNR_t
             v_prediction:  min(SNR_t, gamma) / (SNR_t + 1)
         """
-        snr = self.gather(self.snr, t, torch.empty(0, dtype=torch.float32, device=t.device)).view(-1)  # (B,)
+        snr = self.gather("snr", t, torch.empty(0, dtype=torch.float32, device=t.device)).view(-1)  # (B,)
         clipped = snr.clamp(max=gamma)
         return clipped / (snr + 1) if self.prediction_type == "v_prediction" else clipped / snr
 
