@@ -264,6 +264,23 @@ def test_pre_encoded_embeddings_equal_on_the_fly_encoding(prepared, clip_folder)
         torch.testing.assert_close(stored, hidden[i, :length], rtol=0, atol=1e-6)
 
 
+def test_pre_encoding_stores_the_real_tokens_of_a_left_padding_tokenizer(tmp_path):
+    """A tokenizer whose config says padding_side: left puts the padding first: prep must store the states at the
+    real tokens (the mask's ones, what stage 2 attends to on the fly), not the first L_i positions."""
+    from src.data.cc_prep import CaptionEncoder
+
+    folder = make_tiny_clip(tmp_path / "clip_left")
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "padding_side": "left"}))
+    captions = ["a red circle", "a small blue square on a green background"]
+    encoder = TextEncoder(str(folder))
+    assert encoder.tokenizer.padding_side == "left"
+    hidden, mask = encoder.encode(captions)  # (2, 77, D), (2, 77): padding first
+    stored = CaptionEncoder(str(folder), None, "float32", encoder.hidden_size)(captions, ["", ""])["text_embeds"]
+    for i in range(len(captions)):
+        torch.testing.assert_close(torch.from_numpy(stored[i]), hidden[i][mask[i].bool()], rtol=0, atol=1e-6)
+
+
 def test_pre_encoded_text_of_another_text_model_is_refused(prepared, clip_folder):
     """Embeddings pre-encoded with one text model and a UNet whose prompts will be encoded by another (at sampling)
     train a model no prompt can drive: prep_info.json names the prep's model and stage 2 compares, beyond the width."""

@@ -516,8 +516,9 @@ class CaptionEncoder:
         if hidden.shape[-1] != self.width:
             raise PrepError(f"text encoder returned width {hidden.shape[-1]}, its config says {self.width}")
         hidden = hidden.float().cpu().numpy().astype(storage)
-        for row, (i, length) in enumerate(zip(kept, mask.sum(dim=1).tolist())):
-            out[i] = hidden[row, : int(length)]  # (L_i, D)
+        real = mask.bool().cpu().numpy()  # (B, L): wherever the tokenizer pads (its padding_side), as stage 2 masks
+        for row, i in enumerate(kept):
+            out[i] = hidden[row, real[row]]  # (L_i, D)
         return {"text_embeds": out}
 
 
