@@ -363,7 +363,8 @@ def load_pipeline(
     """Rebuild the pipeline from a stage-2 model.safetensors. `text_encoder` overrides the stored text model name
     (a local folder, say); `vae_path` decodes with another autoencoder of the same latent space (our stage-1 file
     or a diffusers AutoencoderKL folder). The VAE runs in `vae_dtype`, by default `dtype`, but fp32 when dtype is
-    float16 (its decoder overflows in fp16)."""
+    float16 (its decoder overflows in fp16); the text encoder runs in `dtype`, but fp32 when that is float16, as in
+    training (T5's feed-forward overflows in fp16; transformers keeps it in fp32 for that reason)."""
     device = usable_device(device)
     tensors, meta = read_stage2_metadata(path)
     model_cfg = from_dict(ModelConfig, meta["model_config"], f"{path} metadata 'model_config'")
@@ -388,7 +389,7 @@ def load_pipeline(
                 raise
             raise FileNotFoundError(f"{err} -- this is the text model named in {path}: if it has moved, pass its "
                                     "folder with --text_encoder") from err
-        encoder = encoder.to(device=device, dtype=dtype)
+        encoder = encoder.to(device=device, dtype=torch.float32 if dtype == torch.float16 else dtype)
     return LatentDiffusion(
         vae=vae,
         unet=unet,

@@ -83,6 +83,16 @@ def test_a_float16_overflow_is_an_error_not_black_images(models):
         pipe.generate(num_per_condition=2, num_steps=2, seed=0)
 
 
+def test_under_float16_the_text_encoder_runs_in_float32_as_in_training(models):
+    """Training keeps the frozen encoders in fp32 under fp16 (T5's feed-forward overflows fp16); sampling does too,
+    and hands the UNet its condition in fp16. bfloat16 runs the encoder in bfloat16."""
+    for dtype, encoder_dtype in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        pipe = load_pipeline(models["text"], dtype=dtype)
+        assert {p.dtype for p in pipe.text_encoder.parameters()} == {encoder_dtype}
+        assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32 if dtype == torch.float16 else dtype}
+        assert pipe.encode_prompts(["a red circle"]).text.dtype == dtype
+
+
 def test_guidance_scale_one_equals_the_conditional_prediction(models):
     """With s = 1 the null condition plays no part: sampling with any negative prompt gives the same images."""
     pipe = load_pipeline(models["text"])
