@@ -74,6 +74,7 @@ class LatentDiffusion:
     scaling_factor: float
     text_encoder: Optional[torch.nn.Module] = None  # src.models.text_encoder.TextEncoder, for "text"
     metadata: dict[str, Any] = field(default_factory=dict)
+    _warned_null: bool = field(default=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -244,6 +245,8 @@ class LatentDiffusion:
         batch is split; a `generator` instead draws the whole batch's noise from one stream.
         """
         batch, cond, uncond = self.conditions(prompts, labels, num_per_condition, negative_prompt)
+        if uncond is not None and guidance_scale != 1.0 and negative_prompt is None:
+            self.warn_if_null_untrained(guidance_scale)
         if generator is None and seed is not None:
             indices = [i % num_per_condition for i in range(batch)] if sample_indices is None else list(sample_indices)
             if len(indices) != batch:
@@ -254,6 +257,17 @@ class LatentDiffusion:
         )
         check_finite(z, self.unet.conv_in.weight.dtype)
         return self.decode(z)
+
+
+    def warn_if_null_untrained(self, guidance_scale: float) -> None:
+        """Guidance extrapolates away from the learned null condition, which only cfg_dropout_prob > 0 trains: with
+        0 it is still its random initialisation (said once per pipeline)."""
+        if self.metadata.get("training_config", {}).get("cfg_dropout_prob", 1.0) > 0 or self._warned_null:
+            return
+        self._warned_null = True
+        logger.warning("this model was trained with cfg_dropout_prob 0, so its null condition never trained: guidance "
+                       "(scale %g) steers away from an untrained embedding. Sample with --guidance_scale 1%s",
+                       guidance_scale, " or a --negative_prompt" if self.conditioning == "text" else "")
 
 
 def sample_generators(seed: int, indices: Sequence[int], device) -> list[torch.Generator]:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import inference_ldm
+from src.config import Stage2TrainConfig, to_dict
 from src.pipeline import PipelineError, load_pipeline
 from tests.stage2_helpers import make_conditioning_models, make_stage2_file, tiny_unet
 
@@ -91,6 +92,21 @@ def test_under_float16_the_text_encoder_runs_in_float32_as_in_training(models):
         assert {p.dtype for p in pipe.text_encoder.parameters()} == {encoder_dtype}
         assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32 if dtype == torch.float16 else dtype}
         assert pipe.encode_prompts(["a red circle"]).text.dtype == dtype
+
+
+def test_guidance_against_a_null_condition_that_never_trained_warns_once(tmp_path, caplog):
+    """cfg_dropout_prob 0 never trains the null condition that guidance steers away from."""
+    train = to_dict(Stage2TrainConfig(num_diffusion_timesteps=20, cfg_dropout_prob=0.0))
+    path = make_stage2_file(tmp_path / "m.safetensors", "class", tiny_unet(class_conditioning=True), "imagenet",
+                            extra={"training_config": train})
+    pipe = load_pipeline(path)
+    with caplog.at_level("WARNING", logger="src.pipeline"):
+        pipe.generate(labels=[0], num_steps=2, guidance_scale=1.0)
+        assert not caplog.records
+        for _ in range(2):
+            pipe.generate(labels=[0], num_steps=2, guidance_scale=3.0)
+    assert [r.getMessage()[:62] for r in caplog.records] == [
+        "this model was trained with cfg_dropout_prob 0, so its null co"]
 
 
 def test_guidance_scale_one_equals_the_conditional_prediction(models):
