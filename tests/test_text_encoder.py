@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import make_tiny_clip
-from src.models.text_encoder import TextEncoder, resolve_text_model
+from src.models.text_encoder import TextEncoder, resolve_text_model, same_text_model
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,17 @@ def test_minilm_package_folder():
     pooled = (emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     pooled = torch.nn.functional.normalize(pooled, dim=-1)
     assert pooled[0] @ pooled[1] > pooled[0] @ pooled[2] + 0.2
+
+
+def test_same_text_model_compares_local_folders_by_their_config(tiny_clip, tmp_path):
+    """The pre-encoded text check: a folder of another model that is also named "model" (as the packaged MiniLM's
+    is) is another model; a copy of a folder is the same one; a download named as the hub id's last part too."""
+    import shutil
+
+    copy = shutil.copytree(tiny_clip, tmp_path / "b" / "model")
+    assert same_text_model(str(tiny_clip), str(copy))  # other name, same config
+    assert same_text_model("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+    assert not same_text_model(str(copy), "all-MiniLM-L6-v2")  # both folders named "model", other configs
+    download = shutil.copytree(tiny_clip, tmp_path / "clip-vit-large-patch14")
+    assert same_text_model(str(download), "openai/clip-vit-large-patch14")
+    assert not same_text_model(str(download), "openai/clip-vit-base-patch32")

@@ -13,6 +13,7 @@ cross-attention receives the attention mask, so padding tokens have no influence
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -48,11 +49,30 @@ def resolve_text_model(name_or_path: str) -> str:
     return name_or_path
 
 
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+
+def _model_config(folder: str) -> Optional[dict]:
+    """A local model folder's config.json without the keys that change with where and how it was saved."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
 def same_text_model(a: str, b: str) -> bool:
     """Whether two names of a text model (hub ids, local folders, the MiniLM aliases) are the same model: equal
-    once resolved, or a local folder named as the hub id's last part (a download of it)."""
+    once resolved; two local folders whose config.json agree (copies of one model); or a local folder named as
+    the hub id's last part (a download of it). Two local folders of one name but other configs (".../model") differ."""
     a, b = resolve_text_model(a), resolve_text_model(b)
-    return a == b or Path(a).name == Path(b).name
+    if a == b:
+        return True
+    configs = _model_config(a), _model_config(b)
+    if None not in configs:
+        return configs[0] == configs[1]
+    return Path(a).name == Path(b).name
 
 
 def _missing_model_message(name: str, cache_dir: Optional[str], err: Exception) -> str:
