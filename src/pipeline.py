@@ -403,6 +403,8 @@ def load_pipeline(
                 raise
             raise FileNotFoundError(f"{err} -- this is the text model named in {path}: if it has moved, pass its "
                                     "folder with --text_encoder") from err
+        if text_encoder is not None:
+            warn_if_other_text_model(text_encoder, meta["text_model"], path)
         encoder = encoder.to(device=device, dtype=torch.float32 if dtype == torch.float16 else dtype)
     return LatentDiffusion(
         vae=vae,
@@ -429,6 +431,19 @@ def replacement_vae(path, stored: VAEConfig) -> Autoencoder:
             f"{stored.latent_dim}-channel latents at 1/{stored.downsample_factor}: it can't decode them"
         )
     return vae
+
+
+def warn_if_other_text_model(given: str, trained_with: str, path) -> None:
+    """--text_encoder is meant for the training text model moved elsewhere; another model of the same width loads
+    too, and the UNet then reads embeddings it never saw."""
+    from .models.text_encoder import same_text_model
+
+    moved = Path(trained_with).is_absolute() or trained_with.startswith((".", "~")) or trained_with.count("/") > 1
+    if moved and not Path(trained_with).expanduser().exists():
+        return  # a folder that is gone: nothing to compare with
+    if not same_text_model(given, trained_with):
+        logger.warning("--text_encoder %s does not look like %s, the text model %s was trained with (another "
+                       "config.json or name): the UNet reads embeddings it never saw", given, trained_with, path)
 
 
 def load_text_encoder_for(name_or_path: str, expected_dim: int, cache_dir: Optional[str] = None):

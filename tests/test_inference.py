@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_a_device_this_machine_lacks_is_a_one_line_error_before_loading(models, 
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_moved_text_model_folder_names_the_override(models, tmp_path):
+def test_a_moved_text_model_folder_names_the_override(models, tmp_path, caplog):
     """The weights store the text model's folder; once it has moved, the error says to pass --text_encoder, which
     then samples as before."""
     import shutil
@@ -183,7 +184,13 @@ def test_a_moved_text_model_folder_names_the_override(models, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"text model named in {model}: if it has moved, pass its folder "
                                                 "with --text_encoder"):
         inference_ldm.main(argv)
-    assert len(inference_ldm.main(argv + ["--text_encoder", str(moved)])) == 2  # grid.png and 000.png
+    with caplog.at_level("WARNING", logger="src.pipeline"):
+        assert len(inference_ldm.main(argv + ["--text_encoder", str(moved)])) == 2  # grid.png and 000.png
+        assert not caplog.records  # the same model, moved
+        minilm_width = dataclasses.replace(tiny_unet(str(moved)), text_embed_dim=384)
+        other = make_stage2_file(tmp_path / "other.safetensors", "text", minilm_width, "shapes", str(moved))
+        load_pipeline(other, text_encoder="all-MiniLM-L6-v2")  # the same width, another model
+    assert "--text_encoder all-MiniLM-L6-v2 does not look like" in caplog.records[-1].getMessage()
 
 
 def test_class_and_unconditional_models(models, tmp_path):
